@@ -1,0 +1,25 @@
+# The README's commands. Each prepares the host first (idempotent).
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+JOBS ?= 2
+
+.PHONY: prepare demo test test-unit bench
+
+prepare:
+	bash scripts/prepare-host.sh
+
+## demo: a throwaway writing VM backed up into a local borg repository, end to end
+demo: prepare
+	$(PY) scripts/demo.py
+
+## test: the whole suite, unit and host tests (real libvirtd + QEMU guests)
+test: prepare
+	$(PY) -m pytest -n $(JOBS) tests
+
+## test-unit: the fast tests only (no libvirt needed)
+test-unit:
+	$(PY) -m pytest tests/unit
+
+## bench: benchmarks that print figures (not part of the test suite)
+bench: prepare
+	$(PY) bench/freeze_thaw.py

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Prepare this machine to run virtfreeze for real: Debian packages, a
+# virtualenv with virtfreeze installed, and a running libvirtd.
+#
+# Used by both of the README's commands (`make demo`, `make test`).
+# Idempotent: every step checks before it acts, so running it again is cheap.
+# Works with or without systemd: where there is none, libvirtd is started by
+# hand (see shared/FACTS.md, "A real libvirt/QEMU host").
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${VIRTFREEZE_VENV:-$here/.venv}
+python=${PYTHON:-python3}
+
+log() { printf 'prepare-host: %s\n' "$*" >&2; }
+die() { printf 'prepare-host: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root: it installs Debian packages and starts libvirtd"
+
+# --- Debian packages -------------------------------------------------------
+packages=(
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+  qemu-system-x86 qemu-utils dnsmasq-base
+  libvirt-dev pkg-config          # to build libvirt-python (PyPI has no wheels)
+  busybox-static cpio xz-utils    # the writing test guest's initramfs
+  borgbackup restic               # the demo's and the tests' backup tools
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+
+# --- libvirtd -------------------------------------------------------------
+getent group kvm >/dev/null || groupadd -r kvm
+getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+getent group libvirt >/dev/null || groupadd -r libvirt
+getent passwd libvirt-qemu >/dev/null || \
+  useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+
+# QEMU runs as root so it can open test images anywhere (tmp directories).
+qemu_conf=/etc/libvirt/qemu.conf
+if ! grep -q '^# virtfreeze prepare-host' "$qemu_conf" 2>/dev/null; then
+  log "configuring $qemu_conf (user/group root)"
+  {
+    echo '# virtfreeze prepare-host'
+    echo 'user = "root"'
+    echo 'group = "root"'
+  } >>"$qemu_conf"
+fi
+
+uri=qemu:///system
+if ! virsh -c "$uri" version >/dev/null 2>&1; then
+  if [ -d /run/systemd/system ]; then
+    log "starting libvirtd through systemd"
+    systemctl start libvirtd
+  else
+    log "starting virtlogd and libvirtd by hand (no systemd)"
+    mkdir -p /var/log/libvirt/qemu /run/libvirt
+    pgrep -x virtlogd >/dev/null || virtlogd -d
+    pgrep -x libvirtd >/dev/null || libvirtd -d
+  fi
+  for _ in $(seq 1 100); do
+    virsh -c "$uri" version >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  virsh -c "$uri" version >/dev/null 2>&1 || die "libvirtd did not answer on $uri; see /var/log/libvirt/libvirtd.log"
+fi
+log "libvirtd answers on $uri"
+
+# --- virtualenv with virtfreeze -------------------------------------------
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating virtualenv $venv"
+  "$python" -m venv "$venv"
+fi
+stamp=$venv/.virtfreeze-installed
+if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
+  log "installing virtfreeze (editable) with test extras into $venv"
+  "$venv/bin/pip" install -q -e "$here[test]" >&2
+  touch "$stamp"
+fi
+log "ready: $venv/bin/virtfreeze"

@@ -1,0 +1,187 @@
+"""Real libvirt domains running the writing test guest.
+
+`create_guest` defines (or creates, for a transient guest) a TCG domain with
+the requested disks, starts it, and connects an AckWatcher to its
+acknowledgement port. `Guest.remove` destroys and undefines it; the fixtures
+call it even when a test fails.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libvirt
+
+from tests.rig.acks import AckWatcher, acked_by_disk
+from tests.rig.guest_image import ensure_guest_image
+from tests.rig.integrity import IntegrityReport, check_image
+
+SOCKET_DIR = Path("/run/virtfreeze-tests")  # short: unix socket paths max 107 bytes
+
+
+@dataclass
+class DiskSpec:
+    target: str
+    fmt: str = "qcow2"  # qcow2 | raw
+    size_mib: int = 16
+    device: str = "disk"  # disk | cdrom
+    writes: bool = True  # the guest writes records to it
+
+
+@dataclass
+class Guest:
+    conn: libvirt.virConnect
+    name: str
+    uuid: str
+    workdir: Path
+    disks: dict[str, Path]
+    formats: dict[str, str]
+    writing: list[str]
+    persistent: bool
+    sock: Path
+    xml: str
+    watcher: AckWatcher | None = None
+    extra_watchers: list[AckWatcher] = field(default_factory=list)
+
+    @property
+    def dom(self) -> libvirt.virDomain:
+        return self.conn.lookupByUUIDString(self.uuid)
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+    def start(self, boot_timeout: float = 60.0) -> None:
+        if self.watcher:
+            self.watcher.close()
+        if self.persistent:
+            self.dom.create()
+        else:
+            self.conn.createXML(self.xml, 0)
+        self.watcher = AckWatcher(self.sock, self.workdir / "acks.log")
+        self.wait_writing(boot_timeout)
+
+    def wait_writing(self, timeout: float = 60.0) -> None:
+        """Wait until the guest acknowledged writes on every writing disk."""
+        want = set(self.writing)
+        try:
+            self.watcher.wait_for(lambda acks: want <= {a.disk for a in acks}, timeout,
+                                  f"first writes of {self.name} on {sorted(want)}")
+        except TimeoutError as e:
+            tail = self.console_log.read_text(errors="replace")[-2000:] if self.console_log.exists() else ""
+            raise TimeoutError(f"{e}\n--- guest console ---\n{tail}") from None
+
+    def acked(self, until: float | None = None) -> dict[str, list[int]]:
+        acks = self.watcher.snapshot() if self.watcher else []
+        for w in self.extra_watchers:
+            acks += w.snapshot()
+        return acked_by_disk(acks, until)
+
+    def check(self, target: str, image: Path | None = None, until: float | None = None,
+              fmt: str | None = None) -> IntegrityReport:
+        """Every write acknowledged on `target` (up to `until`) is in `image` (default: its base)."""
+        image = image or self.disks[target]
+        return check_image(image, target, self.acked(until).get(target, []),
+                           fmt or (None if image != self.disks[target] else self.formats[target]))
+
+    def state(self) -> int:
+        try:
+            return self.dom.state()[0]
+        except libvirt.libvirtError:
+            return libvirt.VIR_DOMAIN_NOSTATE
+
+    def remove(self) -> None:
+        """Destroy and undefine; never raises (used in teardown)."""
+        for w in [self.watcher, *self.extra_watchers]:
+            if w:
+                w.close()
+        try:
+            dom = self.conn.lookupByUUIDString(self.uuid)
+        except libvirt.libvirtError:
+            return
+        try:
+            if dom.isActive():
+                dom.destroy()
+        except libvirt.libvirtError:
+            pass
+        try:
+            if dom.isPersistent():
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                                  | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        except libvirt.libvirtError:
+            pass
+
+
+def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths: dict[str, Path],
+               sock: Path, memory_mib: int = 192) -> str:
+    img = ensure_guest_image()
+    writing = [d.target for d in disks if d.device == "disk" and d.writes]
+    dom = ET.Element("domain", type="qemu")
+    ET.SubElement(dom, "name").text = name
+    ET.SubElement(dom, "uuid").text = uuid
+    ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
+    ET.SubElement(dom, "vcpu").text = "1"
+    os_ = ET.SubElement(dom, "os")
+    ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
+    ET.SubElement(os_, "kernel").text = str(img.kernel)
+    ET.SubElement(os_, "initrd").text = str(img.initrd)
+    ET.SubElement(os_, "cmdline").text = f"console=ttyS0 panic=-1 vf.disks={','.join(writing)}"
+    for ev in ("on_poweroff", "on_reboot", "on_crash"):
+        ET.SubElement(dom, ev).text = "destroy"
+    dev = ET.SubElement(dom, "devices")
+    ET.SubElement(dev, "emulator").text = "/usr/bin/qemu-system-x86_64"
+    for d in disks:
+        if d.device == "cdrom":
+            disk = ET.SubElement(dev, "disk", type="file", device="cdrom")
+            ET.SubElement(disk, "driver", name="qemu", type="raw")
+            ET.SubElement(disk, "source", file=str(paths[d.target]))
+            ET.SubElement(disk, "target", dev=d.target, bus="ide")
+            ET.SubElement(disk, "readonly")
+            continue
+        disk = ET.SubElement(dev, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type=d.fmt)
+        ET.SubElement(disk, "source", file=str(paths[d.target]))
+        ET.SubElement(disk, "target", dev=d.target, bus="virtio")
+    s0 = ET.SubElement(dev, "serial", type="file")
+    ET.SubElement(s0, "source", path=str(workdir / "console.log"), append="on")
+    ET.SubElement(s0, "target", port="0")
+    s1 = ET.SubElement(dev, "serial", type="unix")
+    ET.SubElement(s1, "source", mode="bind", path=str(sock))
+    ET.SubElement(s1, "target", port="1")
+    ET.SubElement(dev, "memballoon", model="none")
+    return ET.tostring(dom, encoding="unicode")
+
+
+def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] | None = None,
+                 name: str | None = None, persistent: bool = True, start: bool = True,
+                 memory_mib: int = 192) -> Guest:
+    """Define a writing guest with fresh disk images in `workdir` and (by default) start it."""
+    disks = disks if disks is not None else [DiskSpec("vda")]
+    uid = str(uuidlib.uuid4())
+    name = name or f"vft-{uid[:8]}"
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    SOCKET_DIR.mkdir(parents=True, exist_ok=True)
+    sock = SOCKET_DIR / f"{uid[:13]}.sock"
+    paths: dict[str, Path] = {}
+    for d in disks:
+        fmt = "raw" if d.device == "cdrom" else d.fmt
+        p = workdir / f"{d.target}.{'iso' if d.device == 'cdrom' else fmt}"
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(p), f"{d.size_mib}M"], check=True)
+        paths[d.target] = p
+    xml = domain_xml(name, uid, workdir, disks, paths, sock, memory_mib)
+    guest = Guest(conn=conn, name=name, uuid=uid, workdir=workdir,
+                  disks={d.target: paths[d.target] for d in disks if d.device == "disk"},
+                  formats={d.target: d.fmt for d in disks if d.device == "disk"},
+                  writing=[d.target for d in disks if d.device == "disk" and d.writes],
+                  persistent=persistent, sock=sock, xml=xml)
+    if persistent:
+        conn.defineXML(xml)
+    if start:
+        guest.start()
+    return guest
