@@ -1,11 +1,238 @@
 """Command line: the only place that prints results and chooses exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import click
-from virtfreeze import __version__
 
-@click.group()
+from virtfreeze import __version__, config as config_mod, errors
+from virtfreeze.errors import VirtfreezeError
+
+log = logging.getLogger("virtfreeze")
+
+# When several domains fail differently, the exit code tells the worst.
+_SEVERITY = [errors.EXIT_ON_OVERLAY, errors.EXIT_FAILED, errors.EXIT_BUSY, errors.EXIT_CONNECT, errors.EXIT_USAGE]
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  ok
+  1  failed, nothing left frozen
+  2  usage or configuration error (unknown domain, bad config, missing directory)
+  3  a VM is still on an overlay (merge incomplete; state kept; run thaw again)
+  4  another virtfreeze run is working on the domain
+  5  libvirt could not be reached or refused this user
+"""
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"virtfreeze: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger("virtfreeze")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+
+
+def _fail(err: VirtfreezeError) -> None:
+    click.echo(f"virtfreeze: error: {err}", err=True)
+
+
+def _worst(codes: list[int]) -> int:
+    for code in _SEVERITY:
+        if code in codes:
+            return code
+    return errors.EXIT_OK
+
+
+class Ctx:
+    def __init__(self, connect: str | None, config_path: Path | None, as_json: bool):
+        self.connect = connect
+        self.config_path = config_path
+        self.as_json = as_json
+        self._rt = None
+
+    @property
+    def rt(self):
+        if self._rt is None:
+            from virtfreeze.runtime import Runtime
+
+            cfg = config_mod.load(self.config_path)
+            self._rt = Runtime(cfg, cfg.uri(self.connect))
+        return self._rt
+
+
+def _run_guarded(fn):
+    """Turn VirtfreezeErrors into one line on stderr and their exit code; never a traceback."""
+    try:
+        code = fn()
+    except VirtfreezeError as e:
+        _fail(e)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        click.echo("virtfreeze: interrupted; run `virtfreeze status` and `virtfreeze thaw`", err=True)
+        code = 130
+    sys.exit(code)
+
+
+def _for_each(ctx: Ctx, items, fn, jobs: int):
+    """Run fn on every item, `jobs` at once; return (results, [(item, error)])."""
+    results, failures = [], []
+
+    def one(item):
+        try:
+            return item, fn(item), None
+        except VirtfreezeError as e:
+            return item, None, e
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for item, result, err in pool.map(one, items):
+            if err is None:
+                results.append(result)
+            else:
+                failures.append((item, err))
+    return results, failures
+
+
+def _emit(ctx: Ctx, action: str, results, failures, line) -> int:
+    if ctx.as_json:
+        click.echo(json.dumps({
+            action: [r.to_json() for r in results],
+            "errors": [{"domain": e.domain or item.name, "message": str(e), "exit_code": e.exit_code}
+                       for item, e in failures],
+        }, indent=2))
+    else:
+        for r in results:
+            click.echo(line(r))
+    for _item, e in failures:
+        _fail(e)
+    return _worst([e.exit_code for _i, e in failures])
+
+
+@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="virtfreeze")
-def cli():
-    """virtfreeze"""
+@click.option("--connect", "-c", metavar="URI", help="libvirt URI (default: LIBVIRT_DEFAULT_URI, config, qemu:///system).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="FILE",
+              help=f"YAML config file (default {config_mod.DEFAULT_CONFIG}, optional).")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@click.pass_context
+def cli(click_ctx, connect, config_path, verbose, quiet, as_json):
+    """Freeze live libvirt/QEMU VMs for a backup, and merge them back after.
 
-def main():
+    Run `virtfreeze freeze` before your backup tool reads the export directory
+    and `virtfreeze thaw` after it, also when the backup failed.
+    """
+    _setup_logging(verbose, quiet)
+    click_ctx.obj = Ctx(connect, config_path, as_json)
+
+
+_domains_arg = click.argument("domains", nargs=-1, metavar="[DOMAIN|GLOB]...")
+_all_opt = click.option("--all", "all_", is_flag=True, help="Every domain (config exclude still applies).")
+
+
+@cli.command()
+@_domains_arg
+@_all_opt
+@click.option("--memory/--no-memory", default=None, help="Also save the memory state (live; the guest keeps running).")
+@click.option("--quiesce", type=click.Choice(["auto", "require", "off"]), default=None,
+              help="Freeze guest filesystems through the guest agent (default auto: when available).")
+@click.pass_obj
+def freeze(ctx: Ctx, domains, all_, memory, quiesce):
+    """Snapshot domains and expose their stable disks, memory and definition."""
+
+    def run():
+        from virtfreeze import export_view
+        from virtfreeze.freeze import freeze_domain
+        from virtfreeze.selection import select
+
+        rt = ctx.rt
+        cfg = rt.config
+        chosen = select(rt.hv.domains(), list(domains), all_, cfg)
+        mem = cfg.memory if memory is None else memory
+        q = quiesce or cfg.quiesce
+        try:
+            results, failures = _for_each(ctx, chosen, lambda d: freeze_domain(rt, d, memory=mem, quiesce=q),
+                                          cfg.jobs)
+        finally:
+            export_view.write_index(cfg.export_directory)
+        return _emit(ctx, "frozen", results, failures, lambda r: (
+            f"frozen {r.name} ({r.consistency}): {', '.join(r.disks) or 'no disks'} -> {r.export_dir}"))
+
+    _run_guarded(run)
+
+
+@cli.command()
+@_domains_arg
+@_all_opt
+@click.pass_obj
+def thaw(ctx: Ctx, domains, all_):
+    """Merge overlays back into the base images and remove the export view.
+
+    Without domains, thaws everything virtfreeze left frozen. Safe to run any
+    time: with nothing frozen it does nothing and exits 0.
+    """
+
+    def run():
+        from virtfreeze import export_view
+        from virtfreeze.model import DomainRef
+        from virtfreeze.selection import select
+        from virtfreeze.thaw import frozen_domains, thaw_domain
+
+        rt = ctx.rt
+        frozen = frozen_domains(rt)
+        if domains or all_:
+            wanted = {d.uuid for d in select(rt.hv.domains(), list(domains), all_, rt.config)}
+            # a frozen domain that vanished (undefined) can still be named
+            named = set(domains)
+            targets = [f for f in frozen if f.uuid in wanted or f.name in named]
+        else:
+            targets = frozen
+        try:
+            results, failures = _for_each(ctx, targets, lambda r: thaw_domain(rt, DomainRef(r.name, r.uuid)),
+                                          rt.config.jobs)
+        finally:
+            export_view.write_index(rt.config.export_directory)
+        return _emit(ctx, "thawed", results, failures, lambda r: (
+            f"thawed {r.name} ({r.strategy or 'nothing to merge'}, {r.overlay_bytes} overlay bytes, "
+            f"{r.seconds:.2f}s)"))
+
+    _run_guarded(run)
+
+
+@cli.command()
+@click.pass_obj
+def status(ctx: Ctx):
+    """Show frozen domains; exit 3 when any is still on an overlay."""
+
+    def run():
+        from virtfreeze.status import collect
+
+        rows = collect(ctx.rt)
+        if ctx.as_json:
+            click.echo(json.dumps({"frozen": rows}, indent=2))
+        elif not rows:
+            click.echo("nothing frozen")
+        else:
+            for r in rows:
+                sizes = ", ".join(f"{d['target']} {d['overlay_bytes'] or 0} B" for d in r["disks"])
+                mem = f", memory {r['memory_bytes']} B" if r["memory_bytes"] else ""
+                click.echo(f"{r['domain']}: {r['phase']} since {r['since']} ({r['consistency']}), "
+                           f"state {r['state']}, overlays: {sizes or 'none'}{mem}")
+        return errors.EXIT_ON_OVERLAY if any(r["on_overlay"] for r in rows) else errors.EXIT_OK
+
+    _run_guarded(run)
+
+
+def main() -> None:
     cli()

@@ -1,0 +1,188 @@
+"""The YAML configuration: schema (every option described, with an example),
+loading, and validation that names the offending key."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from virtfreeze.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/virtfreeze/config.yaml")
+DEFAULT_URI = "qemu:///system"
+
+_QUIESCE = {"type": "string", "enum": ["auto", "require", "off"]}
+
+_DOMAIN_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "Settings for one domain, by name.",
+    "properties": {
+        "exclude_disks": {
+            "type": "array", "items": {"type": "string"},
+            "description": "Disk targets never snapshotted nor exported (e.g. scratch or swap disks).",
+            "example": ["vdb"],
+        },
+        "memory": {
+            "type": "boolean",
+            "description": "Also save the memory state (a live, running-restorable backup).",
+            "example": True,
+        },
+        "quiesce": dict(_QUIESCE, description="Override the global quiesce setting.", example="require"),
+    },
+}
+
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "connect": {
+            "type": "string",
+            "description": "libvirt connection URI. Overridden by --connect and LIBVIRT_DEFAULT_URI.",
+            "example": "qemu:///system",
+        },
+        "include": {
+            "type": "array", "items": {"type": "string"},
+            "description": "Domain names or globs selected when no domain is named on the command line.",
+            "example": ["web-*", "db1"],
+        },
+        "exclude": {
+            "type": "array", "items": {"type": "string"},
+            "description": "Domain names or globs never selected by globs, include or --all.",
+            "example": ["scratch-*"],
+        },
+        "export_directory": {
+            "type": "string",
+            "description": "Where the export view (domain.xml, disks/, manifest.json, paths.txt) appears.",
+            "example": "/run/virtfreeze/export",
+        },
+        "state_directory": {
+            "type": "string",
+            "description": "Durable state: journal, locks, memory images, saved definitions. On disk, not tmpfs.",
+            "example": "/var/lib/virtfreeze",
+        },
+        "overlay_directory": {
+            "type": ["string", "null"],
+            "description": "Where overlays are created. Unset: beside each base image (block devices: under state_directory).",
+            "example": "/var/lib/virtfreeze/overlays",
+        },
+        "memory": {
+            "type": "boolean",
+            "description": "Save every domain's memory state too (as --memory).",
+            "example": False,
+        },
+        "quiesce": dict(_QUIESCE, description="Quiesce filesystems through the guest agent: auto, require or off.",
+                        example="auto"),
+        "quiesce_timeout": {
+            "type": "number", "exclusiveMinimum": 0,
+            "description": "Seconds to wait for the guest agent to freeze filesystems.",
+            "example": 10,
+        },
+        "jobs": {
+            "type": "integer", "minimum": 1,
+            "description": "How many domains are frozen or thawed at once.",
+            "example": 4,
+        },
+        "commit_ready_timeout": {
+            "type": "number", "exclusiveMinimum": 0,
+            "description": "Seconds to wait for a live commit to become ready to pivot before giving up (the chain stays valid).",
+            "example": 3600,
+        },
+        "pivot_attempts": {
+            "type": "integer", "minimum": 1,
+            "description": "How often a pivot is tried (with backoff) before giving up.",
+            "example": 5,
+        },
+        "domains": {
+            "type": "object",
+            "additionalProperties": _DOMAIN_SCHEMA,
+            "description": "Per-domain settings, keyed by domain name.",
+            "example": {"db1": {"exclude_disks": ["vdb"], "quiesce": "require"}},
+        },
+    },
+}
+
+
+@dataclass
+class DomainSettings:
+    exclude_disks: list[str] = field(default_factory=list)
+    memory: bool | None = None
+    quiesce: str | None = None
+
+
+@dataclass
+class Config:
+    connect: str | None = None
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    export_directory: Path = Path("/run/virtfreeze/export")
+    state_directory: Path = Path("/var/lib/virtfreeze")
+    overlay_directory: Path | None = None
+    memory: bool = False
+    quiesce: str = "auto"
+    quiesce_timeout: float = 10.0
+    jobs: int = 4
+    commit_ready_timeout: float = 3600.0
+    pivot_attempts: int = 5
+    domains: dict[str, DomainSettings] = field(default_factory=dict)
+    source: Path | None = None
+
+    def for_domain(self, name: str) -> DomainSettings:
+        return self.domains.get(name, DomainSettings())
+
+    def uri(self, cli_uri: str | None) -> str:
+        return cli_uri or os.environ.get("LIBVIRT_DEFAULT_URI") or self.connect or DEFAULT_URI
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = ".".join(str(p) for p in error.absolute_path) or "top level"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        keys = ", ".join(repr(k) for k in extra)
+        return f"unknown key {keys} at {where}" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+    return f"{where}: {error.message}"
+
+
+def parse(data: Any, source: Path | None = None) -> Config:
+    """Validate a loaded YAML document and turn it into a Config."""
+    if data is None:
+        data = {}
+    errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(data), key=lambda e: e.path)
+    if errors:
+        raise ConfigError(_describe(errors[0]), path=str(source) if source else None,
+                          hint="see `virtfreeze --help` and the README's configuration section")
+    cfg = Config(source=source)
+    for key, value in data.items():
+        if key == "domains":
+            cfg.domains = {name: DomainSettings(**(s or {})) for name, s in value.items()}
+        elif key in ("export_directory", "state_directory") or (key == "overlay_directory" and value):
+            setattr(cfg, key, Path(value))
+        else:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def load(path: Path | None) -> Config:
+    """Load the config file; the default path is optional, an explicit one is not."""
+    explicit = path is not None
+    path = Path(path) if explicit else DEFAULT_CONFIG
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError("config file not found", path=str(path), hint="check --config") from None
+        return Config()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file: {e.strerror}", path=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {str(e).splitlines()[0]}", path=str(path)) from None
+    return parse(data, path)

@@ -1,0 +1,223 @@
+"""The freeze path: one atomic external snapshot per domain, then the export view.
+
+Per domain, under its lock: merge leftovers of an earlier run, capture the
+inactive definition, plan the overlays, journal, snapshot (quiesced when it
+can be, with memory when asked), journal again, expose. A failure after the
+snapshot is rolled back through the thaw path, so nothing is left half-frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from virtfreeze import export_view
+from virtfreeze.domain_xml import (
+    has_agent_channel, has_swtpm, ineligible_reason, nvram_path, overlay_path, parse_disks, snapshot_xml,
+)
+from virtfreeze.errors import LeftOnOverlay, UsageError, VirtfreezeError
+from virtfreeze.journal import domain_lock, failpoint
+from virtfreeze.libvirt_boundary import PAUSED, RUNNING, SHUTOFF, DomainInfo, is_quiesce_unavailable
+from virtfreeze.model import DiskPlan, DomainRef
+from virtfreeze.runtime import Runtime
+from virtfreeze.thaw import discover, on_overlay, thaw_locked
+
+log = logging.getLogger(__name__)
+
+SWTPM_DIR = Path("/var/lib/libvirt/swtpm")
+
+
+@dataclass
+class FreezeResult:
+    name: str
+    uuid: str
+    state: str
+    consistency: str  # quiesced, crash, memory or shutoff
+    disks: dict[str, str]  # target -> frozen base image
+    skipped: dict[str, str] = field(default_factory=dict)  # target -> reason
+    export_dir: str | None = None
+    memory_file: str | None = None
+    snapshot_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _plan(rt: Runtime, info: DomainInfo, live_xml: str) -> tuple[list, list[DiskPlan], dict[str, str]]:
+    settings = rt.config.for_domain(info.name)
+    disks = parse_disks(live_xml)
+    plan, skipped = [], {}
+    for d in disks:
+        reason = ineligible_reason(d, set(settings.exclude_disks))
+        if reason:
+            skipped[d.target] = reason
+            log.info("domain %r disk %s: left out (%s)", info.name, d.target, reason)
+            continue
+        overlay = overlay_path(d, info.uuid, rt.config.overlay_directory, rt.state_dir)
+        plan.append(DiskPlan(d.target, d.source, d.format or "raw", d.type, str(overlay)))
+    return disks, plan, skipped
+
+
+def _check_overlay_dirs(info: DomainInfo, plan: list[DiskPlan], rt: Runtime) -> None:
+    for p in plan:
+        parent = Path(p.overlay).parent
+        if parent == rt.state_dir / "overlays":
+            parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not parent.is_dir():
+            raise UsageError("overlay directory does not exist", domain=info.name, disk=p.target,
+                             path=str(parent), hint="create it or fix overlay_directory in the config")
+        if not os.access(parent, os.W_OK):
+            raise UsageError("overlay directory is not writable", domain=info.name, disk=p.target,
+                             path=str(parent), hint="fix its permissions or choose another overlay_directory")
+        if os.path.exists(p.overlay):
+            # Leftovers were merged above, so nothing points at this file any more.
+            log.warning("domain %r disk %s: removing stale overlay %s", info.name, p.target, p.overlay)
+            os.unlink(p.overlay)
+
+
+def _snapshot(rt: Runtime, info: DomainInfo, state: str, disks, plan, live_xml: str, memory_file: Path | None,
+              quiesce: str) -> str:
+    """Take the snapshot; return the consistency obtained."""
+    overlays = {p.target: Path(p.overlay) for p in plan}
+    xml = snapshot_xml(disks, overlays, memory_file)
+    if state == SHUTOFF:
+        rt.hv.snapshot(info.uuid, info.name, xml, memory=False, quiesce=False)
+        return "shutoff"
+    if memory_file is not None:
+        rt.hv.snapshot(info.uuid, info.name, xml, memory=True, quiesce=False)
+        return "memory"
+    if quiesce == "off" or state != RUNNING:
+        rt.hv.snapshot(info.uuid, info.name, xml, memory=False, quiesce=False)
+        return "crash"
+    if not has_agent_channel(live_xml):
+        if quiesce == "require":
+            raise UsageError("quiesce required, but the domain has no guest agent channel", domain=info.name,
+                             hint="add an org.qemu.guest_agent.0 channel, or use --quiesce auto")
+        log.warning("domain %r: no guest agent channel; the snapshot is crash-consistent", info.name)
+        rt.hv.snapshot(info.uuid, info.name, xml, memory=False, quiesce=False)
+        return "crash"
+    rt.hv.set_agent_timeout(info.uuid, info.name, rt.config.quiesce_timeout)
+    try:
+        rt.hv.snapshot(info.uuid, info.name, xml, memory=False, quiesce=True)
+        return "quiesced"
+    except VirtfreezeError as e:
+        if quiesce == "require" or not is_quiesce_unavailable(e):
+            raise
+        log.warning("domain %r: quiesce failed (%s); falling back to crash-consistent", info.name, e.message)
+    rt.hv.snapshot(info.uuid, info.name, xml, memory=False, quiesce=False)
+    return "crash"
+
+
+def _discard_unused_overlays(plan: list[DiskPlan]) -> None:
+    for p in plan:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p.overlay)
+
+
+def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool, quiesce: str) -> FreezeResult:
+    t0 = time.monotonic()
+    ref = DomainRef(info.name, info.uuid)
+    if rt.journal.load(info.uuid) or discover(rt, info.uuid, info.name):
+        log.warning("domain %r: leftovers of an earlier run; merging them first", info.name)
+        thaw_locked(rt, ref)
+
+    state = rt.hv.state(info.uuid)
+    if state not in (RUNNING, PAUSED, SHUTOFF):
+        raise VirtfreezeError(f"domain is {state}; only running, paused or shut-off domains can be frozen",
+                              domain=info.name)
+    settings = rt.config.for_domain(info.name)
+    memory = (settings.memory if settings.memory is not None else memory) and state != SHUTOFF
+    quiesce = settings.quiesce or quiesce
+    inactive_xml = rt.hv.xml(info.uuid, info.name, inactive=info.persistent)  # before the snapshot
+    live_xml = rt.hv.xml(info.uuid, info.name, inactive=(state == SHUTOFF))
+    disks, plan, skipped = _plan(rt, info, live_xml)
+    _check_overlay_dirs(info, plan, rt)
+
+    memory_file = None
+    if memory:
+        mdir = rt.memory_dir(info.uuid)
+        mdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(mdir, 0o700)
+        memory_file = mdir / "memory.save"
+        with contextlib.suppress(FileNotFoundError):
+            memory_file.unlink()
+
+    export_dir = rt.config.export_directory / export_view.domain_dir_name(info.name, info.uuid)
+    record = {
+        "uuid": info.uuid, "name": info.name, "phase": "freezing", "started": _now(),
+        "state_at_freeze": state, "persistent": info.persistent,
+        "disks": [p.to_json() for p in plan], "skipped": skipped,
+        "memory_file": str(memory_file) if memory_file else None, "export_dir": str(export_dir),
+    }
+    rt.journal.write(record)
+    failpoint("freeze-before-snapshot")
+
+    consistency = "none"
+    t_snap = time.monotonic()
+    if plan or memory_file:
+        try:
+            consistency = _snapshot(rt, info, state, disks, plan, live_xml, memory_file, quiesce)
+        except VirtfreezeError:
+            if on_overlay(rt, ref, plan):  # should not happen with ATOMIC, but never delete data in use
+                thaw_locked(rt, ref)
+            else:  # no disk switched; libvirt may still have left overlay files behind
+                _discard_unused_overlays(plan)
+                if memory_file:
+                    with contextlib.suppress(FileNotFoundError):
+                        memory_file.unlink()
+                rt.journal.remove(info.uuid)
+            raise
+    else:
+        log.warning("domain %r: no disk to snapshot; exporting its definition only", info.name)
+    snapshot_seconds = time.monotonic() - t_snap
+    failpoint("freeze-after-snapshot")
+
+    try:
+        if memory_file:
+            os.chmod(memory_file, 0o600)
+        record.update(phase="frozen", frozen_at=_now(), consistency=consistency)
+        rt.journal.write(record)
+        manifest = {
+            "domain": info.name, "uuid": info.uuid, "frozen_at": record["frozen_at"],
+            "state_at_freeze": state, "consistency": consistency,
+            "disks": {p.target: {"base": p.base, "format": p.base_format, "type": p.base_type,
+                                 "file": f"disks/{p.target}.{p.base_format}"} for p in plan},
+            "skipped_disks": skipped, "memory": bool(memory_file),
+            "virtfreeze": __import__("virtfreeze").__version__,
+        }
+        tpm_dir = SWTPM_DIR / info.uuid if has_swtpm(inactive_xml) else None
+        export_view.create(export_dir, inactive_xml=inactive_xml,
+                           disks={p.target: (p.base, p.base_format) for p in plan},
+                           memory_file=memory_file, nvram=nvram_path(inactive_xml), tpm_dir=tpm_dir,
+                           manifest=manifest)
+        failpoint("freeze-after-export")
+        rt.pm.hook.virtfreeze_after_freeze(domain=ref, manifest=manifest)
+    except VirtfreezeError as e:
+        log.error("%s; rolling the freeze of domain %r back", e, info.name)
+        try:
+            thaw_locked(rt, ref)
+        except VirtfreezeError as e2:
+            raise LeftOnOverlay(f"freeze failed ({e.message}) and so did the rollback: {e2.message}",
+                                domain=info.name, hint="run `virtfreeze thaw` once the cause is fixed") from None
+        raise
+
+    log.info("domain %r: frozen (%s) in %.2fs: %s", info.name, consistency, snapshot_seconds,
+             ", ".join(f"{p.target}={p.base}" for p in plan) or "no disks")
+    return FreezeResult(info.name, info.uuid, state, consistency, {p.target: p.base for p in plan}, skipped,
+                        str(export_dir), str(memory_file) if memory_file else None, snapshot_seconds,
+                        time.monotonic() - t0)
+
+
+def freeze_domain(rt: Runtime, info: DomainInfo, *, memory: bool = False, quiesce: str = "auto") -> FreezeResult:
+    with domain_lock(rt.state_dir, info.uuid, info.name):
+        return freeze_locked(rt, info, memory=memory, quiesce=quiesce)

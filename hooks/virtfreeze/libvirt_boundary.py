@@ -1,0 +1,283 @@
+"""The one place that talks to libvirt.
+
+Everything else sees `Hypervisor`: domains by UUID, XML in and out, snapshots,
+block jobs and their events. libvirt errors leave this module as
+VirtfreezeErrors that carry the domain, disk and path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import libvirt
+
+from virtfreeze.errors import ConnectionFailed, DomainNotFound, VirtfreezeError
+
+log = logging.getLogger(__name__)
+
+# Domain states, as plain strings for the rest of the program.
+RUNNING, PAUSED, SHUTOFF, MISSING, OTHER = "running", "paused", "shutoff", "missing", "other"
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: PAUSED,
+    libvirt.VIR_DOMAIN_SHUTOFF: SHUTOFF,
+    libvirt.VIR_DOMAIN_SHUTDOWN: RUNNING,  # shutting down: still running for block jobs
+    libvirt.VIR_DOMAIN_CRASHED: OTHER,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: OTHER,
+}
+
+# Block job events (BLOCK_JOB_2 reports the disk target).
+JOB_COMPLETED = libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED
+JOB_FAILED = libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED
+JOB_CANCELED = libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED
+JOB_READY = libvirt.VIR_DOMAIN_BLOCK_JOB_READY
+JOB_TYPE_ACTIVE_COMMIT = libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
+JOB_TYPE_COMMIT = libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt delivers events only with an event loop running; start it once."""
+    global _loop_started
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+def _silence_default_error_handler() -> None:
+    # libvirt prints every error to stderr by default; we report them ourselves.
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    uuid: str
+    state: str
+    persistent: bool
+
+
+class Hypervisor:
+    """A libvirt connection with the operations virtfreeze needs."""
+
+    def __init__(self, uri: str, reconnect_timeout: float = 60.0):
+        _ensure_event_loop()
+        _silence_default_error_handler()
+        self.uri = uri
+        self.reconnect_timeout = reconnect_timeout
+        self._lock = threading.Lock()
+        self._watchers: dict[str, list[queue.Queue]] = {}
+        self._conn = self._open()
+
+    # -- connection --------------------------------------------------------
+    def _open(self) -> libvirt.virConnect:
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as e:
+            msg = e.get_error_message() or str(e)
+            hint = "is libvirtd running? check --connect"
+            if e.get_error_code() in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED) \
+                    or "ermission denied" in msg:
+                hint = "run as root or as a user libvirt allows (group libvirt)"
+            raise ConnectionFailed(f"cannot connect to libvirt at {self.uri}: {msg}", hint=hint) from None
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.setKeepAlive(5, 3)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None)
+        return conn
+
+    def _on_block_job(self, conn, dom, disk, job_type, status, opaque) -> None:
+        uuid = dom.UUIDString()
+        with self._lock:
+            for q in self._watchers.get(uuid, []):
+                q.put((disk, job_type, status))
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        return self._conn
+
+    def alive(self) -> bool:
+        try:
+            return bool(self._conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def reconnect(self) -> None:
+        """Open a new connection (libvirtd restarted), waiting a bounded time for it."""
+        with contextlib.suppress(libvirt.libvirtError):
+            self._conn.close()
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = 0.2
+        while True:
+            try:
+                self._conn = self._open()
+                log.warning("reconnected to libvirt at %s", self.uri)
+                return
+            except ConnectionFailed:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def ensure_connected(self) -> None:
+        if not self.alive():
+            log.warning("lost the connection to libvirt at %s; reconnecting", self.uri)
+            self.reconnect()
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self._conn.close()
+
+    # -- errors --------------------------------------------------------------
+    def _call(self, what: str, fn: Callable, *args, domain: str | None = None, disk: str | None = None,
+              path: str | None = None):
+        try:
+            return fn(*args)
+        except libvirt.libvirtError as e:
+            raise self._error(what, e, domain=domain, disk=disk, path=path) from None
+
+    @staticmethod
+    def _error(what: str, e: libvirt.libvirtError, **where) -> VirtfreezeError:
+        msg = (e.get_error_message() or str(e)).strip()
+        code = e.get_error_code()
+        if code == libvirt.VIR_ERR_NO_DOMAIN:
+            return DomainNotFound(f"{what}: no such domain", **where)
+        hint = None
+        if "Permission denied" in msg and "apparmor" in msg.lower():
+            hint = "AppArmor refused QEMU access; the offline merge still works"
+        err = VirtfreezeError(f"{what}: {msg}", hint=hint, **where)
+        err.libvirt_code = code  # type: ignore[attr-defined]
+        return err
+
+    # -- domains -------------------------------------------------------------
+    def domains(self) -> list[DomainInfo]:
+        doms = self._call("list domains", self._conn.listAllDomains, 0)
+        out = []
+        for d in doms:
+            with contextlib.suppress(libvirt.libvirtError):  # vanished meanwhile
+                out.append(DomainInfo(d.name(), d.UUIDString(), _STATES.get(d.state()[0], OTHER),
+                                      bool(d.isPersistent())))
+        return out
+
+    def lookup(self, name: str) -> DomainInfo:
+        d = self._call("look up domain", self._conn.lookupByName, name, domain=name)
+        return DomainInfo(d.name(), d.UUIDString(), _STATES.get(d.state()[0], OTHER), bool(d.isPersistent()))
+
+    def _dom(self, uuid: str, name: str | None = None) -> libvirt.virDomain:
+        return self._call("look up domain", self._conn.lookupByUUIDString, uuid, domain=name or uuid)
+
+    def info(self, uuid: str) -> DomainInfo | None:
+        try:
+            d = self._conn.lookupByUUIDString(uuid)
+            return DomainInfo(d.name(), d.UUIDString(), _STATES.get(d.state()[0], OTHER), bool(d.isPersistent()))
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise self._error("look up domain", e, domain=uuid) from None
+
+    def state(self, uuid: str) -> str:
+        info = self.info(uuid)
+        return info.state if info else MISSING
+
+    def xml(self, uuid: str, name: str, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_SECURE | (libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
+        dom = self._dom(uuid, name)
+        return self._call("read definition", dom.XMLDesc, flags, domain=name)
+
+    def define(self, xml: str, name: str) -> None:
+        self._call("redefine domain", self._conn.defineXML, xml, domain=name)
+
+    # -- snapshots -----------------------------------------------------------
+    def snapshot(self, uuid: str, name: str, xml: str, *, memory: bool, quiesce: bool) -> None:
+        flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+        if memory:
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
+        else:
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+        if quiesce:
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
+        dom = self._dom(uuid, name)
+        self._call("external snapshot", dom.snapshotCreateXML, xml, flags, domain=name)
+
+    def set_agent_timeout(self, uuid: str, name: str, seconds: float) -> None:
+        dom = self._dom(uuid, name)
+        with contextlib.suppress(libvirt.libvirtError, AttributeError):
+            dom.agentSetResponseTimeout(max(1, int(seconds)), 0)
+
+    # -- block jobs ----------------------------------------------------------
+    @contextlib.contextmanager
+    def block_job_events(self, uuid: str) -> Iterator[queue.Queue]:
+        """A queue of (disk target, job type, status) for this domain's block jobs.
+
+        Enter it *before* starting a job so no event can be missed.
+        """
+        q: queue.Queue = queue.Queue()
+        with self._lock:
+            self._watchers.setdefault(uuid, []).append(q)
+        try:
+            yield q
+        finally:
+            with self._lock:
+                self._watchers[uuid].remove(q)
+
+    def block_commit(self, uuid: str, name: str, target: str, base: str, *, top: str | None = None,
+                     active: bool) -> None:
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE if active else 0
+        dom = self._dom(uuid, name)
+        self._call("start block commit", dom.blockCommit, target, base, top, 0, flags,
+                   domain=name, disk=target, path=base)
+
+    def block_job(self, uuid: str, name: str, target: str) -> dict:
+        """The running block job on a disk ({} when none): type, cur, end."""
+        dom = self._dom(uuid, name)
+        return self._call("read block job", dom.blockJobInfo, target, 0, domain=name, disk=target) or {}
+
+    def pivot(self, uuid: str, name: str, target: str) -> None:
+        dom = self._dom(uuid, name)
+        self._call("pivot", dom.blockJobAbort, target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
+                   domain=name, disk=target)
+
+    def cancel_job(self, uuid: str, name: str, target: str) -> None:
+        dom = self._dom(uuid, name)
+        self._call("cancel block job", dom.blockJobAbort, target, 0, domain=name, disk=target)
+
+
+def is_not_ready_error(err: VirtfreezeError) -> bool:
+    return getattr(err, "libvirt_code", None) == libvirt.VIR_ERR_BLOCK_COPY_ACTIVE or "not ready" in err.message
+
+
+def is_quiesce_unavailable(err: VirtfreezeError) -> bool:
+    return getattr(err, "libvirt_code", None) in (
+        libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED, libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+        libvirt.VIR_ERR_AGENT_UNSYNCED, libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+    ) or "agent" in err.message.lower()
+
+
+def mirror_ready(live_xml: str, target: str) -> bool | None:
+    """For a disk with a block job in the live XML: is its mirror ready to pivot?
+
+    None when the disk has no mirror (no two-phase job running).
+    """
+    for d in ET.fromstring(live_xml).findall("devices/disk"):
+        t = d.find("target")
+        if t is not None and t.get("dev") == target:
+            m = d.find("mirror")
+            return None if m is None else m.get("ready") == "yes"
+    return None

@@ -1,0 +1,55 @@
+"""qemu-img: read image chains, and merge an overlay offline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+from virtfreeze.errors import VirtfreezeError
+
+log = logging.getLogger(__name__)
+
+
+def _run(args: list[str], what: str, path: str, domain: str | None = None, disk: str | None = None,
+         capture: bool = True) -> str:
+    try:
+        proc = subprocess.run(["qemu-img", *args], capture_output=capture, text=True)
+    except FileNotFoundError:
+        raise VirtfreezeError("qemu-img not found", hint="install qemu-utils") from None
+    if proc.returncode != 0:
+        err = (proc.stderr or "").strip().splitlines()
+        raise VirtfreezeError(f"{what} failed: {err[-1] if err else 'exit ' + str(proc.returncode)}",
+                              domain=domain, disk=disk, path=path)
+    return proc.stdout or ""
+
+
+def info(path: str, domain: str | None = None, disk: str | None = None) -> dict:
+    """`qemu-img info` of one image (works while QEMU uses it)."""
+    return json.loads(_run(["info", "-U", "--output=json", path], "qemu-img info", path, domain, disk))
+
+
+def backing_of(path: str, domain: str | None = None, disk: str | None = None) -> tuple[str | None, str | None]:
+    """(backing file, its format) of an image, or (None, None)."""
+    i = info(path, domain, disk)
+    return i.get("full-backing-filename") or i.get("backing-filename"), i.get("backing-filename-format")
+
+
+def commit(top: str, base: str, domain: str | None = None, disk: str | None = None) -> None:
+    """Merge `top` into `base` (which must be its direct backing file), then sync the base."""
+    backing, _ = backing_of(top, domain, disk)
+    if backing is None or os.path.realpath(backing) != os.path.realpath(base):
+        raise VirtfreezeError(f"overlay's backing file is {backing!r}, not the recorded base",
+                              domain=domain, disk=disk, path=top,
+                              hint="refusing to commit into another image")
+    args = ["commit", "-f", "qcow2", "-b", base]
+    if sys.stderr.isatty():
+        args.append("-p")
+    _run(args + [top], "qemu-img commit", top, domain, disk, capture=not sys.stderr.isatty())
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,42 @@
+"""What one invocation works with: config, libvirt connection, journal, plugins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pluggy
+
+from virtfreeze.config import Config
+from virtfreeze.journal import Journal
+from virtfreeze.libvirt_boundary import Hypervisor
+from virtfreeze.plugins import get_plugin_manager
+
+
+@dataclass
+class Runtime:
+    config: Config
+    uri: str
+    _hv: Hypervisor | None = None
+    pm: pluggy.PluginManager = field(default_factory=get_plugin_manager)
+
+    @property
+    def hv(self) -> Hypervisor:
+        if self._hv is None:
+            self._hv = Hypervisor(self.uri)
+        return self._hv
+
+    @property
+    def journal(self) -> Journal:
+        return Journal(self.config.state_directory)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.state_directory
+
+    def memory_dir(self, uuid: str) -> Path:
+        return self.config.state_directory / "memory" / uuid
+
+    def close(self) -> None:
+        if self._hv is not None:
+            self._hv.close()
