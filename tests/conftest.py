@@ -42,8 +42,8 @@ def start_libvirt_event_loop() -> None:
     _events_started = True
 
 
-@pytest.fixture(scope="session")
-def libvirt_conn():
+@pytest.fixture
+def libvirt_conn(libvirtd_shared):
     import libvirt
 
     start_libvirt_event_loop()
@@ -53,7 +53,29 @@ def libvirt_conn():
         pytest.fail(f"host tests need libvirtd at {URI} (run `make test`, which prepares the host): {e}",
                     pytrace=False)
     yield conn
-    conn.close()
+    try:
+        conn.close()
+    except libvirt.libvirtError:
+        pass
+
+
+@pytest.fixture
+def libvirtd_shared(request):
+    """Share the host with other tests; a test marked `exclusive` has it alone.
+
+    pytest-xdist runs tests in parallel processes. A test that restarts
+    libvirtd, or runs a bare `virtfreeze thaw` (which merges every frozen
+    domain on the host), must not run beside the others.
+    """
+    import fcntl
+
+    from tests.rig.guest import SOCKET_DIR
+
+    SOCKET_DIR.mkdir(parents=True, exist_ok=True)
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    with open(SOCKET_DIR / "libvirtd.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 @pytest.fixture

@@ -190,22 +190,25 @@ def thaw(ctx: Ctx, domains, all_):
         from virtfreeze.thaw import frozen_domains, thaw_domain
 
         rt = ctx.rt
-        frozen = frozen_domains(rt)
         if domains or all_:
-            wanted = {d.uuid for d in select(rt.hv.domains(), list(domains), all_, rt.config)}
-            # a frozen domain that vanished (undefined) can still be named
-            named = set(domains)
-            targets = [f for f in frozen if f.uuid in wanted or f.name in named]
+            existing = rt.hv.domains()
+            known = {d.uuid for d in existing} | {d.name for d in existing}
+            # A frozen domain undefined since the freeze is still known to its journal.
+            gone = [DomainRef(r["name"], r["uuid"]) for r in rt.journal.all()
+                    if r["uuid"] not in known and (all_ or r["name"] in domains)]
+            names = [n for n in domains if n not in {g.name for g in gone}]
+            chosen = select(existing, names, all_, rt.config) if names or all_ else []
+            targets = [DomainRef(d.name, d.uuid) for d in chosen] + gone
         else:
-            targets = frozen
+            targets = frozen_domains(rt)
         try:
             results, failures = _for_each(ctx, targets, lambda r: thaw_domain(rt, DomainRef(r.name, r.uuid)),
                                           rt.config.jobs)
         finally:
             export_view.write_index(rt.config.export_directory)
         return _emit(ctx, "thawed", results, failures, lambda r: (
-            f"thawed {r.name} ({r.strategy or 'nothing to merge'}, {r.overlay_bytes} overlay bytes, "
-            f"{r.seconds:.2f}s)"))
+            f"thawed {r.name} ({r.strategy}, {r.overlay_bytes} overlay bytes, {r.seconds:.2f}s)"
+            if r.strategy else f"{r.name}: nothing frozen"))
 
     _run_guarded(run)
 

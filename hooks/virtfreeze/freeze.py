@@ -219,5 +219,5 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool, quiesce: str) 
 
 
 def freeze_domain(rt: Runtime, info: DomainInfo, *, memory: bool = False, quiesce: str = "auto") -> FreezeResult:
-    with domain_lock(rt.state_dir, info.uuid, info.name):
+    with domain_lock(info.uuid, info.name):
         return freeze_locked(rt, info, memory=memory, quiesce=quiesce)

@@ -21,6 +21,10 @@ from virtfreeze.errors import DomainBusy, VirtfreezeError
 
 VERSION = 1
 
+# Host-wide, not per state directory: two runs with different configs must
+# still never work on the same domain at once.
+LOCK_DIR = Path("/run/virtfreeze/locks")
+
 
 def failpoint(name: str) -> None:
     """Die here with SIGKILL if VIRTFREEZE_FAILPOINT names this point (crash tests)."""
@@ -101,13 +105,12 @@ class Journal:
 
 
 @contextlib.contextmanager
-def domain_lock(state_dir: Path, uuid: str, name: str) -> Iterator[None]:
+def domain_lock(uuid: str, name: str, lock_dir: Path = LOCK_DIR) -> Iterator[None]:
     """Hold an exclusive lock on one domain for the length of a freeze or thaw.
 
     flock: released by the kernel when the process dies, so a crashed run never
     blocks the next one.
     """
-    lock_dir = Path(state_dir) / "locks"
     try:
         lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from virtfreeze import export_view, qemu_img
 from virtfreeze.domain_xml import BaseImage, is_overlay, parse_disks, repoint_disks
-from virtfreeze.errors import LeftOnOverlay, VirtfreezeError
+from virtfreeze.errors import DomainNotFound, LeftOnOverlay, VirtfreezeError
 from virtfreeze.journal import domain_lock, failpoint
 from virtfreeze.libvirt_boundary import MISSING, OTHER, SHUTOFF
 from virtfreeze.model import DiskPlan, DomainRef
@@ -78,12 +78,15 @@ def frozen_domains(rt: Runtime) -> list[DomainRef]:
     for info in rt.hv.domains():
         if info.uuid in found:
             continue
-        xmls = [rt.hv.xml(info.uuid, info.name)]
-        if info.persistent and info.state != SHUTOFF:
-            xmls.append(rt.hv.xml(info.uuid, info.name, inactive=True))
+        try:
+            xmls = [rt.hv.xml(info.uuid, info.name)]
+            if info.persistent and info.state != SHUTOFF:
+                xmls.append(rt.hv.xml(info.uuid, info.name, inactive=True))
+        except DomainNotFound:
+            continue  # undefined while we looked
         if any(is_overlay(d.source) for xml in xmls for d in parse_disks(xml)):
             found[info.uuid] = DomainRef(info.name, info.uuid)
-    return list(found.values())
+    return sorted(found.values(), key=lambda r: r.name)
 
 
 def _sources(rt: Runtime, ref: DomainRef) -> list[dict[str, str | None]]:
@@ -183,5 +186,5 @@ def thaw_locked(rt: Runtime, ref: DomainRef) -> ThawResult:
 
 
 def thaw_domain(rt: Runtime, ref: DomainRef) -> ThawResult:
-    with domain_lock(rt.state_dir, ref.uuid, ref.name):
+    with domain_lock(ref.uuid, ref.name):
         return thaw_locked(rt, ref)

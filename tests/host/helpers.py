@@ -1,0 +1,70 @@
+"""Assertions shared by the host tests."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+
+from tests.rig.guest import Guest
+
+
+def disk_sources(dom: libvirt.virDomain, inactive: bool = False) -> dict[str, str | None]:
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+    root = ET.fromstring(dom.XMLDesc(flags))
+    out = {}
+    for d in root.findall("devices/disk"):
+        src = d.find("source")
+        out[d.find("target").get("dev")] = None if src is None else (src.get("file") or src.get("dev"))
+    return out
+
+
+def overlays_left(*dirs: Path) -> list[Path]:
+    return [p for d in dirs if Path(d).exists() for p in Path(d).rglob("*.virtfreeze*.qcow2")]
+
+
+def assert_back_on_base(g: Guest, vf=None) -> None:
+    """Live and persistent definitions point at the bases; no overlay, journal or export left."""
+    dom = g.dom
+    want = {t: str(p) for t, p in g.disks.items()}
+    if dom.isActive():
+        live = disk_sources(dom)
+        assert {t: live[t] for t in want} == want, f"live definition not on base: {live}"
+    if dom.isPersistent():
+        persistent = disk_sources(dom, inactive=True)
+        assert {t: persistent[t] for t in want} == want, f"persistent definition not on base: {persistent}"
+    assert overlays_left(g.workdir) == []
+    if vf is not None:
+        assert not vf.journal(g.uuid).exists(), "journal left behind"
+        assert not any(vf.export.glob("*/disks")), f"export view left: {list(vf.export.iterdir())}"
+
+
+def assert_all_acked_present(g: Guest) -> None:
+    """Stop the guest, then every write it acknowledged must be in its base image."""
+    if g.dom.isActive():
+        g.dom.destroy()
+    for target in g.writing:
+        report = g.check(target)
+        assert report.checked > 0 and report.ok, report
+
+
+def copy_export(export_dir: Path, dest: Path) -> Path:
+    """What a backup tool would archive: a plain copy of the export view."""
+    shutil.copytree(export_dir, dest)
+    return dest
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def now() -> float:
+    return time.monotonic()

@@ -1,0 +1,182 @@
+"""freeze -> read the export view -> thaw on guests that keep writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+
+import libvirt
+import pytest
+
+from tests.host.helpers import (
+    assert_all_acked_present, assert_back_on_base, copy_export, disk_sources, overlays_left, sha256,
+)
+from tests.rig.acks import AckWatcher
+from tests.rig.guest import SOCKET_DIR, DiskSpec
+from tests.rig.integrity import check_image
+
+MULTI = [DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw"), DiskSpec("vdc", "qcow2"), DiskSpec("hdc", device="cdrom")]
+
+
+def test_cycle_multi_disk_keeps_every_write(guest_factory, vf, tmp_path):
+    g = guest_factory(MULTI)
+    vf.write_config(domains={g.name: {"exclude_disks": ["vdc"]}})
+    g.watcher.wait_acks(30)
+
+    t_before = time.monotonic()
+    out = vf("--json", "freeze", g.name)
+    frozen = json.loads(out.stdout)["frozen"][0]
+    assert frozen["consistency"] == "crash"  # no guest agent in the test guest
+    assert set(frozen["disks"]) == {"vda", "vdb"}
+    assert frozen["skipped"] == {"vdc": "excluded by configuration", "hdc": "device is a cdrom"}
+    assert "no guest agent channel" in out.stderr
+
+    live = disk_sources(g.dom)
+    assert live["vda"].endswith(".virtfreeze.qcow2") and live["vdb"].endswith(".virtfreeze.qcow2")
+    assert live["vdc"] == str(g.disks["vdc"]), "excluded disk must stay on its image"
+    g.watcher.wait_acks(60)  # keeps writing while frozen
+
+    export = vf.export / g.name
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["consistency"] == "crash" and set(manifest["disks"]) == {"vda", "vdb"}
+    paths = (export / "paths.txt").read_text().split()
+    assert str(export / "disks" / "vda.qcow2") in paths and str(export / "disks" / "vdb.raw") in paths
+    assert (vf.export / "paths.txt").read_text().split() == paths
+    assert "vdc" not in " ".join(paths)
+    assert stat.S_IMODE(os.stat(export).st_mode) == 0o700
+    # read-only view: a backup tool cannot change the frozen image
+    try:
+        open(export / "disks" / "vdb.raw", "r+b").close()
+        raise AssertionError("export view is writable")
+    except OSError:
+        pass
+
+    archive = copy_export(export, tmp_path / "archive")
+    g.watcher.wait_acks(30)
+    vf("thaw", g.name)
+    t_thawed = time.monotonic()
+    assert_back_on_base(g, vf)
+    g.watcher.wait_acks(30, after=t_thawed)
+
+    # The archive holds every write acknowledged before the freeze ...
+    for t, fmt in (("vda", "qcow2"), ("vdb", "raw")):
+        report = check_image(archive / "disks" / f"{t}.{fmt}", t, g.acked(until=t_before)[t], fmt)
+        assert report.checked > 0 and report.ok, report
+    # ... and the merged disks every write acknowledged at all.
+    assert_all_acked_present(g)
+
+
+@pytest.mark.exclusive  # a bare `thaw` merges every frozen domain on the host
+def test_thaw_is_idempotent_and_safe_with_nothing_frozen(guest_factory, vf):
+    assert vf("thaw").stdout == ""  # nothing frozen: exit 0, nothing done
+    assert vf("status").stdout.strip() == "nothing frozen"
+    g = guest_factory([DiskSpec("vda")])
+    vf("freeze", g.name)
+    assert vf("status", expect=3).returncode == 3
+    vf("thaw", g.name)
+    vf("thaw", g.name)
+    vf("thaw")
+    vf("status")
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
+
+
+def test_freeze_again_merges_leftovers_instead_of_stacking(guest_factory, vf):
+    g = guest_factory([DiskSpec("vda"), DiskSpec("vdb", "raw")])
+    vf("freeze", g.name)
+    g.watcher.wait_acks(30)
+    out = vf("freeze", g.name)
+    assert "leftovers of an earlier run" in out.stderr
+    xml = g.dom.XMLDesc(0)
+    assert xml.count(".virtfreeze.qcow2") == 2, "one overlay per disk, not a stack"
+    g.watcher.wait_acks(30)
+    vf("thaw", g.name)
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
+
+
+def test_paused_domain(guest_factory, vf):
+    g = guest_factory([DiskSpec("vda")])
+    g.watcher.wait_acks(20)
+    g.dom.suspend()
+    vf("freeze", g.name)
+    vf("thaw", g.name)
+    assert g.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED, "thaw must not resume a paused guest"
+    g.dom.resume()
+    g.watcher.wait_acks(20)
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
+
+
+def test_guest_shut_down_between_freeze_and_thaw(guest_factory, vf):
+    g = guest_factory([DiskSpec("vda"), DiskSpec("vdb", "raw")])
+    vf("freeze", g.name)
+    g.watcher.wait_acks(50)
+    g.dom.destroy()  # the guest goes away while frozen; its writes are in the overlays
+    out = vf("thaw", g.name)
+    assert "offline" in out.stdout
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
+    g.start()  # and it boots from the merged base
+    g.watcher.wait_acks(10)
+
+
+def test_shut_off_domain_is_exposed_and_protected(guest_factory, vf, tmp_path):
+    g = guest_factory([DiskSpec("vda"), DiskSpec("vdb", "raw")])
+    g.watcher.wait_acks(30)
+    g.dom.destroy()
+    before = {t: sha256(p) for t, p in g.disks.items()}
+    out = vf("--json", "freeze", g.name)
+    assert json.loads(out.stdout)["frozen"][0]["consistency"] == "shutoff"
+    assert disk_sources(g.dom, inactive=True)["vda"].endswith(".virtfreeze.qcow2")
+    assert {t: sha256(p) for t, p in g.disks.items()} == before, "freeze changed the images"
+
+    g.start()  # somebody starts it during the backup: it writes into the overlays
+    g.watcher.wait_acks(40)
+    export = vf.export / g.name
+    assert {t: sha256(export / "disks" / f"{t}.{g.formats[t]}") for t in g.disks} == before
+    assert {t: sha256(p) for t, p in g.disks.items()} == before, "archived images changed"
+    vf("thaw", g.name)  # now running: live merge
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
+
+
+def test_memory_state_restores_into_a_guest_that_keeps_writing(libvirt_conn, guest_factory, vf, tmp_path):
+    g = guest_factory([DiskSpec("vda"), DiskSpec("vdb", "raw")])
+    g.watcher.wait_acks(30)
+    t_before = time.monotonic()
+    out = vf("--json", "freeze", "--memory", g.name)
+    assert json.loads(out.stdout)["frozen"][0]["consistency"] == "memory"
+    export = vf.export / g.name
+    mem = export / "memory.save"
+    assert stat.S_IMODE(os.stat(mem).st_mode) == 0o600
+    record = json.loads(vf.journal(g.uuid).read_text())
+    assert stat.S_IMODE(os.stat(os.path.dirname(record["memory_file"])).st_mode) == 0o700
+    last_before = max(g.acked(until=t_before)["vda"])
+    g.watcher.wait_acks(30)  # the guest kept running
+    archive = copy_export(export, tmp_path / "archive")
+    vf("thaw", g.name)
+    assert_back_on_base(g, vf)
+    assert not os.path.exists(record["memory_file"]), "memory image must be removed after the archive"
+    assert_all_acked_present(g)
+
+    # Restore the archived memory state onto copies of the archived disks.
+    xml = libvirt_conn.saveImageGetXMLDesc(str(archive / "memory.save"), 0)
+    sock = SOCKET_DIR / f"{g.uuid[:8]}-restored.sock"
+    for t in g.disks:
+        xml = xml.replace(str(g.disks[t]), str(archive / "disks" / f"{t}.{g.formats[t]}"))
+    xml = xml.replace(str(g.sock), str(sock)).replace(str(g.console_log), str(tmp_path / "restored-console.log"))
+    restored = AckWatcher(sock, tmp_path / "restored-acks.log")
+    g.extra_watchers.append(restored)
+    libvirt_conn.restoreFlags(str(archive / "memory.save"), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+    restored.wait_acks(20)
+    first = min(a.seq for a in restored.snapshot() if a.disk == "vda")
+    assert first >= last_before, f"restored guest restarted its sequence ({first} < {last_before})"
+    g.dom.destroy()
+    for t in g.disks:
+        report = check_image(archive / "disks" / f"{t}.{g.formats[t]}", t,
+                             [a.seq for a in restored.snapshot() if a.disk == t])
+        assert report.checked > 0 and report.ok, report
+    assert overlays_left(tmp_path) == []
