@@ -214,14 +214,15 @@ def thaw(ctx: Ctx, domains, all_):
 
 
 @cli.command()
+@click.argument("domains", nargs=-1, metavar="[DOMAIN]...")
 @click.pass_obj
-def status(ctx: Ctx):
-    """Show frozen domains; exit 3 when any is still on an overlay."""
+def status(ctx: Ctx, domains):
+    """Show frozen domains (all, or those named); exit 3 when any is on an overlay."""
 
     def run():
         from virtfreeze.status import collect
 
-        rows = collect(ctx.rt)
+        rows = collect(ctx.rt, list(domains))
         if ctx.as_json:
             click.echo(json.dumps({"frozen": rows}, indent=2))
         elif not rows:
@@ -230,8 +231,9 @@ def status(ctx: Ctx):
             for r in rows:
                 sizes = ", ".join(f"{d['target']} {d['overlay_bytes'] or 0} B" for d in r["disks"])
                 mem = f", memory {r['memory_bytes']} B" if r["memory_bytes"] else ""
-                click.echo(f"{r['domain']}: {r['phase']} since {r['since']} ({r['consistency']}), "
-                           f"state {r['state']}, overlays: {sizes or 'none'}{mem}")
+                since = f"since {r['since']} ({r['consistency']})" if r["journal"] else "no journal"
+                click.echo(f"{r['domain']}: {r['phase']} {since}, state {r['state']}, "
+                           f"overlays: {sizes or 'none'}{mem}")
         return errors.EXIT_ON_OVERLAY if any(r["on_overlay"] for r in rows) else errors.EXIT_OK
 
     _run_guarded(run)

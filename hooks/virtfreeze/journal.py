@@ -27,9 +27,13 @@ LOCK_DIR = Path("/run/virtfreeze/locks")
 
 
 def failpoint(name: str) -> None:
-    """Die here with SIGKILL if VIRTFREEZE_FAILPOINT names this point (crash tests)."""
-    if os.environ.get("VIRTFREEZE_FAILPOINT") == name:
+    """Crash tests: VIRTFREEZE_FAILPOINT=NAME kills the process here with SIGKILL;
+    NAME:stop stops it with SIGSTOP (the test continues it with SIGCONT)."""
+    want = os.environ.get("VIRTFREEZE_FAILPOINT", "")
+    if want == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif want == f"{name}:stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,9 +16,12 @@ def _size(path: str | None) -> int | None:
         return None
 
 
-def collect(rt: Runtime) -> list[dict]:
+def collect(rt: Runtime, names: list[str] | None = None) -> list[dict]:
+    """One row per frozen domain (only those named, when names are given)."""
     out = []
     for ref in frozen_domains(rt):
+        if names and ref.name not in names:
+            continue
         record = rt.journal.load(ref.uuid) or discover(rt, ref.uuid, ref.name) or {}
         disks = [DiskPlan(**d) for d in record.get("disks", [])]
         pending = {d.target for d in on_overlay(rt, ref, disks)}

@@ -67,8 +67,6 @@ def discover(rt: Runtime, uuid: str, name: str) -> dict | None:
             disks[d.target] = DiskPlan(d.target, backing, fmt or "raw", _base_type(backing), d.source)
     if not disks:
         return None
-    log.warning("domain %r: no journal, but disks %s are on virtfreeze overlays; merging them",
-                name, ", ".join(sorted(disks)))
     return {"uuid": uuid, "name": name, "phase": "discovered", "disks": [p.to_json() for p in disks.values()]}
 
 
@@ -132,9 +130,13 @@ def _remove_overlays(disks: list[DiskPlan], ref: DomainRef) -> None:
 def thaw_locked(rt: Runtime, ref: DomainRef) -> ThawResult:
     """Thaw one domain; the caller holds its lock."""
     t0 = time.monotonic()
-    record = rt.journal.load(ref.uuid) or discover(rt, ref.uuid, ref.name)
+    record = rt.journal.load(ref.uuid)
     if record is None:
-        return ThawResult(ref.name, ref.uuid, None, 0, 0.0)
+        record = discover(rt, ref.uuid, ref.name)
+        if record is None:
+            return ThawResult(ref.name, ref.uuid, None, 0, 0.0)
+        log.warning("domain %r: no journal, but disks %s are on virtfreeze overlays; merging them",
+                    ref.name, ", ".join(d["target"] for d in record["disks"]))
     ref = DomainRef(record.get("name", ref.name), ref.uuid) if rt.hv.info(ref.uuid) is None else ref
     disks = [DiskPlan(**d) for d in record.get("disks", [])]
     rt.journal.write(dict(record, phase="thawing"))

@@ -74,7 +74,7 @@ def test_thaw_is_idempotent_and_safe_with_nothing_frozen(guest_factory, vf):
     assert vf("status").stdout.strip() == "nothing frozen"
     g = guest_factory([DiskSpec("vda")])
     vf("freeze", g.name)
-    assert vf("status", expect=3).returncode == 3
+    assert vf("status", g.name, expect=3).returncode == 3
     vf("thaw", g.name)
     vf("thaw", g.name)
     vf("thaw")

@@ -30,6 +30,7 @@ class DiskSpec:
     size_mib: int = 16
     device: str = "disk"  # disk | cdrom
     writes: bool = True  # the guest writes records to it
+    nbd_socket: Path | None = None  # a network (NBD over a unix socket) disk instead of a file
 
 
 @dataclass
@@ -143,6 +144,13 @@ def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths
             ET.SubElement(disk, "target", dev=d.target, bus="ide")
             ET.SubElement(disk, "readonly")
             continue
+        if d.nbd_socket is not None:
+            disk = ET.SubElement(dev, "disk", type="network", device="disk")
+            ET.SubElement(disk, "driver", name="qemu", type="raw")
+            src = ET.SubElement(disk, "source", protocol="nbd")
+            ET.SubElement(src, "host", transport="unix", socket=str(d.nbd_socket))
+            ET.SubElement(disk, "target", dev=d.target, bus="virtio")
+            continue
         disk = ET.SubElement(dev, "disk", type="file", device="disk")
         ET.SubElement(disk, "driver", name="qemu", type=d.fmt)
         ET.SubElement(disk, "source", file=str(paths[d.target]))
@@ -170,14 +178,16 @@ def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] 
     sock = SOCKET_DIR / f"{uid[:13]}.sock"
     paths: dict[str, Path] = {}
     for d in disks:
+        if d.nbd_socket is not None:
+            continue
         fmt = "raw" if d.device == "cdrom" else d.fmt
         p = workdir / f"{d.target}.{'iso' if d.device == 'cdrom' else fmt}"
         subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(p), f"{d.size_mib}M"], check=True)
         paths[d.target] = p
     xml = domain_xml(name, uid, workdir, disks, paths, sock, memory_mib)
     guest = Guest(conn=conn, name=name, uuid=uid, workdir=workdir,
-                  disks={d.target: paths[d.target] for d in disks if d.device == "disk"},
-                  formats={d.target: d.fmt for d in disks if d.device == "disk"},
+                  disks={d.target: paths[d.target] for d in disks if d.target in paths and d.device == "disk"},
+                  formats={d.target: d.fmt for d in disks if d.target in paths and d.device == "disk"},
                   writing=[d.target for d in disks if d.device == "disk" and d.writes],
                   persistent=persistent, sock=sock, xml=xml)
     if persistent:
