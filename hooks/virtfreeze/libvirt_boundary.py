@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -94,9 +95,9 @@ class Hypervisor:
         except libvirt.libvirtError as e:
             msg = e.get_error_message() or str(e)
             hint = "is libvirtd running? check --connect"
-            if e.get_error_code() in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED) \
-                    or "ermission denied" in msg:
-                hint = "run as root or as a user libvirt allows (group libvirt)"
+            if os.geteuid() != 0 or e.get_error_code() in (libvirt.VIR_ERR_AUTH_FAILED,
+                                                           libvirt.VIR_ERR_AUTH_CANCELLED):
+                hint = "run as root, or as a user libvirt allows (e.g. group libvirt)"
             raise ConnectionFailed(f"cannot connect to libvirt at {self.uri}: {msg}", hint=hint) from None
         with contextlib.suppress(libvirt.libvirtError):
             conn.setKeepAlive(5, 3)
