@@ -28,11 +28,12 @@ LOCK_DIR = Path("/run/virtfreeze/locks")
 
 def failpoint(name: str) -> None:
     """Crash tests: VIRTFREEZE_FAILPOINT=NAME kills the process here with SIGKILL;
-    NAME:stop stops it with SIGSTOP (the test continues it with SIGCONT)."""
+    NAME:stop stops it with SIGSTOP (the test continues it with SIGCONT). Fires once."""
     want = os.environ.get("VIRTFREEZE_FAILPOINT", "")
     if want == name:
         os.kill(os.getpid(), signal.SIGKILL)
     elif want == f"{name}:stop":
+        del os.environ["VIRTFREEZE_FAILPOINT"]
         os.kill(os.getpid(), signal.SIGSTOP)
 
 

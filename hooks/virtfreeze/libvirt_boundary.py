@@ -86,6 +86,7 @@ class Hypervisor:
         self.reconnect_timeout = reconnect_timeout
         self._lock = threading.Lock()
         self._watchers: dict[str, list[queue.Queue]] = {}
+        self.generation = 0  # bumped on every reconnect: events in between were lost
         self._conn = self._open()
 
     # -- connection --------------------------------------------------------
@@ -129,6 +130,7 @@ class Hypervisor:
         while True:
             try:
                 self._conn = self._open()
+                self.generation += 1
                 log.warning("reconnected to libvirt at %s", self.uri)
                 return
             except ConnectionFailed:
@@ -137,20 +139,26 @@ class Hypervisor:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def ensure_connected(self) -> None:
-        if not self.alive():
-            log.warning("lost the connection to libvirt at %s; reconnecting", self.uri)
-            self.reconnect()
-
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             self._conn.close()
 
-    # -- errors --------------------------------------------------------------
-    def _call(self, what: str, fn: Callable, *args, domain: str | None = None, disk: str | None = None,
-              path: str | None = None):
+    # -- calls and errors ------------------------------------------------------
+    def _call(self, what: str, op: Callable[[libvirt.virConnect], object], *, read_only: bool = False,
+              domain: str | None = None, disk: str | None = None, path: str | None = None):
+        """Run op(connection). If libvirtd went away, reconnect; read-only calls are
+        then retried once, mutating ones raise (their callers re-read the state)."""
         try:
-            return fn(*args)
+            return op(self._conn)
+        except libvirt.libvirtError as e:
+            if self.alive():
+                raise self._error(what, e, domain=domain, disk=disk, path=path) from None
+            log.warning("lost the connection to libvirt at %s during %s; reconnecting", self.uri, what)
+            self.reconnect()
+            if not read_only:
+                raise self._error(what, e, domain=domain, disk=disk, path=path) from None
+        try:
+            return op(self._conn)
         except libvirt.libvirtError as e:
             raise self._error(what, e, domain=domain, disk=disk, path=path) from None
 
@@ -168,30 +176,30 @@ class Hypervisor:
         return err
 
     # -- domains -------------------------------------------------------------
-    def domains(self) -> list[DomainInfo]:
-        doms = self._call("list domains", self._conn.listAllDomains, 0)
-        out = []
-        for d in doms:
-            with contextlib.suppress(libvirt.libvirtError):  # vanished meanwhile
-                out.append(DomainInfo(d.name(), d.UUIDString(), _STATES.get(d.state()[0], OTHER),
-                                      bool(d.isPersistent())))
-        return out
-
-    def lookup(self, name: str) -> DomainInfo:
-        d = self._call("look up domain", self._conn.lookupByName, name, domain=name)
+    @staticmethod
+    def _info(d: libvirt.virDomain) -> DomainInfo:
         return DomainInfo(d.name(), d.UUIDString(), _STATES.get(d.state()[0], OTHER), bool(d.isPersistent()))
 
-    def _dom(self, uuid: str, name: str | None = None) -> libvirt.virDomain:
-        return self._call("look up domain", self._conn.lookupByUUIDString, uuid, domain=name or uuid)
+    def domains(self) -> list[DomainInfo]:
+        def op(conn):
+            out = []
+            for d in conn.listAllDomains(0):
+                with contextlib.suppress(libvirt.libvirtError):  # vanished meanwhile
+                    out.append(self._info(d))
+            return out
+
+        return self._call("list domains", op, read_only=True)
 
     def info(self, uuid: str) -> DomainInfo | None:
-        try:
-            d = self._conn.lookupByUUIDString(uuid)
-            return DomainInfo(d.name(), d.UUIDString(), _STATES.get(d.state()[0], OTHER), bool(d.isPersistent()))
-        except libvirt.libvirtError as e:
-            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return None
-            raise self._error("look up domain", e, domain=uuid) from None
+        def op(conn):
+            try:
+                return self._info(conn.lookupByUUIDString(uuid))
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+
+        return self._call("look up domain", op, read_only=True, domain=uuid)
 
     def state(self, uuid: str) -> str:
         info = self.info(uuid)
@@ -199,11 +207,11 @@ class Hypervisor:
 
     def xml(self, uuid: str, name: str, inactive: bool = False) -> str:
         flags = libvirt.VIR_DOMAIN_XML_SECURE | (libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
-        dom = self._dom(uuid, name)
-        return self._call("read definition", dom.XMLDesc, flags, domain=name)
+        return self._call("read definition", lambda c: c.lookupByUUIDString(uuid).XMLDesc(flags),
+                          read_only=True, domain=name)
 
     def define(self, xml: str, name: str) -> None:
-        self._call("redefine domain", self._conn.defineXML, xml, domain=name)
+        self._call("redefine domain", lambda c: c.defineXML(xml), domain=name)
 
     # -- snapshots -----------------------------------------------------------
     def snapshot(self, uuid: str, name: str, xml: str, *, memory: bool, quiesce: bool) -> None:
@@ -214,20 +222,22 @@ class Hypervisor:
             flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
         if quiesce:
             flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
-        dom = self._dom(uuid, name)
-        self._call("external snapshot", dom.snapshotCreateXML, xml, flags, domain=name)
+        self._call("external snapshot", lambda c: c.lookupByUUIDString(uuid).snapshotCreateXML(xml, flags),
+                   domain=name)
 
     def set_agent_timeout(self, uuid: str, name: str, seconds: float) -> None:
-        dom = self._dom(uuid, name)
-        with contextlib.suppress(libvirt.libvirtError, AttributeError):
-            dom.agentSetResponseTimeout(max(1, int(seconds)), 0)
+        with contextlib.suppress(VirtfreezeError, AttributeError):
+            self._call("set agent timeout",
+                       lambda c: c.lookupByUUIDString(uuid).agentSetResponseTimeout(max(1, int(seconds)), 0),
+                       domain=name)
 
     # -- block jobs ----------------------------------------------------------
     @contextlib.contextmanager
     def block_job_events(self, uuid: str) -> Iterator[queue.Queue]:
         """A queue of (disk target, job type, status) for this domain's block jobs.
 
-        Enter it *before* starting a job so no event can be missed.
+        Enter it *before* starting a job so no event can be missed. It keeps
+        receiving across reconnects (every connection reports to it).
         """
         q: queue.Queue = queue.Queue()
         with self._lock:
@@ -241,23 +251,22 @@ class Hypervisor:
     def block_commit(self, uuid: str, name: str, target: str, base: str, *, top: str | None = None,
                      active: bool) -> None:
         flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE if active else 0
-        dom = self._dom(uuid, name)
-        self._call("start block commit", dom.blockCommit, target, base, top, 0, flags,
+        self._call("start block commit",
+                   lambda c: c.lookupByUUIDString(uuid).blockCommit(target, base, top, 0, flags),
                    domain=name, disk=target, path=base)
 
     def block_job(self, uuid: str, name: str, target: str) -> dict:
         """The running block job on a disk ({} when none): type, cur, end."""
-        dom = self._dom(uuid, name)
-        return self._call("read block job", dom.blockJobInfo, target, 0, domain=name, disk=target) or {}
+        return self._call("read block job", lambda c: c.lookupByUUIDString(uuid).blockJobInfo(target, 0),
+                          read_only=True, domain=name, disk=target) or {}
 
     def pivot(self, uuid: str, name: str, target: str) -> None:
-        dom = self._dom(uuid, name)
-        self._call("pivot", dom.blockJobAbort, target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
-                   domain=name, disk=target)
+        self._call("pivot", lambda c: c.lookupByUUIDString(uuid).blockJobAbort(
+            target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT), domain=name, disk=target)
 
     def cancel_job(self, uuid: str, name: str, target: str) -> None:
-        dom = self._dom(uuid, name)
-        self._call("cancel block job", dom.blockJobAbort, target, 0, domain=name, disk=target)
+        self._call("cancel block job", lambda c: c.lookupByUUIDString(uuid).blockJobAbort(target, 0),
+                   domain=name, disk=target)
 
 
 def is_not_ready_error(err: VirtfreezeError) -> bool:

@@ -55,7 +55,12 @@ def _live_source(hv, domain, target: str) -> str | None:
 
 
 def _wait_ready(hv, domain, target: str, events: queue.Queue, timeout: float) -> None:
-    """Block until the commit job on `target` is ready to pivot, or raise."""
+    """Block until the commit job on `target` is ready to pivot, or raise.
+
+    Waits on the READY event. Only after a reconnect (events lost meanwhile)
+    is the job's state read from the live XML instead.
+    """
+    seen_generation = hv.generation
     if mirror_ready(hv.xml(domain.uuid, domain.name), target):
         return
     deadline = time.monotonic() + timeout
@@ -66,7 +71,9 @@ def _wait_ready(hv, domain, target: str, events: queue.Queue, timeout: float) ->
                 disk, _type, status = events.get(timeout=1.0)
             except queue.Empty:
                 if not hv.alive():
-                    hv.reconnect()  # events may have been lost meanwhile: read the state
+                    hv.reconnect()
+                if hv.generation != seen_generation:
+                    seen_generation = hv.generation
                     ready = mirror_ready(hv.xml(domain.uuid, domain.name), target)
                     if ready:
                         return
@@ -101,10 +108,8 @@ def _pivot(hv, domain, disk, events: queue.Queue, config) -> None:
             hv.pivot(domain.uuid, domain.name, target)
             return
         except VirtfreezeError as e:
-            if not hv.alive():
-                hv.reconnect()
-                if _live_source(hv, domain, target) == disk.base:
-                    return  # the pivot went through before the connection dropped
+            if _live_source(hv, domain, target) == disk.base:
+                return  # it went through, but the answer was lost (libvirtd restarted)
             if attempt == config.pivot_attempts:
                 raise VirtfreezeError(f"pivot failed {attempt} times: {e.message}",
                                       domain=domain.name, disk=target,
