@@ -43,7 +43,9 @@ def virtfreeze_after_freeze(domain, manifest):
 
     Runs once per domain, after the journal says ``frozen`` and before the
     backup tool reads the view. ``manifest`` is the dict written to
-    manifest.json. Not firstresult; return values are ignored.
+    manifest.json. Not firstresult: every implementation runs; return None
+    (return values are ignored). Raising fails the freeze of this domain,
+    which is then rolled back.
     """
 
 
@@ -52,6 +54,6 @@ def virtfreeze_after_thaw(domain, strategy, overlay_bytes):
     """A domain is back on its base images; overlays and export view are gone.
 
     ``strategy`` names the merge used (None when there was nothing to merge),
-    ``overlay_bytes`` the size of the overlays merged. Not firstresult;
-    return values are ignored.
+    ``overlay_bytes`` the size of the overlays merged. Not firstresult:
+    every implementation runs; return None (return values are ignored).
     """

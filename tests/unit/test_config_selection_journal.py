@@ -1,0 +1,136 @@
+"""Config validation, domain selection, and the journal's durability rules."""
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from virtfreeze import config
+from virtfreeze.errors import ConfigError, DomainBusy, DomainNotFound, UsageError
+from virtfreeze.export_view import domain_dir_name
+from virtfreeze.journal import Journal, domain_lock, write_atomic
+from virtfreeze.libvirt_boundary import DomainInfo
+from virtfreeze.selection import select
+
+
+def test_every_option_has_description_and_example():
+    def walk(schema, where):
+        for key, sub in schema.get("properties", {}).items():
+            assert sub.get("description"), f"{where}{key} has no description"
+            assert "example" in sub, f"{where}{key} has no example"
+            walk(sub, f"{where}{key}.")
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            walk(extra, f"{where}*.")
+    walk(config.SCHEMA, "")
+
+
+def test_examples_validate():
+    example = {k: v["example"] for k, v in config.SCHEMA["properties"].items()}
+    cfg = config.parse(example)
+    assert cfg.domains["db1"].exclude_disks == ["vdb"]
+    assert cfg.overlay_directory == Path("/var/lib/virtfreeze/overlays")
+
+
+def test_unknown_keys_are_named(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        config.parse({"jobz": 3})
+    assert "'jobz'" in str(e.value) and "jobs" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        config.parse({"domains": {"web": {"memmory": True}}})
+    assert "'memmory'" in str(e.value) and "domains.web" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        config.parse({"quiesce": "sometimes"})
+    assert "quiesce" in str(e.value)
+
+
+def test_config_file_default_optional_explicit_required(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "absent.yaml")
+    assert config.load(None).jobs == 4
+    with pytest.raises(ConfigError):
+        config.load(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("jobs: [unclosed")
+    with pytest.raises(ConfigError) as e:
+        config.load(bad)
+    assert "not valid YAML" in str(e.value)
+
+
+def test_uri_precedence(monkeypatch):
+    cfg = config.parse({"connect": "qemu:///session"})
+    monkeypatch.delenv("LIBVIRT_DEFAULT_URI", raising=False)
+    assert cfg.uri(None) == "qemu:///session"
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "test:///default")
+    assert cfg.uri(None) == "test:///default"
+    assert cfg.uri("qemu:///system") == "qemu:///system"
+
+
+DOMS = [DomainInfo(n, f"u-{n}", "running", True) for n in ("web-1", "web-2", "db", "scratch-1", "a[1]")]
+
+
+def names(ds):
+    return [d.name for d in ds]
+
+
+def test_selection_names_globs_all_and_exclude():
+    cfg = config.parse({"exclude": ["scratch-*", "web-2"]})
+    assert names(select(DOMS, ["db"], False, cfg)) == ["db"]
+    assert names(select(DOMS, ["web-*"], False, cfg)) == ["web-1"]
+    assert names(select(DOMS, ["web-2"], False, cfg)) == ["web-2"]  # an exact name wins over exclude
+    assert names(select(DOMS, [], True, cfg)) == ["a[1]", "db", "web-1"]
+    assert names(select(DOMS, ["a[1]"], False, cfg)) == ["a[1]"]  # exact before glob
+
+
+def test_selection_errors():
+    cfg = config.parse({"include": ["db", "web-*"], "exclude": ["db"]})
+    assert names(select(DOMS, [], False, cfg)) == ["web-1", "web-2"]
+    with pytest.raises(DomainNotFound):
+        select(DOMS, ["nope"], False, cfg)
+    with pytest.raises(DomainNotFound):
+        select(DOMS, ["nope-*"], False, cfg)
+    with pytest.raises(UsageError):
+        select(DOMS, [], False, config.parse({}))
+    with pytest.raises(UsageError):
+        select(DOMS, ["db"], True, cfg)
+
+
+def test_journal_roundtrip_and_mode(tmp_path):
+    j = Journal(tmp_path)
+    j.write({"uuid": "u1", "name": "web", "phase": "freezing"})
+    assert j.load("u1")["phase"] == "freezing" and j.load("u1")["version"] == 1
+    assert stat.S_IMODE(os.stat(j.path("u1")).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(j.dir).st_mode) == 0o700
+    assert [r["uuid"] for r in j.all()] == ["u1"]
+    j.remove("u1")
+    j.remove("u1")  # idempotent
+    assert j.load("u1") is None and j.all() == []
+    assert [p.name for p in j.dir.iterdir()] == []  # no temp files left
+
+
+def test_write_atomic_never_leaves_a_partial_file(tmp_path):
+    target = tmp_path / "f.json"
+    write_atomic(target, json.dumps({"a": 1}).encode())
+    with pytest.raises(TypeError):
+        write_atomic(target, None)  # fails mid-way
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_domain_lock_is_exclusive(tmp_path):
+    with domain_lock("u1", "web", lock_dir=tmp_path):
+        with pytest.raises(DomainBusy) as e:
+            with domain_lock("u1", "web", lock_dir=tmp_path):
+                pass
+        assert "'web'" in str(e.value)
+        with domain_lock("u2", "db", lock_dir=tmp_path):
+            pass
+    with domain_lock("u1", "web", lock_dir=tmp_path):
+        pass
+
+
+def test_export_dir_name_cannot_escape():
+    assert domain_dir_name("web 1 $(x)", "u") == "web 1 $(x)"
+    for bad in ("..", ".", "a/b", ""):
+        assert domain_dir_name(bad, "uuid-1") == "uuid-1"
