@@ -180,3 +180,17 @@ def test_memory_state_restores_into_a_guest_that_keeps_writing(libvirt_conn, gue
                              [a.seq for a in restored.snapshot() if a.disk == t])
         assert report.checked > 0 and report.ok, report
     assert overlays_left(tmp_path) == []
+
+
+def test_quiesce_with_an_unresponsive_agent(guest_factory, vf):
+    g = guest_factory([DiskSpec("vda")], agent_channel=True)  # channel present, no agent answering
+    out = vf("--json", "freeze", "--quiesce", "require", g.name, expect=1)
+    assert "agent" in out.stderr and g.name in out.stderr
+    assert not vf.journal(g.uuid).exists() and disk_sources(g.dom)["vda"] == str(g.disks["vda"])
+    out = vf("--json", "freeze", g.name)  # auto: falls back to crash-consistent, saying why
+    assert json.loads(out.stdout)["frozen"][0]["consistency"] == "crash"
+    assert "quiesce failed" in out.stderr and "crash-consistent" in out.stderr
+    assert json.loads((vf.export / g.name / "manifest.json").read_text())["consistency"] == "crash"
+    vf("thaw", g.name)
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)

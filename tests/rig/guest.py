@@ -119,7 +119,7 @@ class Guest:
 
 
 def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths: dict[str, Path],
-               sock: Path, memory_mib: int = 192) -> str:
+               sock: Path, memory_mib: int = 192, agent_channel: bool = False) -> str:
     img = ensure_guest_image()
     writing = [d.target for d in disks if d.device == "disk" and d.writes]
     dom = ET.Element("domain", type="qemu")
@@ -161,13 +161,17 @@ def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths
     s1 = ET.SubElement(dev, "serial", type="unix")
     ET.SubElement(s1, "source", mode="bind", path=str(sock))
     ET.SubElement(s1, "target", port="1")
+    if agent_channel:  # the channel only: the test guest runs no agent behind it
+        ch = ET.SubElement(dev, "channel", type="unix")
+        ET.SubElement(ch, "source", mode="bind")
+        ET.SubElement(ch, "target", type="virtio", name="org.qemu.guest_agent.0")
     ET.SubElement(dev, "memballoon", model="none")
     return ET.tostring(dom, encoding="unicode")
 
 
 def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] | None = None,
                  name: str | None = None, persistent: bool = True, start: bool = True,
-                 memory_mib: int = 192) -> Guest:
+                 memory_mib: int = 192, agent_channel: bool = False) -> Guest:
     """Define a writing guest with fresh disk images in `workdir` and (by default) start it."""
     disks = disks if disks is not None else [DiskSpec("vda")]
     uid = str(uuidlib.uuid4())
@@ -184,7 +188,7 @@ def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] 
         p = workdir / f"{d.target}.{'iso' if d.device == 'cdrom' else fmt}"
         subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(p), f"{d.size_mib}M"], check=True)
         paths[d.target] = p
-    xml = domain_xml(name, uid, workdir, disks, paths, sock, memory_mib)
+    xml = domain_xml(name, uid, workdir, disks, paths, sock, memory_mib, agent_channel)
     guest = Guest(conn=conn, name=name, uuid=uid, workdir=workdir,
                   disks={d.target: paths[d.target] for d in disks if d.target in paths and d.device == "disk"},
                   formats={d.target: d.fmt for d in disks if d.target in paths and d.device == "disk"},
