@@ -134,3 +134,9 @@ def test_export_dir_name_cannot_escape():
     assert domain_dir_name("web 1 $(x)", "u") == "web 1 $(x)"
     for bad in ("..", ".", "a/b", ""):
         assert domain_dir_name(bad, "uuid-1") == "uuid-1"
+
+
+def test_contrib_example_config_is_valid():
+    example = Path(__file__).resolve().parents[2] / "contrib" / "virtfreeze.yaml"
+    cfg = config.load(example)
+    assert cfg.domains["db1"].quiesce == "require" and cfg.exclude == ["scratch-*"]
