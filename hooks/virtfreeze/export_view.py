@@ -82,12 +82,18 @@ def remove(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def create(directory: Path, *, inactive_xml: str, disks: dict[str, tuple[str, str]],
+def backing_name(target: str, depth: int, fmt: str) -> str:
+    """Export name of the depth-th image below a disk's base (1 = its backing file)."""
+    return f"disks/{target}.backing-{depth}.{fmt}"
+
+
+def create(directory: Path, *, inactive_xml: str, disks: dict[str, tuple[str, str, tuple]],
            memory_file: Path | None, nvram: str | None, tpm_dir: Path | None,
            manifest: dict) -> list[Path]:
     """Build a domain's export view; return the paths written to paths.txt.
 
-    `disks` maps target -> (base image path, format).
+    `disks` maps target -> (base image path, format, backing chain of the base).
+    A base on a backing chain (a template) is exported with its whole chain.
     """
     if directory.exists():
         remove(directory)
@@ -100,10 +106,14 @@ def create(directory: Path, *, inactive_xml: str, disks: dict[str, tuple[str, st
 
     disk_dir = directory / "disks"
     disk_dir.mkdir(mode=0o700)
-    for target, (base, fmt) in sorted(disks.items()):
+    for target, (base, fmt, chain) in sorted(disks.items()):
         dst = disk_dir / f"{target}.{fmt}"
         bind_readonly(Path(base), dst)
         paths.append(dst)
+        for depth, (image, image_fmt) in enumerate(chain, 1):
+            dst = directory / backing_name(target, depth, image_fmt)
+            bind_readonly(Path(image), dst)
+            paths.append(dst)
 
     if memory_file is not None:
         dst = directory / "memory.save"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from virtfreeze import export_view
+from virtfreeze import export_view, qemu_img
 from virtfreeze.domain_xml import (
     has_agent_channel, has_swtpm, ineligible_reason, nvram_path, overlay_path, parse_disks, snapshot_xml,
 )
@@ -64,7 +64,8 @@ def _plan(rt: Runtime, info: DomainInfo, live_xml: str) -> tuple[list, list[Disk
             log.info("domain %r disk %s: left out (%s)", info.name, d.target, reason)
             continue
         overlay = overlay_path(d, info.uuid, rt.config.overlay_directory, rt.state_dir)
-        plan.append(DiskPlan(d.target, d.source, d.format or "raw", d.type, str(overlay)))
+        chain = tuple(qemu_img.backing_chain(d.source, info.name, d.target))
+        plan.append(DiskPlan(d.target, d.source, d.format or "raw", d.type, str(overlay), chain))
     return disks, plan, skipped
 
 
@@ -191,13 +192,15 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool, quiesce: str) 
             "domain": info.name, "uuid": info.uuid, "frozen_at": record["frozen_at"],
             "state_at_freeze": state, "consistency": consistency,
             "disks": {p.target: {"base": p.base, "format": p.base_format, "type": p.base_type,
-                                 "file": f"disks/{p.target}.{p.base_format}"} for p in plan},
+                                 "file": f"disks/{p.target}.{p.base_format}",
+                                 "backing": [{"path": f, "format": fmt, "file": export_view.backing_name(p.target, i, fmt)}
+                                             for i, (f, fmt) in enumerate(p.backing, 1)]} for p in plan},
             "skipped_disks": skipped, "memory": bool(memory_file),
             "virtfreeze": __import__("virtfreeze").__version__,
         }
         tpm_dir = SWTPM_DIR / info.uuid if has_swtpm(inactive_xml) else None
         export_view.create(export_dir, inactive_xml=inactive_xml,
-                           disks={p.target: (p.base, p.base_format) for p in plan},
+                           disks={p.target: (p.base, p.base_format, p.backing) for p in plan},
                            memory_file=memory_file, nvram=nvram_path(inactive_xml), tpm_dir=tpm_dir,
                            manifest=manifest)
         failpoint("freeze-after-export")

@@ -20,6 +20,11 @@ class DiskPlan:
     base_format: str
     base_type: str  # 'file' or 'block'
     overlay: str
+    backing: tuple = ()  # the base's own backing chain, nearest first: (file, format) pairs
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DiskPlan":
+        return cls(**dict(data, backing=tuple(tuple(b) for b in data.get("backing", ()))))

@@ -37,6 +37,12 @@ def backing_of(path: str, domain: str | None = None, disk: str | None = None) ->
     return i.get("full-backing-filename") or i.get("backing-filename"), i.get("backing-filename-format")
 
 
+def backing_chain(path: str, domain: str | None = None, disk: str | None = None) -> list[tuple[str, str]]:
+    """The images below `path`, nearest first, as (file, format)."""
+    out = _run(["info", "-U", "--backing-chain", "--output=json", path], "qemu-img info", path, domain, disk)
+    return [(i["filename"], i["format"]) for i in json.loads(out)[1:]]
+
+
 def commit(top: str, base: str, domain: str | None = None, disk: str | None = None) -> None:
     """Merge `top` into `base` (which must be its direct backing file), then sync the base."""
     backing, _ = backing_of(top, domain, disk)

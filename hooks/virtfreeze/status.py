@@ -23,7 +23,7 @@ def collect(rt: Runtime, names: list[str] | None = None) -> list[dict]:
         if names and ref.name not in names:
             continue
         record = rt.journal.load(ref.uuid) or discover(rt, ref.uuid, ref.name) or {}
-        disks = [DiskPlan(**d) for d in record.get("disks", [])]
+        disks = [DiskPlan.from_json(d) for d in record.get("disks", [])]
         pending = {d.target for d in on_overlay(rt, ref, disks)}
         out.append({
             "domain": ref.name,

@@ -138,7 +138,7 @@ def thaw_locked(rt: Runtime, ref: DomainRef) -> ThawResult:
         log.warning("domain %r: no journal, but disks %s are on virtfreeze overlays; merging them",
                     ref.name, ", ".join(d["target"] for d in record["disks"]))
     ref = DomainRef(record.get("name", ref.name), ref.uuid) if rt.hv.info(ref.uuid) is None else ref
-    disks = [DiskPlan(**d) for d in record.get("disks", [])]
+    disks = [DiskPlan.from_json(d) for d in record.get("disks", [])]
     rt.journal.write(dict(record, phase="thawing"))
     overlay_bytes = sum(os.stat(d.overlay).st_size for d in disks if os.path.exists(d.overlay))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import time
 
 import libvirt
@@ -193,4 +194,30 @@ def test_quiesce_with_an_unresponsive_agent(guest_factory, vf):
     assert json.loads((vf.export / g.name / "manifest.json").read_text())["consistency"] == "crash"
     vf("thaw", g.name)
     assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
+
+
+def test_disk_on_a_template_commits_into_its_own_image_not_the_template(guest_factory, vf, tmp_path):
+    g = guest_factory([DiskSpec("vda", "qcow2", template=True), DiskSpec("vdb", "raw")])
+    template = g.workdir / "vda.template.qcow2"
+    before = sha256(template)
+    g.watcher.wait_acks(20)
+    t_before = time.monotonic()
+    frozen = json.loads(vf("--json", "freeze", g.name).stdout)["frozen"][0]
+    assert frozen["disks"]["vda"] == str(g.disks["vda"]), "the base is the disk's own image, not the template"
+    g.watcher.wait_acks(40)
+    archive = copy_export(vf.export / g.name, tmp_path / "archive")
+    vf("thaw", g.name)
+    assert_back_on_base(g, vf)
+    assert sha256(template) == before, "the commit ran into the shared template"
+    # The archive holds the whole chain below the overlay, recorded in the manifest;
+    # rebased onto the archived template it reads back every write acked before the freeze.
+    backing = json.loads((archive / "manifest.json").read_text())["disks"]["vda"]["backing"]
+    assert backing == [{"path": str(template), "format": "qcow2", "file": "disks/vda.backing-1.qcow2"}]
+    assert sha256(archive / "disks" / "vda.backing-1.qcow2") == before
+    top = archive / "disks" / "vda.qcow2"
+    subprocess.run(["qemu-img", "rebase", "-u", "-b", str(archive / backing[0]["file"]), "-F", "qcow2", str(top)],
+                   check=True)
+    report = check_image(top, "vda", g.acked(until=t_before)["vda"], "qcow2")
+    assert report.checked > 0 and report.ok, report
     assert_all_acked_present(g)

@@ -31,6 +31,7 @@ class DiskSpec:
     device: str = "disk"  # disk | cdrom
     writes: bool = True  # the guest writes records to it
     nbd_socket: Path | None = None  # a network (NBD over a unix socket) disk instead of a file
+    template: bool = False  # qcow2 on top of a shared template image (<target>.template.qcow2)
 
 
 @dataclass
@@ -186,7 +187,13 @@ def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] 
             continue
         fmt = "raw" if d.device == "cdrom" else d.fmt
         p = workdir / f"{d.target}.{'iso' if d.device == 'cdrom' else fmt}"
-        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(p), f"{d.size_mib}M"], check=True)
+        if d.template:
+            tpl = workdir / f"{d.target}.template.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tpl), f"{d.size_mib}M"], check=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(tpl), "-F", "qcow2", str(p)],
+                           check=True)
+        else:
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(p), f"{d.size_mib}M"], check=True)
         paths[d.target] = p
     xml = domain_xml(name, uid, workdir, disks, paths, sock, memory_mib, agent_channel)
     guest = Guest(conn=conn, name=name, uuid=uid, workdir=workdir,
