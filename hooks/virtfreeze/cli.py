@@ -175,8 +175,10 @@ def freeze(ctx: Ctx, domains, all_, memory, quiesce):
 @cli.command()
 @_domains_arg
 @_all_opt
+@click.option("--strategy", type=click.Choice(["auto", "live", "iterative", "offline"]), default=None,
+              help="How to merge running guests (default: config, else auto = live, offline if refused).")
 @click.pass_obj
-def thaw(ctx: Ctx, domains, all_):
+def thaw(ctx: Ctx, domains, all_, strategy):
     """Merge overlays back into the base images and remove the export view.
 
     Without domains, thaws everything virtfreeze left frozen. Safe to run any
@@ -202,12 +204,14 @@ def thaw(ctx: Ctx, domains, all_):
         else:
             targets = frozen_domains(rt)
         try:
-            results, failures = _for_each(ctx, targets, lambda r: thaw_domain(rt, DomainRef(r.name, r.uuid)),
+            results, failures = _for_each(ctx, targets, lambda r: thaw_domain(rt, DomainRef(r.name, r.uuid), strategy),
                                           rt.config.jobs)
         finally:
             export_view.write_index(rt.config.export_directory)
         return _emit(ctx, "thawed", results, failures, lambda r: (
-            f"thawed {r.name} ({r.strategy}, {r.overlay_bytes} overlay bytes, {r.seconds:.2f}s)"
+            f"thawed {r.name} ({r.strategy}, {r.overlay_bytes} overlay bytes, {r.seconds:.2f}s"
+            + (f"; stopped {r.stopped_seconds:.2f}s for {r.offline_bytes} bytes" if r.stopped_seconds else "")
+            + (f" after {r.rounds} live rounds" if r.rounds else "") + ")"
             if r.strategy else f"{r.name}: nothing frozen"))
 
     _run_guarded(run)
@@ -233,7 +237,7 @@ def status(ctx: Ctx, domains):
                 mem = f", memory {r['memory_bytes']} B" if r["memory_bytes"] else ""
                 since = f"since {r['since']} ({r['consistency']})" if r["journal"] else "no journal"
                 click.echo(f"{r['domain']}: {r['phase']} {since}, state {r['state']}, "
-                           f"overlays: {sizes or 'none'}{mem}")
+                           f"overlays: {sizes or 'none'}{mem}; thaw: {r['strategy']} ({r['strategy_reason']})")
         return errors.EXIT_ON_OVERLAY if any(r["on_overlay"] for r in rows) else errors.EXIT_OK
 
     _run_guarded(run)

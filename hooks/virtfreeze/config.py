@@ -17,6 +17,7 @@ DEFAULT_CONFIG = Path("/etc/virtfreeze/config.yaml")
 DEFAULT_URI = "qemu:///system"
 
 _QUIESCE = {"type": "string", "enum": ["auto", "require", "off"]}
+_STRATEGY = {"type": "string", "enum": ["auto", "live", "iterative", "offline"]}
 
 _DOMAIN_SCHEMA = {
     "type": "object",
@@ -34,6 +35,7 @@ _DOMAIN_SCHEMA = {
             "example": True,
         },
         "quiesce": dict(_QUIESCE, description="Override the global quiesce setting.", example="require"),
+        "strategy": dict(_STRATEGY, description="Override the global merge strategy.", example="iterative"),
     },
 }
 
@@ -99,6 +101,26 @@ SCHEMA: dict[str, Any] = {
             "description": "How often a pivot is tried (with backoff) before giving up.",
             "example": 5,
         },
+        "strategy": dict(_STRATEGY, description=(
+            "How thaw merges a running guest's overlays: live (active commit + pivot, no downtime), "
+            "iterative (live rounds, then a short stop for the last small overlay), offline (stop the "
+            "guest for the whole merge), auto (live; offline when libvirt refuses the live commit)."),
+            example="auto"),
+        "iterative_factor": {
+            "type": "number", "exclusiveMinimum": 1,
+            "description": "Iterative merge: do another live round while each round's overlay is at least this many times smaller than the last.",
+            "example": 2,
+        },
+        "iterative_max_rounds": {
+            "type": "integer", "minimum": 1,
+            "description": "Iterative merge: at most this many live rounds before the offline step.",
+            "example": 5,
+        },
+        "iterative_threshold": {
+            "type": "integer", "minimum": 0,
+            "description": "Iterative merge: stop the live rounds once the remaining overlays hold fewer bytes than this.",
+            "example": 1048576,
+        },
         "domains": {
             "type": "object",
             "additionalProperties": _DOMAIN_SCHEMA,
@@ -114,6 +136,7 @@ class DomainSettings:
     exclude_disks: list[str] = field(default_factory=list)
     memory: bool | None = None
     quiesce: str | None = None
+    strategy: str | None = None
 
 
 @dataclass
@@ -130,6 +153,10 @@ class Config:
     jobs: int = 4
     commit_ready_timeout: float = 3600.0
     pivot_attempts: int = 5
+    strategy: str = "auto"
+    iterative_factor: float = 2.0
+    iterative_max_rounds: int = 5
+    iterative_threshold: int = 1 << 20
     domains: dict[str, DomainSettings] = field(default_factory=dict)
     source: Path | None = None
 

@@ -73,6 +73,10 @@ class LeftOnOverlay(VirtfreezeError):
     exit_code = EXIT_ON_OVERLAY
 
 
+class MergeRefused(VirtfreezeError):
+    """libvirt refused a merge strategy before anything changed (e.g. AppArmor, old QEMU)."""
+
+
 class DomainBusy(VirtfreezeError):
     """Another virtfreeze run is working on this domain right now."""
 

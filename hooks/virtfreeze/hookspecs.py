@@ -15,7 +15,7 @@ hookimpl = pluggy.HookimplMarker("virtfreeze")
 
 
 @hookspec(firstresult=True)
-def virtfreeze_merge(hv, domain, disks, config):
+def virtfreeze_merge(hv, domain, disks, config, strategy, journal):
     """Merge a domain's overlays back into their recorded base images.
 
     Runs during `thaw` (and during `freeze` for leftovers of an earlier run)
@@ -24,16 +24,23 @@ def virtfreeze_merge(hv, domain, disks, config):
 
     :param hv: the `virtfreeze.libvirt_boundary.Hypervisor` connection.
     :param domain: `virtfreeze.model.DomainRef` of the domain.
-    :param disks: list of `virtfreeze.model.DiskPlan` still on their overlays.
+    :param disks: list of `virtfreeze.model.DiskPlan` still on an overlay.
     :param config: the loaded `virtfreeze.config.Config`.
+    :param strategy: the strategy asked for: ``live``, ``iterative`` or
+        ``offline`` (``auto`` is resolved by the caller: live first, offline
+        when libvirt refuses the live commit).
+    :param journal: `virtfreeze.thaw.JournalNotes`; call ``journal.note(...)``
+        before each mutating step so that a crash can be finished later.
 
     firstresult: the first implementation that returns non-None handled the
-    merge, and its return value names the strategy used (e.g. ``"live"``).
-    Return None to leave the domain to the next implementation (for example
-    because it is not running). On failure raise `VirtfreezeError`, leaving
-    every disk on a valid chain: the caller keeps the journal and exits 3.
-    Built in: ``live_commit`` (running or paused domains) and
-    ``offline_commit`` (shut-off or vanished domains, ``trylast``).
+    merge and returns a `virtfreeze.model.MergeResult`. Return None to leave
+    the domain to the next implementation (not your strategy, or a domain
+    state you do not handle). Raise `MergeRefused` when libvirt refused the
+    merge before anything changed (the caller may fall back to another
+    strategy); raise `VirtfreezeError` on any other failure, leaving every
+    disk on a valid chain: the caller keeps the journal and exits 3.
+    Built in: ``live_commit``, ``iterative_commit``, ``offline_commit``
+    (which also takes every shut-off or vanished domain; ``trylast``).
     """
 
 

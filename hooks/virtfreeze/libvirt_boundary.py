@@ -213,6 +213,28 @@ class Hypervisor:
     def define(self, xml: str, name: str) -> None:
         self._call("redefine domain", lambda c: c.defineXML(xml), domain=name)
 
+    # -- lifecycle -------------------------------------------------------------
+    def managed_save(self, uuid: str, name: str, paused: bool) -> None:
+        """Save the guest's state (libvirt keeps the file) and stop it; `create` restores it."""
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
+        self._call("managed save", lambda c: c.lookupByUUIDString(uuid).managedSave(flags), domain=name)
+
+    def has_managed_save(self, uuid: str, name: str) -> bool:
+        return bool(self._call("read managed save", lambda c: c.lookupByUUIDString(uuid).hasManagedSaveImage(0),
+                               read_only=True, domain=name))
+
+    def managed_save_xml(self, uuid: str, name: str) -> str:
+        return self._call("read managed save", lambda c: c.lookupByUUIDString(uuid).managedSaveGetXMLDesc(
+            libvirt.VIR_DOMAIN_XML_SECURE), read_only=True, domain=name)
+
+    def managed_save_define(self, uuid: str, name: str, xml: str) -> None:
+        self._call("update managed save", lambda c: c.lookupByUUIDString(uuid).managedSaveDefineXML(xml, 0),
+                   domain=name)
+
+    def start(self, uuid: str, name: str) -> None:
+        """Start a defined domain (from its managed save image, when it has one)."""
+        self._call("start domain", lambda c: c.lookupByUUIDString(uuid).create(), domain=name)
+
     # -- snapshots -----------------------------------------------------------
     def snapshot(self, uuid: str, name: str, xml: str, *, memory: bool, quiesce: bool) -> None:
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA

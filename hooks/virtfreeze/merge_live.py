@@ -13,11 +13,12 @@ import sys
 import time
 
 from virtfreeze.domain_xml import parse_disks
-from virtfreeze.errors import VirtfreezeError
+from virtfreeze.errors import MergeRefused, VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.journal import failpoint
+from virtfreeze.model import MergeResult
 from virtfreeze.libvirt_boundary import (
-    JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, JOB_READY, JOB_TYPE_ACTIVE_COMMIT, PAUSED, RUNNING,
+    JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, JOB_READY, JOB_TYPE_ACTIVE_COMMIT, JOB_TYPE_COMMIT, PAUSED, RUNNING,
     is_not_ready_error, mirror_ready,
 )
 
@@ -127,6 +128,13 @@ def commit_and_pivot(hv, domain, disk, config) -> None:
     """Merge one disk's overlay into its recorded base while the guest runs."""
     with hv.block_job_events(domain.uuid) as events:
         job = hv.block_job(domain.uuid, domain.name, disk.target)
+        if job and job.get("type") == JOB_TYPE_COMMIT:
+            # A round of an interrupted iterative merge: cancelling leaves a valid chain.
+            log.info("domain %r disk %s: cancelling the commit of an interrupted iterative merge",
+                     domain.name, disk.target)
+            hv.cancel_job(domain.uuid, domain.name, disk.target)
+            _wait_gone(hv, domain, disk.target, events)
+            job = {}
         if job:
             if job.get("type") != JOB_TYPE_ACTIVE_COMMIT:
                 raise VirtfreezeError(f"another block job (type {job.get('type')}) runs on this disk",
@@ -135,8 +143,11 @@ def commit_and_pivot(hv, domain, disk, config) -> None:
             log.info("domain %r disk %s: resuming the commit of an earlier run", domain.name, disk.target)
         else:
             log.info("domain %r disk %s: live commit of %s into %s", domain.name, disk.target,
-                     disk.overlay, disk.base)
-            hv.block_commit(domain.uuid, domain.name, disk.target, disk.base, active=True)
+                     _live_source(hv, domain, disk.target), disk.base)
+            try:
+                hv.block_commit(domain.uuid, domain.name, disk.target, disk.base, active=True)
+            except VirtfreezeError as e:
+                raise MergeRefused(e.message, domain=e.domain, disk=e.disk, path=e.path, hint=e.hint) from None
         failpoint("thaw-commit-started")
         _wait_ready(hv, domain, disk.target, events, config.commit_ready_timeout)
         try:
@@ -151,6 +162,18 @@ def commit_and_pivot(hv, domain, disk, config) -> None:
     log.info("domain %r disk %s: back on %s", domain.name, disk.target, disk.base)
 
 
+def _wait_gone(hv, domain, target: str, events: queue.Queue, timeout: float = 60.0) -> None:
+    """After cancelling a job: wait for its end event (or for libvirt to report none)."""
+    deadline = time.monotonic() + timeout
+    while hv.block_job(domain.uuid, domain.name, target):
+        try:
+            disk, _type, status = events.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            raise VirtfreezeError("a cancelled block job did not end", domain=domain.name, disk=target) from None
+        if disk == target and status in (JOB_CANCELED, JOB_COMPLETED, JOB_FAILED):
+            return
+
+
 def _cancel_quietly(hv, domain, target: str) -> None:
     try:
         if hv.block_job(domain.uuid, domain.name, target):
@@ -159,17 +182,22 @@ def _cancel_quietly(hv, domain, target: str) -> None:
         log.warning("domain %r disk %s: could not cancel the commit job: %s", domain.name, target, e.message)
 
 
-@hookimpl
-def virtfreeze_merge(hv, domain, disks, config):
-    if hv.state(domain.uuid) not in (RUNNING, PAUSED):
-        return None
+def merge_running(hv, domain, disks, config) -> None:
+    """Active commit + pivot of every disk still on an overlay of ours."""
     for disk in disks:
         source = _live_source(hv, domain, disk.target)
         if source == disk.base:
             continue
-        if source != disk.overlay:
+        if not disk.is_ours(source):
             raise VirtfreezeError(f"disk is on {source!r}, neither its overlay nor its base",
                                   domain=domain.name, disk=disk.target,
                                   hint="somebody changed the chain; merge by hand")
         commit_and_pivot(hv, domain, disk, config)
-    return "live"
+
+
+@hookimpl
+def virtfreeze_merge(hv, domain, disks, config, strategy, journal):
+    if strategy != "live" or hv.state(domain.uuid) not in (RUNNING, PAUSED):
+        return None
+    merge_running(hv, domain, disks, config)
+    return MergeResult("live")

@@ -16,6 +16,7 @@ from virtfreeze import hookspecs
 ENTRY_POINT_GROUP = "virtfreeze"
 BUILTIN_PLUGINS = {
     "live_commit": "virtfreeze.merge_live",
+    "iterative_commit": "virtfreeze.merge_iterative",
     "offline_commit": "virtfreeze.merge_offline",
 }
 

@@ -44,10 +44,10 @@ def backing_chain(path: str, domain: str | None = None, disk: str | None = None)
 
 
 def commit(top: str, base: str, domain: str | None = None, disk: str | None = None) -> None:
-    """Merge `top` into `base` (which must be its direct backing file), then sync the base."""
-    backing, _ = backing_of(top, domain, disk)
-    if backing is None or os.path.realpath(backing) != os.path.realpath(base):
-        raise VirtfreezeError(f"overlay's backing file is {backing!r}, not the recorded base",
+    """Merge `top` (and anything between) into `base`, which must be in its chain; sync the base."""
+    chain = [os.path.realpath(f) for f, _ in backing_chain(top, domain, disk)]
+    if os.path.realpath(base) not in chain:
+        raise VirtfreezeError("the recorded base is not in the overlay's backing chain",
                               domain=domain, disk=disk, path=top,
                               hint="refusing to commit into another image")
     args = ["commit", "-f", "qcow2", "-b", base]

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import os
 
-from virtfreeze.runtime import Runtime
-from virtfreeze.thaw import discover, frozen_domains, on_overlay
+from virtfreeze.libvirt_boundary import MISSING, PAUSED, RUNNING, SHUTOFF
 from virtfreeze.model import DiskPlan
+from virtfreeze.runtime import Runtime
+from virtfreeze.thaw import discover, frozen_domains, on_overlay, resolve_strategy
+
+
+def planned_strategy(rt: Runtime, name: str, state: str) -> tuple[str, str]:
+    """The merge the next thaw will use for a domain, and why."""
+    asked = resolve_strategy(rt, name, None)
+    source = "domain setting" if rt.config.for_domain(name).strategy else "configuration"
+    if state in (SHUTOFF, MISSING):
+        return "offline", f"the domain is {'gone' if state == MISSING else 'shut off'}: qemu-img commit"
+    if state not in (RUNNING, PAUSED):
+        return "none", f"the domain is {state}: start or destroy it first"
+    if asked == "auto":
+        return "live", f"auto ({source}): live commit; offline if libvirt refuses it"
+    return asked, f"{source} says {asked}"
 
 
 def _size(path: str | None) -> int | None:
@@ -25,10 +39,14 @@ def collect(rt: Runtime, names: list[str] | None = None) -> list[dict]:
         record = rt.journal.load(ref.uuid) or discover(rt, ref.uuid, ref.name) or {}
         disks = [DiskPlan.from_json(d) for d in record.get("disks", [])]
         pending = {d.target for d in on_overlay(rt, ref, disks)}
+        state = rt.hv.state(ref.uuid)
+        strategy, why = planned_strategy(rt, ref.name, state)
         out.append({
             "domain": ref.name,
             "uuid": ref.uuid,
-            "state": rt.hv.state(ref.uuid),
+            "state": state,
+            "strategy": strategy,
+            "strategy_reason": why,
             "phase": record.get("phase"),
             "since": record.get("frozen_at") or record.get("started"),
             "consistency": record.get("consistency"),

@@ -9,6 +9,7 @@ them any more.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import shutil
@@ -19,10 +20,11 @@ from pathlib import Path
 
 from virtfreeze import export_view, qemu_img
 from virtfreeze.domain_xml import BaseImage, is_overlay, parse_disks, repoint_disks
-from virtfreeze.errors import DomainNotFound, LeftOnOverlay, VirtfreezeError
+from virtfreeze.errors import DomainNotFound, LeftOnOverlay, MergeRefused, VirtfreezeError
 from virtfreeze.journal import domain_lock, failpoint
 from virtfreeze.libvirt_boundary import MISSING, OTHER, SHUTOFF
-from virtfreeze.model import DiskPlan, DomainRef
+from virtfreeze.merge_offline import resume_saved
+from virtfreeze.model import DiskPlan, DomainRef, MergeResult
 from virtfreeze.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,32 @@ class ThawResult:
     strategy: str | None  # None: nothing was left to merge
     overlay_bytes: int
     seconds: float
+    offline_bytes: int = 0
+    rounds: int = 0
+    stopped_seconds: float = 0.0
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
+
+
+class JournalNotes:
+    """What merge plugins write into a domain's journal before a mutating step."""
+
+    def __init__(self, rt: Runtime, record: dict):
+        self._rt = rt
+        self.record = record
+
+    def note(self, **fields) -> None:
+        self.record.update(fields)
+        self._rt.journal.write(self.record)
+
+    def get(self, key: str, default=None):
+        return self.record.get(key, default)
+
+
+def resolve_strategy(rt: Runtime, name: str, asked: str | None) -> str:
+    """--strategy, else the domain's setting, else the global one."""
+    return asked or rt.config.for_domain(name).strategy or rt.config.strategy
 
 
 def _base_type(path: str) -> str:
@@ -92,20 +117,28 @@ def _sources(rt: Runtime, ref: DomainRef) -> list[dict[str, str | None]]:
     info = rt.hv.info(ref.uuid)
     if info is None:
         return []
-    out = []
+    xmls = []
     if info.state != SHUTOFF:
-        out.append({d.target: d.source for d in parse_disks(rt.hv.xml(ref.uuid, ref.name))})
+        xmls.append(rt.hv.xml(ref.uuid, ref.name))
     if info.persistent:
-        out.append({d.target: d.source for d in parse_disks(rt.hv.xml(ref.uuid, ref.name, inactive=True))})
-    return out
+        xmls.append(rt.hv.xml(ref.uuid, ref.name, inactive=True))
+        if info.state == SHUTOFF and rt.hv.has_managed_save(ref.uuid, ref.name):
+            xmls.append(rt.hv.managed_save_xml(ref.uuid, ref.name))  # a saved guest resumes from this
+    return [{d.target: d.source for d in parse_disks(x)} for x in xmls]
+
+
+def _family(d: DiskPlan) -> list[str]:
+    """The overlay files of a disk that exist: its overlay and any iterative rounds."""
+    stem = d.overlay[: -len(".virtfreeze.qcow2")]
+    return sorted(p for p in glob.glob(glob.escape(stem) + ".virtfreeze*.qcow2") if d.is_ours(p))
 
 
 def on_overlay(rt: Runtime, ref: DomainRef, disks: list[DiskPlan]) -> list[DiskPlan]:
-    """The disks some definition still points at their overlay (or, domain gone, whose overlay exists)."""
+    """The disks some definition still points at an overlay (or, domain gone, whose overlay exists)."""
     defs = _sources(rt, ref)
     if not defs:
-        return [d for d in disks if os.path.exists(d.overlay)]
-    return [d for d in disks if any(src.get(d.target) == d.overlay for src in defs)]
+        return [d for d in disks if _family(d)]
+    return [d for d in disks if any(d.is_ours(src.get(d.target)) for src in defs)]
 
 
 def _repoint_persistent(rt: Runtime, ref: DomainRef, disks: list[DiskPlan]) -> None:
@@ -114,7 +147,9 @@ def _repoint_persistent(rt: Runtime, ref: DomainRef, disks: list[DiskPlan]) -> N
         return
     xml = rt.hv.xml(ref.uuid, ref.name, inactive=True)
     bases = {d.target: BaseImage(d.base, d.base_format, d.base_type) for d in disks}
-    new_xml, changed = repoint_disks(xml, bases, only_if_source={d.target: d.overlay for d in disks})
+    current = {d.target: d.source for d in parse_disks(xml)}
+    new_xml, changed = repoint_disks(xml, bases, only_if_source={
+        d.target: current.get(d.target) for d in disks if d.is_ours(current.get(d.target))})
     if changed:
         log.info("domain %r: persistent definition of %s pointed back at the base", ref.name, ", ".join(changed))
         rt.hv.define(new_xml, ref.name)
@@ -122,12 +157,31 @@ def _repoint_persistent(rt: Runtime, ref: DomainRef, disks: list[DiskPlan]) -> N
 
 def _remove_overlays(disks: list[DiskPlan], ref: DomainRef) -> None:
     for d in disks:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(d.overlay)
-            log.info("domain %r disk %s: removed overlay %s", ref.name, d.target, d.overlay)
+        for path in _family(d):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                log.info("domain %r disk %s: removed overlay %s", ref.name, d.target, path)
 
 
-def thaw_locked(rt: Runtime, ref: DomainRef) -> ThawResult:
+def _merge(rt: Runtime, ref: DomainRef, pending: list[DiskPlan], strategy: str, notes: JournalNotes) -> MergeResult:
+    """Call the merge hook; `auto` is live, falling back to offline when libvirt refuses."""
+    asked = "live" if strategy == "auto" else strategy
+    try:
+        result = rt.pm.hook.virtfreeze_merge(hv=rt.hv, domain=ref, disks=pending, config=rt.config,
+                                             strategy=asked, journal=notes)
+    except MergeRefused as e:
+        if strategy != "auto":
+            raise
+        log.warning("%s; falling back to the offline merge (the guest stops while it runs)", e)
+        result = rt.pm.hook.virtfreeze_merge(hv=rt.hv, domain=ref, disks=pending, config=rt.config,
+                                             strategy="offline", journal=notes)
+    if result is None:
+        raise VirtfreezeError(f"no merge plugin handles strategy {asked!r} for a domain in state "
+                              f"{rt.hv.state(ref.uuid)}", domain=ref.name)
+    return result
+
+
+def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> ThawResult:
     """Thaw one domain; the caller holds its lock."""
     t0 = time.monotonic()
     record = rt.journal.load(ref.uuid)
@@ -139,10 +193,12 @@ def thaw_locked(rt: Runtime, ref: DomainRef) -> ThawResult:
                     ref.name, ", ".join(d["target"] for d in record["disks"]))
     ref = DomainRef(record.get("name", ref.name), ref.uuid) if rt.hv.info(ref.uuid) is None else ref
     disks = [DiskPlan.from_json(d) for d in record.get("disks", [])]
-    rt.journal.write(dict(record, phase="thawing"))
-    overlay_bytes = sum(os.stat(d.overlay).st_size for d in disks if os.path.exists(d.overlay))
+    notes = JournalNotes(rt, dict(record, phase="thawing"))
+    notes.note()
+    overlay_bytes = sum(os.stat(p).st_size for d in disks for p in _family(d))
+    wanted = resolve_strategy(rt, ref.name, strategy)
 
-    strategy = None
+    result = None
     try:
         for _ in range(3):  # a domain may change state under us (shut down mid-commit)
             pending = on_overlay(rt, ref, disks)
@@ -152,17 +208,15 @@ def thaw_locked(rt: Runtime, ref: DomainRef) -> ThawResult:
                 raise VirtfreezeError("domain is crashed or suspended; cannot merge it now", domain=ref.name,
                                       hint="start or destroy it, then run `virtfreeze thaw` again")
             try:
-                strategy = rt.pm.hook.virtfreeze_merge(hv=rt.hv, domain=ref, disks=pending, config=rt.config)
+                result = _merge(rt, ref, pending, wanted, notes)
             except VirtfreezeError as e:
                 if rt.hv.state(ref.uuid) in (SHUTOFF, MISSING):
                     log.warning("%s; the domain stopped meanwhile, merging offline", e)
                     continue
                 raise
-            if strategy is None:
-                raise VirtfreezeError(f"no merge plugin handles a domain in state {rt.hv.state(ref.uuid)}",
-                                      domain=ref.name)
             failpoint("thaw-after-merge")
             _repoint_persistent(rt, ref, disks)
+        resume_saved(rt.hv, ref, notes)  # a guest virtfreeze saved comes back, even after a crash
         still = on_overlay(rt, ref, disks)
         if still:
             raise VirtfreezeError(f"disks {', '.join(d.target for d in still)} still on their overlays",
@@ -181,12 +235,15 @@ def thaw_locked(rt: Runtime, ref: DomainRef) -> ThawResult:
     shutil.rmtree(rt.memory_dir(ref.uuid), ignore_errors=True)
     rt.journal.remove(ref.uuid)
     seconds = time.monotonic() - t0
-    log.info("domain %r: thawed (%s, %d overlay bytes, %.2fs)", ref.name, strategy or "nothing to merge",
+    used = result.strategy if result else None
+    log.info("domain %r: thawed (%s, %d overlay bytes, %.2fs)", ref.name, used or "nothing to merge",
              overlay_bytes, seconds)
-    rt.pm.hook.virtfreeze_after_thaw(domain=ref, strategy=strategy, overlay_bytes=overlay_bytes)
-    return ThawResult(ref.name, ref.uuid, strategy, overlay_bytes, seconds)
+    rt.pm.hook.virtfreeze_after_thaw(domain=ref, strategy=used, overlay_bytes=overlay_bytes)
+    return ThawResult(ref.name, ref.uuid, used, overlay_bytes, seconds,
+                      result.offline_bytes if result else 0, result.rounds if result else 0,
+                      result.stopped_seconds if result else 0.0)
 
 
-def thaw_domain(rt: Runtime, ref: DomainRef) -> ThawResult:
+def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> ThawResult:
     with domain_lock(ref.uuid, ref.name):
-        return thaw_locked(rt, ref)
+        return thaw_locked(rt, ref, strategy)

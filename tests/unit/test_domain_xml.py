@@ -97,3 +97,15 @@ def test_agent_and_nvram():
     assert has_agent_channel(LIVE)
     assert not has_agent_channel("<domain><devices/></domain>")
     assert nvram_path(LIVE) == "/var/lib/libvirt/qemu/nvram/web_VARS.fd"
+
+
+def test_disk_plan_recognises_its_rounds():
+    from virtfreeze.model import DiskPlan
+
+    d = DiskPlan("vda", "/img/a.qcow2", "qcow2", "file", "/img/a.qcow2.virtfreeze.qcow2")
+    assert d.round_overlay(1) == d.overlay
+    assert d.round_overlay(3) == "/img/a.qcow2.virtfreeze-3.qcow2"
+    assert d.is_ours(d.overlay) and d.is_ours(d.round_overlay(12))
+    assert not d.is_ours("/img/a.qcow2") and not d.is_ours("/img/b.qcow2.virtfreeze-2.qcow2")
+    assert not d.is_ours("/img/a.qcow2.virtfreeze-x.qcow2") and not d.is_ours(None)
+    assert DiskPlan.from_json(d.to_json()) == d

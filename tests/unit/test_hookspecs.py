@@ -23,7 +23,8 @@ def test_builtins_registered_by_name(monkeypatch):
     pm = get_plugin_manager()
     assert set(BUILTIN_PLUGINS) <= {name for name, _ in pm.list_name_plugin()}
     # pluggy calls the last of get_hookimpls() first: live before the trylast offline merge
-    assert [i.plugin_name for i in pm.hook.virtfreeze_merge.get_hookimpls()] == ["offline_commit", "live_commit"]
+    names = [i.plugin_name for i in pm.hook.virtfreeze_merge.get_hookimpls()]
+    assert names[0] == "offline_commit" and set(names) == {"offline_commit", "live_commit", "iterative_commit"}
 
 
 def test_plugins_can_be_blocked(monkeypatch):
@@ -31,4 +32,4 @@ def test_plugins_can_be_blocked(monkeypatch):
     monkeypatch.setenv("VIRTFREEZE_BLOCK_PLUGINS", "live_commit")
     pm = get_plugin_manager()
     assert pm.is_blocked("live_commit")
-    assert [i.plugin_name for i in pm.hook.virtfreeze_merge.get_hookimpls()] == ["offline_commit"]
+    assert "live_commit" not in [i.plugin_name for i in pm.hook.virtfreeze_merge.get_hookimpls()]
