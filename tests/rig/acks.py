@@ -53,7 +53,7 @@ class AckWatcher:
                 s.close()
                 # The socket appears when QEMU starts: wait for that condition.
                 self._closed.wait(delay)
-                delay = min(delay * 2, 0.2)
+                delay = min(delay * 2, 0.02)  # bounds how late acks after a restore are seen
         return None
 
     def _run(self) -> None:

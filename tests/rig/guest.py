@@ -46,6 +46,7 @@ class Guest:
     persistent: bool
     sock: Path
     xml: str
+    stride: int = 1
     watcher: AckWatcher | None = None
     extra_watchers: list[AckWatcher] = field(default_factory=list)
 
@@ -88,7 +89,7 @@ class Guest:
         """Every write acknowledged on `target` (up to `until`) is in `image` (default: its base)."""
         image = image or self.disks[target]
         return check_image(image, target, self.acked(until).get(target, []),
-                           fmt or (None if image != self.disks[target] else self.formats[target]))
+                           fmt or (None if image != self.disks[target] else self.formats[target]), self.stride)
 
     def state(self) -> int:
         try:
@@ -120,7 +121,7 @@ class Guest:
 
 
 def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths: dict[str, Path],
-               sock: Path, memory_mib: int = 192, agent_channel: bool = False) -> str:
+               sock: Path, memory_mib: int = 192, agent_channel: bool = False, stride: int = 1) -> str:
     img = ensure_guest_image()
     writing = [d.target for d in disks if d.device == "disk" and d.writes]
     dom = ET.Element("domain", type="qemu")
@@ -132,7 +133,7 @@ def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths
     ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
     ET.SubElement(os_, "kernel").text = str(img.kernel)
     ET.SubElement(os_, "initrd").text = str(img.initrd)
-    ET.SubElement(os_, "cmdline").text = f"console=ttyS0 panic=-1 vf.disks={','.join(writing)}"
+    ET.SubElement(os_, "cmdline").text = f"console=ttyS0 panic=-1 vf.disks={','.join(writing)} vf.stride={stride}"
     for ev in ("on_poweroff", "on_reboot", "on_crash"):
         ET.SubElement(dom, ev).text = "destroy"
     dev = ET.SubElement(dom, "devices")
@@ -172,7 +173,7 @@ def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths
 
 def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] | None = None,
                  name: str | None = None, persistent: bool = True, start: bool = True,
-                 memory_mib: int = 192, agent_channel: bool = False) -> Guest:
+                 memory_mib: int = 192, agent_channel: bool = False, stride: int = 1) -> Guest:
     """Define a writing guest with fresh disk images in `workdir` and (by default) start it."""
     disks = disks if disks is not None else [DiskSpec("vda")]
     uid = str(uuidlib.uuid4())
@@ -195,12 +196,12 @@ def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] 
         else:
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(p), f"{d.size_mib}M"], check=True)
         paths[d.target] = p
-    xml = domain_xml(name, uid, workdir, disks, paths, sock, memory_mib, agent_channel)
+    xml = domain_xml(name, uid, workdir, disks, paths, sock, memory_mib, agent_channel, stride)
     guest = Guest(conn=conn, name=name, uuid=uid, workdir=workdir,
                   disks={d.target: paths[d.target] for d in disks if d.target in paths and d.device == "disk"},
                   formats={d.target: d.fmt for d in disks if d.target in paths and d.device == "disk"},
                   writing=[d.target for d in disks if d.device == "disk" and d.writes],
-                  persistent=persistent, sock=sock, xml=xml)
+                  persistent=persistent, sock=sock, xml=xml, stride=stride)
     if persistent:
         conn.defineXML(xml)
     if start:

@@ -26,7 +26,7 @@ MODULES = [
 ]
 
 # Bump when INIT_SCRIPT changes so cached initramfs files are rebuilt.
-RIG_VERSION = "4"
+RIG_VERSION = "5"
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -37,8 +37,12 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
     insmod /lib/modules/$m.ko || echo "init: insmod $m failed"
 done
 disks=""
+stride=1
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in vf.disks=*) disks=$(echo "${arg#vf.disks=}" | tr ',' ' ');; esac
+    case "$arg" in
+        vf.disks=*) disks=$(echo "${arg#vf.disks=}" | tr ',' ' ');;
+        vf.stride=*) stride="${arg#vf.stride=}";;
+    esac
 done
 # Acknowledgements go to ttyS1, which the host reads through a unix socket.
 exec 3<>/dev/ttyS1
@@ -57,7 +61,7 @@ while :; do
     for d in $disks; do
         eval "n=\$size_$d"
         printf 'VFREC %s %012d\n' "$d" "$i" > /tmp/rec
-        if dd if=/tmp/rec of=/dev/$d bs=512 seek=$((i % n)) count=1 oflag=direct conv=notrunc,sync,fsync 2>/dev/null; then
+        if dd if=/tmp/rec of=/dev/$d bs=512 seek=$(((i * stride) % n)) count=1 oflag=direct conv=notrunc,sync,fsync 2>/dev/null; then
             echo "ACK $d $i" >&3
         else
             echo "init: write $d $i failed"

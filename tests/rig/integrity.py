@@ -15,7 +15,7 @@ MAGIC = b"VFREC "
 def _read_raw(image: Path, fmt: str) -> bytes:
     if fmt == "raw":
         return Path(image).read_bytes()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         raw = Path(tmp) / "image.raw"
         subprocess.run(
             ["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(image), str(raw)],
@@ -34,13 +34,13 @@ def records_in(image: Path, disk: str, fmt: str | None = None) -> tuple[int, dic
     data = _read_raw(Path(image), fmt or image_format(Path(image)))
     tag = disk.encode()
     found: dict[int, int] = {}
-    for slot in range(len(data) // SECTOR):
-        off = slot * SECTOR
-        if data[off:off + 6] != MAGIC:
-            continue
-        parts = data[off:off + 64].split(b"\n", 1)[0].split()
-        if len(parts) == 3 and parts[1] == tag and parts[2].isdigit():
-            found[slot] = int(parts[2])
+    off = data.find(MAGIC)
+    while off >= 0:
+        if off % SECTOR == 0:
+            parts = data[off:off + 64].split(b"\n", 1)[0].split()
+            if len(parts) == 3 and parts[1] == tag and parts[2].isdigit():
+                found[off // SECTOR] = int(parts[2])
+        off = data.find(MAGIC, off + 1)
     return len(data) // SECTOR, found
 
 
@@ -63,13 +63,15 @@ class IntegrityReport:
                 f"records missing (first: {head})")
 
 
-def check_image(image: Path, disk: str, acked: list[int], fmt: str | None = None) -> IntegrityReport:
+def check_image(image: Path, disk: str, acked: list[int], fmt: str | None = None,
+                stride: int = 1) -> IntegrityReport:
     """Every acknowledged sequence number must be in its slot (or overwritten by a later one)."""
     nslots, found = records_in(image, disk, fmt)
     missing = []
     for seq in acked:
-        have = found.get(seq % nslots)
-        if have is None or have < seq or (have - seq) % nslots:
+        slot = (seq * stride) % nslots
+        have = found.get(slot)
+        if have is None or have < seq or ((have - seq) * stride) % nslots:
             missing.append(seq)
     return IntegrityReport(disk=disk, image=Path(image), checked=len(acked), missing=missing)
 

@@ -40,3 +40,16 @@ def test_check_image_reports_missing_and_stale(tmp_path):
     report = check_image(img, "vda", [0, 1, 2, 3, 4], "raw")
     assert report.missing == [3, 4]
     assert check_image(img, "vdb", [0], "raw").missing == [0]  # other disk's records don't count
+
+
+def test_check_image_with_stride(tmp_path):
+    nslots, stride = 16, 4
+    data = bytearray(512 * nslots)
+    for seq in range(10):  # seq 4.. overwrite slots of 0.. (period 4)
+        rec = f"VFREC vda {seq:012d}\n".encode()
+        off = ((seq * stride) % nslots) * 512
+        data[off:off + 512] = rec.ljust(512, b"\0")
+    img = tmp_path / "s.raw"
+    img.write_bytes(bytes(data))
+    assert check_image(img, "vda", list(range(10)), "raw", stride).ok
+    assert check_image(img, "vda", [10], "raw", stride).missing == [10]
