@@ -23,3 +23,4 @@ test-unit:
 ## bench: benchmarks that print figures (not part of the test suite)
 bench: prepare
 	$(PY) bench/freeze_thaw.py
+	$(PY) bench/downtime.py

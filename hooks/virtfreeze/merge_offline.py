@@ -13,6 +13,7 @@ the next thaw finishes the commit, fixes the saved XML and brings it back.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -34,11 +35,8 @@ def _top_of(disk, sources: list[str | None]) -> str | None:
         if disk.is_ours(src) and os.path.exists(src):
             return src
     stem = disk.overlay[: -len(".virtfreeze.qcow2")]
-    rounds = [disk.round_overlay(n) for n in range(64, 0, -1)]
-    for path in rounds:
-        if os.path.exists(path) and path.startswith(stem):
-            return path
-    return None
+    rounds = [p for p in glob.glob(glob.escape(stem) + ".virtfreeze*.qcow2") if disk.is_ours(p)]
+    return max(rounds, key=lambda p: 1 if p == disk.overlay else int(p.rsplit("-", 1)[1][:-6]), default=None)
 
 
 def commit_stopped(hv, domain, disks, journal) -> int:
@@ -63,25 +61,27 @@ def commit_stopped(hv, domain, disks, journal) -> int:
         qemu_img.commit(top, disk.base, domain=domain.name, disk=disk.target)
         failpoint("thaw-offline-committed")
     if saved:
-        bases = {d.target: BaseImage(d.base, d.base_format, d.base_type) for d in disks}
-        xml = hv.managed_save_xml(domain.uuid, domain.name)
-        current = {d.target: d.source for d in parse_disks(xml)}
-        new_xml, changed = repoint_disks(xml, bases, only_if_source={
-            d.target: current.get(d.target) for d in disks if d.is_ours(current.get(d.target))})
+        xml, changed = _repointed(hv.managed_save_xml(domain.uuid, domain.name), disks)
         if changed:
-            hv.managed_save_define(domain.uuid, domain.name, new_xml)
+            hv.managed_save_define(domain.uuid, domain.name, xml)
             log.info("domain %r: saved state now points at the base of %s", domain.name, ", ".join(changed))
     return merged
 
 
-def repoint_persistent(hv, domain, disks) -> None:
-    xml = hv.xml(domain.uuid, domain.name, inactive=True)
+def _repointed(xml: str, disks) -> tuple[str, list[str]]:
+    """`xml` with every disk that is on one of our overlays pointed back at its base."""
     current = {d.target: d.source for d in parse_disks(xml)}
     bases = {d.target: BaseImage(d.base, d.base_format, d.base_type) for d in disks}
-    new_xml, changed = repoint_disks(xml, bases, only_if_source={
+    return repoint_disks(xml, bases, only_if_source={
         d.target: current.get(d.target) for d in disks if d.is_ours(current.get(d.target))})
+
+
+def repoint_persistent(hv, domain, disks) -> None:
+    """Point the persistent definition back at the bases (a no-op when it already is)."""
+    xml, changed = _repointed(hv.xml(domain.uuid, domain.name, inactive=True), disks)
     if changed:
-        hv.define(new_xml, domain.name)
+        log.info("domain %r: persistent definition of %s pointed back at the base", domain.name, ", ".join(changed))
+        hv.define(xml, domain.name)
 
 
 def save_commit_restore(hv, domain, disks, journal) -> tuple[int, float]:

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from virtfreeze import export_view, qemu_img
-from virtfreeze.domain_xml import BaseImage, is_overlay, parse_disks, repoint_disks
+from virtfreeze.domain_xml import is_overlay, parse_disks
 from virtfreeze.errors import DomainNotFound, LeftOnOverlay, MergeRefused, VirtfreezeError
 from virtfreeze.journal import domain_lock, failpoint
 from virtfreeze.libvirt_boundary import MISSING, OTHER, SHUTOFF
-from virtfreeze.merge_offline import resume_saved
+from virtfreeze.merge_offline import repoint_persistent, resume_saved
 from virtfreeze.model import DiskPlan, DomainRef, MergeResult
 from virtfreeze.runtime import Runtime
 
@@ -143,16 +143,8 @@ def on_overlay(rt: Runtime, ref: DomainRef, disks: list[DiskPlan]) -> list[DiskP
 
 def _repoint_persistent(rt: Runtime, ref: DomainRef, disks: list[DiskPlan]) -> None:
     info = rt.hv.info(ref.uuid)
-    if info is None or not info.persistent:
-        return
-    xml = rt.hv.xml(ref.uuid, ref.name, inactive=True)
-    bases = {d.target: BaseImage(d.base, d.base_format, d.base_type) for d in disks}
-    current = {d.target: d.source for d in parse_disks(xml)}
-    new_xml, changed = repoint_disks(xml, bases, only_if_source={
-        d.target: current.get(d.target) for d in disks if d.is_ours(current.get(d.target))})
-    if changed:
-        log.info("domain %r: persistent definition of %s pointed back at the base", ref.name, ", ".join(changed))
-        rt.hv.define(new_xml, ref.name)
+    if info is not None and info.persistent:
+        repoint_persistent(rt.hv, ref, disks)
 
 
 def _remove_overlays(disks: list[DiskPlan], ref: DomainRef) -> None:
