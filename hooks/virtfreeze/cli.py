@@ -84,7 +84,7 @@ def _run_guarded(fn):
     sys.exit(code)
 
 
-def _for_each(ctx: Ctx, items, fn, jobs: int):
+def _for_each(items, fn, jobs: int):
     """Run fn on every item, `jobs` at once; return (results, [(item, error)])."""
     results, failures = [], []
 
@@ -162,7 +162,7 @@ def freeze(ctx: Ctx, domains, all_, memory, quiesce):
         mem = cfg.memory if memory is None else memory
         q = quiesce or cfg.quiesce
         try:
-            results, failures = _for_each(ctx, chosen, lambda d: freeze_domain(rt, d, memory=mem, quiesce=q),
+            results, failures = _for_each(chosen, lambda d: freeze_domain(rt, d, memory=mem, quiesce=q),
                                           cfg.jobs)
         finally:
             export_view.write_index(cfg.export_directory)
@@ -204,7 +204,7 @@ def thaw(ctx: Ctx, domains, all_, strategy):
         else:
             targets = frozen_domains(rt)
         try:
-            results, failures = _for_each(ctx, targets, lambda r: thaw_domain(rt, DomainRef(r.name, r.uuid), strategy),
+            results, failures = _for_each(targets, lambda r: thaw_domain(rt, DomainRef(r.name, r.uuid), strategy),
                                           rt.config.jobs)
         finally:
             export_view.write_index(rt.config.export_directory)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -54,13 +55,14 @@ def unmount(target: Path) -> None:
         subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
+def unescape_mountinfo(field: str) -> str:
+    """Undo the octal escapes (\\040 for a space, ...) of a /proc/self/mountinfo field."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _mountinfo_paths() -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            mp = line.split()[4]
-            out.append(mp.encode().decode("unicode_escape"))
-    return out
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
+        return [unescape_mountinfo(line.split()[4]) for line in fh]
 
 
 def is_mountpoint(path: Path) -> bool:

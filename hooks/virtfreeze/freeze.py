@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from virtfreeze import export_view, qemu_img
+from virtfreeze import __version__, export_view, qemu_img
 from virtfreeze.domain_xml import (
     has_agent_channel, has_swtpm, ineligible_reason, nvram_path, overlay_path, parse_disks, snapshot_xml,
 )
@@ -196,7 +196,7 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool, quiesce: str) 
                                  "backing": [{"path": f, "format": fmt, "file": export_view.backing_name(p.target, i, fmt)}
                                              for i, (f, fmt) in enumerate(p.backing, 1)]} for p in plan},
             "skipped_disks": skipped, "memory": bool(memory_file),
-            "virtfreeze": __import__("virtfreeze").__version__,
+            "virtfreeze": __version__,
         }
         tpm_dir = SWTPM_DIR / info.uuid if has_swtpm(inactive_xml) else None
         export_view.create(export_dir, inactive_xml=inactive_xml,

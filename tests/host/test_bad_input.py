@@ -120,7 +120,7 @@ def test_domain_held_by_another_run(guest_factory, vf):
 
 
 def test_name_with_spaces_quotes_and_shell_metacharacters(guest_factory, vf, tmp_path):
-    name = "vf t \"q\" 'x' $(touch PWNED); `touch PWNED2` &|<>*"
+    name = "vf t \"q\" 'x' dömäin $(touch PWNED); `touch PWNED2` &|<>*"
     g = guest_factory([DiskSpec("vda")], name=name)
     cwd = tmp_path / "cwd"
     cwd.mkdir()

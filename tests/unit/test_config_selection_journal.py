@@ -140,3 +140,10 @@ def test_contrib_example_config_is_valid():
     example = Path(__file__).resolve().parents[2] / "contrib" / "virtfreeze.yaml"
     cfg = config.load(example)
     assert cfg.domains["db1"].quiesce == "require" and cfg.exclude == ["scratch-*"]
+
+
+def test_mountinfo_escapes_are_undone():
+    from virtfreeze.export_view import unescape_mountinfo
+
+    assert unescape_mountinfo(r"/run/x/vf\040t\040\134q\011") == "/run/x/vf t \\q\t"
+    assert unescape_mountinfo("/run/x/dömäin") == "/run/x/dömäin"
