@@ -23,7 +23,7 @@ packages=(
   qemu-system-x86 qemu-utils dnsmasq-base
   libvirt-dev pkg-config          # to build libvirt-python (PyPI has no wheels)
   busybox-static cpio xz-utils    # the writing test guest's initramfs
-  borgbackup restic               # the demo's and the tests' backup tools
+  borgbackup restic borgmatic     # the demo's and the tests' backup tools
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,155 @@
+"""The contrib recipes, end to end with the real tools: borgmatic 2.x and 1.7
+around borg, and the restic wrapper. After each run the archive holds every
+write acknowledged before the freeze, the live disks every write at all, and
+no VM is left on an overlay, also when the backup tool failed mid-archive."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.host.helpers import assert_all_acked_present, assert_back_on_base
+from tests.rig.guest import DiskSpec
+from tests.rig.integrity import check_image
+
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
+BORGMATIC = {"2.x": str(Path(sys.executable).parent / "borgmatic"), "1.7": "/usr/bin/borgmatic"}
+VIRTFREEZE_BIN = str(Path(sys.executable).parent / "virtfreeze")
+ENV = {"BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes", "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
+
+
+def retarget(cmd: str, vf, name: str) -> str:
+    """The contrib command for this test: its config, and this test's domain instead of --all."""
+    assert cmd.startswith("virtfreeze "), cmd
+    args = cmd.split()[1:]
+    args = [name if a == "--all" else a for a in args]
+    if args == ["thaw"]:
+        args.append(name)
+    return " ".join(shlex.quote(a) for a in [VIRTFREEZE_BIN, "--config", str(vf.config_path), *args])
+
+
+def borgmatic_config(version: str, vf, name: str, repo: Path, tmp_path: Path) -> Path:
+    cfg = yaml.safe_load((CONTRIB / "borgmatic" / f"borgmatic-{version}.yaml").read_text())
+    if version == "2.x":
+        cfg["source_directories"] = [str(vf.export)]
+        cfg["repositories"] = [{"path": str(repo), "label": "vms"}]
+        for hook in cfg["commands"]:
+            hook["run"] = [retarget(c, vf, name) for c in hook["run"]]
+        cfg["user_runtime_directory"] = str(tmp_path / "borgmatic-run")
+        cfg["borgmatic_source_directory"] = str(tmp_path / "borgmatic-src")
+    else:
+        cfg["location"]["source_directories"] = [str(vf.export)]
+        cfg["location"]["repositories"] = [str(repo)]
+        cfg["location"]["borgmatic_source_directory"] = str(tmp_path / "borgmatic-src")
+        cfg["hooks"] = {k: [retarget(c, vf, name) for c in v] for k, v in cfg["hooks"].items()}
+    path = tmp_path / f"borgmatic-{version}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def borgmatic(version: str, config: Path, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([BORGMATIC[version], "-c", str(config), *args], capture_output=True, text=True,
+                          env=dict(os.environ, **ENV))
+    if expect_ok:
+        assert proc.returncode == 0, f"borgmatic {args}: {proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def init_repo(version: str, config: Path) -> None:
+    if version == "2.x":
+        borgmatic(version, config, "repo-create", "--encryption", "none")
+    else:
+        borgmatic(version, config, "init", "--encryption", "none")
+
+
+def extract_latest(repo: Path, dest: Path) -> Path:
+    env = dict(os.environ, **ENV)
+    last = subprocess.run(["borg", "list", "--short", "--last", "1", str(repo)], check=True, capture_output=True,
+                          text=True, env=env).stdout.split()[-1]
+    dest.mkdir()
+    subprocess.run(["borg", "extract", f"{repo}::{last}"], check=True, cwd=dest, env=env)
+    return dest
+
+
+def check_archive(g, extracted: Path, t_before: float) -> None:
+    export = next(p for p in extracted.rglob("manifest.json") if g.name in str(p)).parent
+    for t in g.writing:
+        report = check_image(export / "disks" / f"{t}.{g.formats[t]}", t, g.acked(until=t_before)[t],
+                             g.formats[t])
+        assert report.checked > 0 and report.ok, report
+
+
+@pytest.mark.parametrize("version", ["2.x", "1.7"])
+def test_borgmatic_create_freezes_and_thaws(guest_factory, vf, tmp_path, version):
+    g = guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw")])
+    repo = tmp_path / "repo.borg"
+    config = borgmatic_config(version, vf, g.name, repo, tmp_path)
+    init_repo(version, config)
+    g.watcher.wait_acks(30)
+    t_before = time.monotonic()
+    out = borgmatic(version, config, "create")
+    g.watcher.wait_acks(30, after=time.monotonic())
+    assert_back_on_base(g, vf)
+    check_archive(g, extract_latest(repo, tmp_path / "extracted"), t_before)
+    assert_all_acked_present(g)
+    del out
+
+
+@pytest.mark.parametrize("version", ["2.x", "1.7"])
+def test_borg_failing_mid_archive_still_thaws(guest_factory, vf, tmp_path, version):
+    g = guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw", size_mib=32)], start=False)
+    with open(g.disks["vdb"], "r+b") as fh:  # incompressible data that cannot fit in the repository
+        fh.seek(8 << 20)
+        fh.write(os.urandom(24 << 20))
+    g.start()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], check=True)
+    try:
+        repo = small / "repo.borg"
+        config = borgmatic_config(version, vf, g.name, repo, tmp_path)
+        init_repo(version, config)
+        g.watcher.wait_acks(30)
+        proc = borgmatic(version, config, "create", expect_ok=False)
+        assert proc.returncode != 0, "borg should have run out of space"
+        assert "No space left" in proc.stdout + proc.stderr or "space" in (proc.stdout + proc.stderr).lower()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    g.watcher.wait_acks(30, after=time.monotonic())
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
+
+
+@pytest.mark.parametrize("restic_ok", [True, False], ids=["restic-ok", "restic-fails"])
+def test_restic_wrapper(guest_factory, vf, tmp_path, restic_ok):
+    g = guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw")])
+    repo = tmp_path / "repo.restic"
+    env = dict(os.environ, RESTIC_REPOSITORY=str(repo), RESTIC_PASSWORD="test", VIRTFREEZE=VIRTFREEZE_BIN,
+               VIRTFREEZE_CONFIG=str(vf.config_path), VIRTFREEZE_EXPORT=str(vf.export),
+               VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD="1")
+    subprocess.run(["restic", "-q", "init"], check=True, env=env, capture_output=True)
+    if not restic_ok:
+        env["RESTIC"] = "false"
+    g.watcher.wait_acks(30)
+    t_before = time.monotonic()
+    proc = subprocess.run([str(CONTRIB / "restic" / "restic-backup-vms"), g.name], capture_output=True, text=True,
+                          env=env)
+    assert (proc.returncode == 0) == restic_ok, proc.stderr
+    g.watcher.wait_acks(30, after=time.monotonic())
+    assert_back_on_base(g, vf)
+    if restic_ok:
+        snaps = json.loads(subprocess.run(["restic", "snapshots", "--json"], check=True, env=env,
+                                          capture_output=True, text=True).stdout)
+        assert snaps and "virtfreeze" in snaps[-1]["tags"]
+        dest = tmp_path / "restored"
+        subprocess.run(["restic", "-q", "restore", "latest", "--target", str(dest)], check=True, env=env)
+        check_archive(g, dest, t_before)
+    assert_all_acked_present(g)
