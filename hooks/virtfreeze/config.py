@@ -121,6 +121,21 @@ SCHEMA: dict[str, Any] = {
             "description": "Iterative merge: stop the live rounds once the remaining overlays hold fewer bytes than this.",
             "example": 1048576,
         },
+        "targets": {
+            "type": "object",
+            "description": "Named storage targets for `virtfreeze backup`; the other keys are the settings of that "
+                           "type, each plugin's own (see `virtfreeze plugins`).",
+            "example": {"nightly": {"type": "borg", "repository": "/var/backups/vms.borg",
+                                    "passphrase_file": "/etc/virtfreeze/borg.pass"}},
+            "additionalProperties": {
+                "type": "object",
+                "required": ["type"],
+                "description": "One storage target.",
+                "example": {"type": "directory", "path": "/srv/backup/vms"},
+                "properties": {"type": {"type": "string", "description": "Target type: borg, restic, directory, "
+                                                                         "or one a plugin adds.", "example": "borg"}},
+            },
+        },
         "domains": {
             "type": "object",
             "additionalProperties": _DOMAIN_SCHEMA,
@@ -157,6 +172,7 @@ class Config:
     iterative_factor: float = 2.0
     iterative_max_rounds: int = 5
     iterative_threshold: int = 1 << 20
+    targets: dict[str, dict] = field(default_factory=dict)
     domains: dict[str, DomainSettings] = field(default_factory=dict)
     source: Path | None = None
 

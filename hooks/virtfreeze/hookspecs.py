@@ -64,3 +64,53 @@ def virtfreeze_after_thaw(domain, strategy, overlay_bytes):
     ``overlay_bytes`` the size of the overlays merged. Not firstresult:
     every implementation runs; return None (return values are ignored).
     """
+
+
+@hookspec
+def virtfreeze_target_types():
+    """Declare the storage target types this plugin provides.
+
+    Called when the configuration is validated and by `virtfreeze plugins`.
+    Not firstresult: every implementation runs. Return a dict mapping each
+    type name (``borg``, ``restic``, ...) to the JSON schema of its settings
+    (an object schema; every property with a ``description`` and an
+    ``example``; unknown keys rejected), or None when it provides none.
+    """
+
+
+@hookspec(firstresult=True)
+def virtfreeze_archive(target, domain, export_dir, manifest):
+    """Archive one frozen domain's export view into one storage target.
+
+    Runs during `virtfreeze backup`, once per domain and target, after the
+    domain is frozen and before it is thawed (the thaw runs whatever happens
+    here). ``target`` is a `virtfreeze.targets.Target` (name, type,
+    settings), ``domain`` a `DomainRef`, ``export_dir`` the domain's
+    export directory (a `pathlib.Path`), ``manifest`` the dict of its
+    manifest.json.
+
+    firstresult: the implementation for ``target.type`` returns a
+    `virtfreeze.targets.ArchiveResult`; every other returns None. Raise
+    `VirtfreezeError` when archiving failed.
+    """
+
+
+@hookspec(firstresult=True)
+def virtfreeze_list_archives(target, domain):
+    """List the archives of one domain in one storage target, oldest first.
+
+    Used by restore and by `virtfreeze backup --json` consumers. firstresult:
+    the implementation for ``target.type`` returns a list of archive names
+    (empty when there are none); every other returns None.
+    """
+
+
+@hookspec(firstresult=True)
+def virtfreeze_extract(target, archive, destination):
+    """Extract one archive of a storage target into ``destination`` (a new directory).
+
+    The archive's content is laid out as the export view was (domain.xml,
+    disks/, manifest.json, ...), and nothing is written outside
+    ``destination``. firstresult: the implementation for ``target.type``
+    returns ``destination``; every other returns None.
+    """

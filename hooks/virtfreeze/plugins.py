@@ -34,3 +34,19 @@ def get_plugin_manager() -> pluggy.PluginManager:
     if not os.environ.get("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD"):
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     return pm
+
+
+def describe_plugins(pm: pluggy.PluginManager | None = None) -> list[dict]:
+    """Name, origin (built-in or distribution), hooks and target types of each loaded plugin."""
+    pm = pm or get_plugin_manager()
+    dists = {id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
+    rows = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or [])
+        types = sorted(getattr(plugin, "virtfreeze_target_types", lambda: {})() or {})
+        source = "built-in" if name in BUILTIN_PLUGINS else f"entry point of {dists.get(id(plugin), '?')}"
+        rows.append({"name": name, "source": source, "module": getattr(plugin, "__file__", None),
+                     "hooks": hooks, "target_types": types})
+    return rows

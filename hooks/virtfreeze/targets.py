@@ -1,0 +1,100 @@
+"""Named storage targets from the config, validated against their plugin's schema."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import jsonschema
+
+from virtfreeze.errors import ConfigError, VirtfreezeError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    type: str
+    settings: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass
+class ArchiveResult:
+    target: str
+    archive: str  # the archive, snapshot or directory name in the target
+    bytes: int  # bytes read from the export view
+    seconds: float
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def target_types(pm) -> dict[str, dict]:
+    types: dict[str, dict] = {}
+    for declared in pm.hook.virtfreeze_target_types():
+        types.update(declared or {})
+    return types
+
+
+def load_targets(raw: dict[str, Any], pm, source: str | None = None) -> dict[str, Target]:
+    """Check each configured target against its type's schema."""
+    types = target_types(pm)
+    out = {}
+    for name, spec in (raw or {}).items():
+        spec = dict(spec or {})
+        kind = spec.pop("type", None)
+        if kind not in types:
+            known = ", ".join(sorted(types)) or "none (is plugin autoload switched off?)"
+            raise ConfigError(f"target {name!r}: unknown type {kind!r} (known: {known})", path=source)
+        errors = sorted(jsonschema.Draft202012Validator(types[kind]).iter_errors(spec), key=lambda e: e.path)
+        if errors:
+            e = errors[0]
+            if e.validator == "additionalProperties":
+                extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+                msg = f"unknown key {', '.join(map(repr, extra))} (allowed: {', '.join(sorted(types[kind]['properties']))})"
+            else:
+                msg = e.message
+            raise ConfigError(f"target {name!r} ({kind}): {msg}", path=source)
+        out[name] = Target(name, kind, spec)
+    return out
+
+
+def archive_name(domain: str, when: datetime | None = None) -> str:
+    """`{domain}-{UTC timestamp}`, safe as a borg archive or directory name."""
+    when = when or datetime.now(timezone.utc)
+    safe = re.sub(r"[/\0]", "_", domain)
+    return f"{safe}-{when.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+
+
+def secret_env(settings: dict, prefix: str, env_name: str) -> dict[str, str]:
+    """A secret for the backup tool, from a file, another variable or a command — never argv.
+
+    Settings `<prefix>_file`, `<prefix>_env`, `<prefix>_command` fill `env_name`.
+    """
+    env: dict[str, str] = {}
+    if settings.get(f"{prefix}_file"):
+        with open(settings[f"{prefix}_file"]) as fh:
+            env[env_name] = fh.read().rstrip("\n")
+    elif settings.get(f"{prefix}_env"):
+        var = settings[f"{prefix}_env"]
+        if var not in os.environ:
+            raise VirtfreezeError(f"environment variable {var} is not set", hint=f"it holds the {prefix}")
+        env[env_name] = os.environ[var]
+    elif settings.get(f"{prefix}_command"):
+        cmd = settings[f"{prefix}_command"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)  # a list: no shell
+        if proc.returncode != 0:
+            raise VirtfreezeError(f"{prefix}_command failed: {proc.stderr.strip()}")
+        env[env_name] = proc.stdout.rstrip("\n")
+    return env
+
+
+def export_bytes(export_dir) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(export_dir):
+        for f in files:
+            total += os.stat(os.path.join(root, f)).st_size
+    return total

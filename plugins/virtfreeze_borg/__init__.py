@@ -1,0 +1,94 @@
+"""Storage target plugin: one borg archive per domain and run.
+
+The archive holds the export view's layout (domain.xml, disks/, manifest.json,
+...) with paths relative to the domain's export directory; its comment holds
+the manifest's summary. The passphrase comes from a file, a variable or a
+command and reaches borg through its environment, never its command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+from virtfreeze.errors import VirtfreezeError
+from virtfreeze.hookspecs import hookimpl
+from virtfreeze.targets import ArchiveResult, archive_name, secret_env
+
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["repository"],
+    "properties": {
+        "repository": {"type": "string", "description": "The borg repository.", "example": "/var/backups/vms.borg"},
+        "compression": {"type": "string", "description": "borg --compression.", "example": "zstd,3"},
+        "extra_args": {"type": "array", "items": {"type": "string"},
+                       "description": "More arguments for borg create.", "example": ["--upload-ratelimit", "50000"]},
+        "passphrase_file": {"type": "string", "description": "File holding the passphrase.",
+                            "example": "/etc/virtfreeze/borg.pass"},
+        "passphrase_env": {"type": "string", "description": "Environment variable holding the passphrase.",
+                           "example": "VMS_BORG_PASSPHRASE"},
+        "passphrase_command": {"type": "array", "items": {"type": "string"},
+                               "description": "Command (no shell) that prints the passphrase.",
+                               "example": ["pass", "show", "borg/vms"]},
+        "borg": {"type": "string", "description": "The borg program.", "example": "/usr/bin/borg"},
+    },
+}
+
+
+def _env(settings: dict) -> dict:
+    return dict(os.environ, BORG_EXIT_CODES="legacy", **secret_env(settings, "passphrase", "BORG_PASSPHRASE"))
+
+
+def _run(settings: dict, args: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([settings.get("borg", "borg"), *args], capture_output=True, text=True,
+                          env=_env(settings), **kw)
+    if proc.returncode not in (0, 1):  # 1: warnings (e.g. a file changed while read)
+        err = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
+        raise VirtfreezeError(f"borg {what} failed: {err}", path=settings["repository"])
+    return proc
+
+
+@hookimpl
+def virtfreeze_target_types():
+    return {"borg": SCHEMA}
+
+
+@hookimpl
+def virtfreeze_archive(target, domain, export_dir, manifest):
+    if target.type != "borg":
+        return None
+    s = target.settings
+    name = archive_name(domain.name)
+    comment = json.dumps({k: manifest.get(k) for k in ("domain", "uuid", "frozen_at", "consistency")})
+    comment = comment.replace("{", "{{").replace("}", "}}")  # borg expands {placeholders} in comments
+    args = ["create", "--json", "--comment", comment]
+    if s.get("compression"):
+        args += ["--compression", s["compression"]]
+    args += [*s.get("extra_args", []), f"{s['repository']}::{name}", "."]
+    t0 = time.monotonic()
+    proc = _run(s, args, "create", cwd=export_dir)
+    stats = json.loads(proc.stdout)["archive"]["stats"]
+    return ArchiveResult(target.name, name, stats["original_size"], time.monotonic() - t0)
+
+
+@hookimpl
+def virtfreeze_list_archives(target, domain):
+    if target.type != "borg":
+        return None
+    s = target.settings
+    archives = json.loads(_run(s, ["list", "--json", s["repository"]], "list").stdout)["archives"]
+    prefix = archive_name(domain.name).rsplit("-", 3)[0] + "-"
+    return [a["name"] for a in archives if a["name"].startswith(prefix)]
+
+
+@hookimpl
+def virtfreeze_extract(target, archive, destination):
+    if target.type != "borg":
+        return None
+    os.makedirs(destination, mode=0o700)
+    _run(target.settings, ["extract", "--sparse", f"{target.settings['repository']}::{archive}"], "extract",
+         cwd=destination)  # borg never writes outside the working directory
+    return destination

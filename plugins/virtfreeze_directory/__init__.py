@@ -1,0 +1,107 @@
+"""Storage target plugin: a plain copy per domain and run, for hosts with
+neither borg nor restic. Sparse files stay sparse; SHA256SUMS is written with
+the copy and checked on extract. A copy appears under its final name only
+once complete."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from virtfreeze.errors import VirtfreezeError
+from virtfreeze.hookspecs import hookimpl
+from virtfreeze.targets import ArchiveResult, archive_name
+
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["path"],
+    "properties": {
+        "path": {"type": "string", "description": "Directory that receives one sub-directory per domain and run.",
+                 "example": "/srv/backup/vms"},
+    },
+}
+CHUNK = 1 << 20
+
+
+def sparse_copy(src: Path, dst: Path) -> str:
+    """Copy a file, seeking over all-zero chunks; return its sha256."""
+    h = hashlib.sha256()
+    zero = bytes(CHUNK)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while chunk := fi.read(CHUNK):
+            h.update(chunk)
+            if chunk == zero[: len(chunk)]:
+                fo.seek(len(chunk), os.SEEK_CUR)
+            else:
+                fo.write(chunk)
+        fo.truncate()
+        fo.flush()
+        os.fsync(fo.fileno())
+    shutil.copymode(src, dst)
+    return h.hexdigest()
+
+
+def copy_tree(src: Path, dst: Path) -> tuple[int, dict[str, str]]:
+    total, sums = 0, {}
+    for root, dirs, files in os.walk(src):
+        rel = Path(root).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True, mode=0o700)
+        for f in sorted(files):
+            s = Path(root) / f
+            sums[str(rel / f)] = sparse_copy(s, dst / rel / f)
+            total += os.stat(s).st_size
+    return total, sums
+
+
+@hookimpl
+def virtfreeze_target_types():
+    return {"directory": SCHEMA}
+
+
+@hookimpl
+def virtfreeze_archive(target, domain, export_dir, manifest):
+    if target.type != "directory":
+        return None
+    root = Path(target.settings["path"])
+    if not root.is_dir():
+        raise VirtfreezeError("target directory does not exist", path=str(root), hint="create it first")
+    name = archive_name(domain.name)
+    partial = root / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    t0 = time.monotonic()
+    total, sums = copy_tree(Path(export_dir), partial)
+    (partial / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums.items())))
+    os.rename(partial, root / name)
+    return ArchiveResult(target.name, name, total, time.monotonic() - t0)
+
+
+@hookimpl
+def virtfreeze_list_archives(target, domain):
+    if target.type != "directory":
+        return None
+    prefix = archive_name(domain.name).rsplit("-", 3)[0] + "-"
+    root = Path(target.settings["path"])
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+
+
+@hookimpl
+def virtfreeze_extract(target, archive, destination):
+    if target.type != "directory":
+        return None
+    src = Path(target.settings["path"]) / archive
+    if "/" in archive or archive.startswith(".") or not src.is_dir():
+        raise VirtfreezeError("no such archive", path=str(src))
+    want = dict(line.split("  ", 1)[::-1] for line in (src / "SHA256SUMS").read_text().splitlines())
+    want = {k.strip(): v for k, v in want.items()}
+    Path(destination).mkdir(mode=0o700)
+    _total, sums = copy_tree(src, Path(destination))
+    sums.pop("SHA256SUMS", None)
+    os.unlink(Path(destination) / "SHA256SUMS")
+    bad = sorted(p for p in want if sums.get(p) != want[p])
+    if bad:
+        raise VirtfreezeError(f"checksum mismatch in {', '.join(bad)}", path=str(src))
+    return destination

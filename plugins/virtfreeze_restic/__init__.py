@@ -1,0 +1,92 @@
+"""Storage target plugin: one restic snapshot per domain and run.
+
+Tagged `virtfreeze` and `domain=<name>`, with the host name; works with
+Debian 12's restic 0.14. The password reaches restic through its
+environment, never its command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from virtfreeze.errors import VirtfreezeError
+from virtfreeze.hookspecs import hookimpl
+from virtfreeze.targets import ArchiveResult, secret_env
+
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["repository"],
+    "properties": {
+        "repository": {"type": "string", "description": "The restic repository.", "example": "/var/backups/vms.restic"},
+        "extra_args": {"type": "array", "items": {"type": "string"},
+                       "description": "More arguments for restic backup.", "example": ["--limit-upload", "5000"]},
+        "password_file": {"type": "string", "description": "File holding the password.",
+                          "example": "/etc/virtfreeze/restic.pass"},
+        "password_env": {"type": "string", "description": "Environment variable holding the password.",
+                         "example": "VMS_RESTIC_PASSWORD"},
+        "password_command": {"type": "array", "items": {"type": "string"},
+                             "description": "Command (no shell) that prints the password.",
+                             "example": ["pass", "show", "restic/vms"]},
+        "restic": {"type": "string", "description": "The restic program.", "example": "/usr/bin/restic"},
+    },
+}
+
+
+def _run(settings: dict, args: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RESTIC_REPOSITORY=settings["repository"],
+               **secret_env(settings, "password", "RESTIC_PASSWORD"))
+    proc = subprocess.run([settings.get("restic", "restic"), *args], capture_output=True, text=True, env=env, **kw)
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
+        raise VirtfreezeError(f"restic {what} failed: {err}", path=settings["repository"])
+    return proc
+
+
+@hookimpl
+def virtfreeze_target_types():
+    return {"restic": SCHEMA}
+
+
+@hookimpl
+def virtfreeze_archive(target, domain, export_dir, manifest):
+    if target.type != "restic":
+        return None
+    s = target.settings
+    t0 = time.monotonic()
+    proc = _run(s, ["backup", "--json", "--tag", "virtfreeze", "--tag", f"domain={domain.name}",
+                    "--host", socket.gethostname(), *s.get("extra_args", []), str(export_dir)], "backup")
+    summary = [json.loads(line) for line in proc.stdout.splitlines() if '"summary"' in line][-1]
+    return ArchiveResult(target.name, summary["snapshot_id"][:8], summary["total_bytes_processed"],
+                         time.monotonic() - t0)
+
+
+@hookimpl
+def virtfreeze_list_archives(target, domain):
+    if target.type != "restic":
+        return None
+    out = _run(target.settings, ["snapshots", "--json", "--tag", f"domain={domain.name}"], "snapshots").stdout
+    return [s["short_id"] for s in sorted(json.loads(out) or [], key=lambda s: s["time"])]
+
+
+@hookimpl
+def virtfreeze_extract(target, archive, destination):
+    if target.type != "restic":
+        return None
+    destination = Path(destination)
+    destination.mkdir(mode=0o700)
+    staging = destination / ".restic-restore"
+    _run(target.settings, ["restore", archive, "--target", str(staging)], "restore")
+    manifest = next(staging.rglob("manifest.json"), None)
+    if manifest is None:
+        raise VirtfreezeError("snapshot holds no manifest.json; not a virtfreeze snapshot", path=archive)
+    for item in manifest.parent.iterdir():  # lay it out as the export view was
+        item.rename(destination / item.name)
+    shutil.rmtree(staging)
+    return destination
