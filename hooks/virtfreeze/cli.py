@@ -218,6 +218,78 @@ def thaw(ctx: Ctx, domains, all_, strategy):
 
 
 @cli.command()
+@_domains_arg
+@_all_opt
+@click.option("--target", "target_names", multiple=True, metavar="NAME",
+              help="Archive to this configured target (repeatable; default: every target).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Domains backed up at once (default: config jobs).")
+@click.option("--memory/--no-memory", default=None, help="Also archive the memory state.")
+@click.option("--quiesce", type=click.Choice(["auto", "require", "off"]), default=None, help="As for freeze.")
+@click.option("--strategy", type=click.Choice(["auto", "live", "iterative", "offline"]), default=None,
+              help="As for thaw.")
+@click.pass_obj
+def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strategy):
+    """Per domain: freeze, archive to each storage target, thaw.
+
+    Each domain's overlay lives only while its own archive is written. An
+    archive failure still thaws the domain and makes the exit code 1.
+    """
+
+    def run():
+        from virtfreeze.backup import backup_domain
+        from virtfreeze.selection import select
+        from virtfreeze.targets import load_targets
+
+        rt = ctx.rt
+        cfg = rt.config
+        targets = load_targets(cfg.targets, rt.pm, str(cfg.source) if cfg.source else None)
+        if not targets:
+            raise errors.UsageError("no storage target configured", hint="add `targets:` to the config")
+        unknown = [n for n in target_names if n not in targets]
+        if unknown:
+            raise errors.UsageError(f"unknown target {unknown[0]!r} (configured: {', '.join(sorted(targets))})")
+        chosen_targets = [targets[n] for n in (target_names or sorted(targets))]
+        chosen = select(rt.hv.domains(), list(domains), all_, cfg)
+        mem = cfg.memory if memory is None else memory
+        q = quiesce or cfg.quiesce
+        results, failures = _for_each(chosen, lambda d: backup_domain(
+            rt, d, chosen_targets, memory=mem, quiesce=q, strategy=strategy), jobs or cfg.jobs)
+        if ctx.as_json:
+            code = _emit(ctx, "backups", results, failures, str)
+        else:
+            rows = [("DOMAIN", "CONSISTENCY", "TARGET", "ARCHIVE", "BYTES", "FREEZE", "ARCHIVE s", "THAW", "RESULT")]
+            for r in results:
+                for a in r.archives or [None]:
+                    rows.append((r.name, r.consistency, a.target if a else "-", a.archive if a else "-",
+                                 str(a.bytes) if a else "-", f"{r.freeze_seconds:.2f}s",
+                                 f"{a.seconds:.2f}s" if a else "-", f"{r.thaw_seconds:.2f}s",
+                                 "ok" if r.ok else "FAILED: " + "; ".join(r.errors)))
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+            for row in rows:
+                click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+            code = _emit(ctx, "backups", [], failures, str)
+        archive_failed = any(not r.ok for r in results)
+        return code or (errors.EXIT_FAILED if archive_failed else errors.EXIT_OK)
+
+    _run_guarded(run)
+
+
+@cli.command()
+@click.pass_obj
+def plugins(ctx: Ctx):
+    """List the loaded plugins, where they come from, and their hooks."""
+    from virtfreeze.plugins import describe_plugins
+
+    rows = describe_plugins(ctx.rt.pm if ctx._rt else None)
+    if ctx.as_json:
+        click.echo(json.dumps({"plugins": rows}, indent=2))
+    else:
+        for r in rows:
+            extra = f" targets: {', '.join(r['target_types'])}" if r["target_types"] else ""
+            click.echo(f"{r['name']} ({r['source']}): {', '.join(r['hooks'])}{extra}")
+
+
+@cli.command()
 @click.argument("domains", nargs=-1, metavar="[DOMAIN]...")
 @click.pass_obj
 def status(ctx: Ctx, domains):

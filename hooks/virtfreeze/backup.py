@@ -1,0 +1,76 @@
+"""Driver mode: per domain, freeze -> archive to each target -> thaw.
+
+Each overlay lives only as long as its own domain's archive. An archive
+failure still thaws the domain; it only makes the result (and exit code) a
+failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from virtfreeze.errors import VirtfreezeError
+from virtfreeze.freeze import freeze_domain
+from virtfreeze.libvirt_boundary import DomainInfo
+from virtfreeze.model import DomainRef
+from virtfreeze.runtime import Runtime
+from virtfreeze.targets import ArchiveResult, Target
+from virtfreeze.thaw import thaw_domain
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackupResult:
+    name: str
+    uuid: str
+    consistency: str
+    archives: list[ArchiveResult] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    freeze_seconds: float = 0.0
+    snapshot_seconds: float = 0.0
+    thaw_seconds: float = 0.0
+    overlay_bytes: int = 0
+    strategy: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__, archives=[a.to_json() for a in self.archives], ok=self.ok)
+        return d
+
+
+def backup_domain(rt: Runtime, info: DomainInfo, targets: list[Target], *, memory: bool, quiesce: str,
+                  strategy: str | None = None) -> BackupResult:
+    ref = DomainRef(info.name, info.uuid)
+    frozen = freeze_domain(rt, info, memory=memory, quiesce=quiesce)
+    result = BackupResult(info.name, info.uuid, frozen.consistency, freeze_seconds=frozen.seconds,
+                          snapshot_seconds=frozen.snapshot_seconds)
+    try:
+        export_dir = Path(frozen.export_dir)
+        manifest = json.loads((export_dir / "manifest.json").read_text())
+        for target in targets:
+            try:
+                archived = rt.pm.hook.virtfreeze_archive(target=target, domain=ref, export_dir=export_dir,
+                                                         manifest=manifest)
+                if archived is None:
+                    raise VirtfreezeError(f"no plugin archives targets of type {target.type!r}")
+                result.archives.append(archived)
+                log.info("domain %r: archived to %s as %s (%d bytes, %.1fs)", info.name, target.name,
+                         archived.archive, archived.bytes, archived.seconds)
+            except VirtfreezeError as e:
+                log.error("domain %r: archive to %s failed: %s", info.name, target.name, e)
+                result.errors.append(f"{target.name}: {e}")
+    finally:
+        t0 = time.monotonic()
+        thawed = thaw_domain(rt, ref, strategy)  # whatever happened above
+        result.thaw_seconds = time.monotonic() - t0
+        result.overlay_bytes = thawed.overlay_bytes
+        result.strategy = thawed.strategy
+    return result

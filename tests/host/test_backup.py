@@ -1,0 +1,130 @@
+"""`virtfreeze backup` to borg, restic and directory targets at once, and plugins
+from a third-party distribution."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.host.helpers import assert_all_acked_present, assert_back_on_base
+from tests.rig.guest import DiskSpec
+from tests.rig.integrity import check_image
+
+from virtfreeze.model import DomainRef
+from virtfreeze.plugins import get_plugin_manager
+from virtfreeze.targets import load_targets
+
+
+def targets_config(tmp_path: Path) -> dict:
+    (tmp_path / "dir-target").mkdir()
+    (tmp_path / "restic.pass").write_text("test-password\n")
+    subprocess.run(["borg", "init", "-e", "repokey", str(tmp_path / "repo.borg")], check=True,
+                   env=dict(os.environ, BORG_PASSPHRASE="borg-secret"), capture_output=True)
+    subprocess.run(["restic", "-q", "init"], check=True, capture_output=True,
+                   env=dict(os.environ, RESTIC_REPOSITORY=str(tmp_path / "repo.restic"), RESTIC_PASSWORD="test-password"))
+    return {
+        "borg": {"type": "borg", "repository": str(tmp_path / "repo.borg"), "compression": "lz4",
+                 "passphrase_env": "TEST_BORG_PASSPHRASE"},
+        "restic": {"type": "restic", "repository": str(tmp_path / "repo.restic"),
+                   "password_file": str(tmp_path / "restic.pass")},
+        "dir": {"type": "directory", "path": str(tmp_path / "dir-target")},
+    }
+
+
+def test_backup_two_domains_to_three_targets(guest_factory, vf, tmp_path):
+    guests = [guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw")]) for _ in range(2)]
+    vf.write_config(targets=targets_config(tmp_path))
+    env = dict(vf.env(TEST_BORG_PASSPHRASE="borg-secret"))
+    env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")  # the targets are entry-point plugins
+    for g in guests:
+        g.watcher.wait_acks(30)
+    t_before = time.monotonic()
+    out = vf("--json", "backup", "--jobs", "2", *[g.name for g in guests], env=env)
+    assert "borg-secret" not in out.stdout + out.stderr
+    results = {r["name"]: r for r in json.loads(out.stdout)["backups"]}
+    assert set(results) == {g.name for g in guests}
+    for g in guests:
+        r = results[g.name]
+        assert r["ok"] and {a["target"] for a in r["archives"]} == {"borg", "restic", "dir"}
+        assert r["strategy"] == "live"
+        g.watcher.wait_acks(20, after=time.monotonic())
+        assert_back_on_base(g, vf)
+
+    os.environ["TEST_BORG_PASSPHRASE"] = "borg-secret"
+    try:
+        pm = get_plugin_manager()
+        targets = load_targets(vf.config["targets"], pm)
+        for g in guests:
+            ref = DomainRef(g.name, g.uuid)
+            for t in targets.values():
+                archives = pm.hook.virtfreeze_list_archives(target=t, domain=ref)
+                assert len(archives) == 1, (t.name, archives)
+                dest = tmp_path / f"extract-{t.name}-{g.name}"
+                pm.hook.virtfreeze_extract(target=t, archive=archives[0], destination=dest)
+                assert json.loads((dest / "manifest.json").read_text())["domain"] == g.name
+                for disk in g.writing:
+                    image = dest / "disks" / f"{disk}.{g.formats[disk]}"
+                    if g.formats[disk] == "qcow2":  # raw has nothing to check (qemu-img exits 63)
+                        subprocess.run(["qemu-img", "check", "-f", "qcow2", str(image)], check=True,
+                                       capture_output=True)
+                    report = check_image(image, disk, g.acked(until=t_before)[disk], g.formats[disk])
+                    assert report.checked > 0 and report.ok, (t.name, report)
+    finally:
+        del os.environ["TEST_BORG_PASSPHRASE"]
+    for g in guests:
+        assert_all_acked_present(g)
+
+
+def test_archive_failure_still_thaws(guest_factory, vf, tmp_path):
+    g = guest_factory([DiskSpec("vda")])
+    vf.write_config(targets={"gone": {"type": "directory", "path": str(tmp_path / "does-not-exist")}})
+    env = vf.env()
+    env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")
+    out = vf("backup", g.name, expect=1, env=env)
+    assert "does-not-exist" in out.stdout + out.stderr
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
+
+
+PLUGIN = '''
+from virtfreeze.hookspecs import hookimpl
+
+@hookimpl
+def virtfreeze_after_thaw(domain, strategy, overlay_bytes):
+    import os
+    with open(os.environ["THIRD_PARTY_MARKER"], "a") as fh:
+        fh.write(f"{domain.name} {strategy} {overlay_bytes}\\n")
+'''
+
+
+def test_third_party_plugin_from_its_own_distribution(guest_factory, vf, tmp_path):
+    src = tmp_path / "vf-example"
+    (src / "vf_example").mkdir(parents=True)
+    (src / "vf_example" / "__init__.py").write_text(PLUGIN)
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "vf-example"\nversion = "1.0"\n'
+        '[project.entry-points.virtfreeze]\nexample = "vf_example"\n')
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(src)], check=True, capture_output=True)
+    env = vf.env(PYTHONPATH=str(site), THIRD_PARTY_MARKER=str(tmp_path / "marker"))
+    env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")
+    listed = json.loads(vf("--json", "plugins", env=env).stdout)["plugins"]
+    mine = [p for p in listed if p["name"] == "example"]
+    assert mine and mine[0]["hooks"] == ["virtfreeze_after_thaw"] and "vf-example 1.0" in mine[0]["source"]
+    assert "example" not in [p["name"] for p in json.loads(vf("--json", "plugins").stdout)["plugins"]]  # autoload off
+    blocked = dict(env, VIRTFREEZE_BLOCK_PLUGINS="example")
+    assert "example" not in [p["name"] for p in json.loads(vf("--json", "plugins", env=blocked).stdout)["plugins"]]
+
+    g = guest_factory([DiskSpec("vda")])
+    vf("freeze", g.name, env=env)
+    vf("thaw", g.name, env=env)
+    name, strategy, size = (tmp_path / "marker").read_text().split()
+    assert (name, strategy) == (g.name, "live") and int(size) > 0
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
