@@ -17,6 +17,7 @@ from virtfreeze.errors import VirtfreezeError
 from virtfreeze.freeze import freeze_domain
 from virtfreeze.libvirt_boundary import DomainInfo
 from virtfreeze.model import DomainRef
+from virtfreeze.plugins import report_failure
 from virtfreeze.runtime import Runtime
 from virtfreeze.targets import ArchiveResult, Target
 from virtfreeze.thaw import thaw_domain
@@ -67,6 +68,7 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[Target], *, memor
             except VirtfreezeError as e:
                 log.error("domain %r: archive to %s failed: %s", info.name, target.name, e)
                 result.errors.append(f"{target.name}: {e}")
+                report_failure(rt.pm, ref, "archive", e)
     finally:
         t0 = time.monotonic()
         thawed = thaw_domain(rt, ref, strategy)  # whatever happened above

@@ -24,6 +24,7 @@ from virtfreeze.errors import LeftOnOverlay, UsageError, VirtfreezeError
 from virtfreeze.journal import domain_lock, failpoint
 from virtfreeze.libvirt_boundary import PAUSED, RUNNING, SHUTOFF, DomainInfo, is_quiesce_unavailable
 from virtfreeze.model import DiskPlan, DomainRef
+from virtfreeze.plugins import report_failure
 from virtfreeze.runtime import Runtime
 from virtfreeze.thaw import discover, on_overlay, thaw_locked
 
@@ -136,6 +137,7 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool, quiesce: str) 
     if state not in (RUNNING, PAUSED, SHUTOFF):
         raise VirtfreezeError(f"domain is {state}; only running, paused or shut-off domains can be frozen",
                               domain=info.name)
+    rt.pm.hook.virtfreeze_before_freeze(domain=ref, state=state, config=rt.config)
     settings = rt.config.for_domain(info.name)
     memory = (settings.memory if settings.memory is not None else memory) and state != SHUTOFF
     quiesce = settings.quiesce or quiesce
@@ -222,5 +224,9 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool, quiesce: str) 
 
 
 def freeze_domain(rt: Runtime, info: DomainInfo, *, memory: bool = False, quiesce: str = "auto") -> FreezeResult:
-    with domain_lock(info.uuid, info.name):
-        return freeze_locked(rt, info, memory=memory, quiesce=quiesce)
+    try:
+        with domain_lock(info.uuid, info.name):
+            return freeze_locked(rt, info, memory=memory, quiesce=quiesce)
+    except VirtfreezeError as e:
+        report_failure(rt.pm, DomainRef(info.name, info.uuid), "freeze", e)
+        raise

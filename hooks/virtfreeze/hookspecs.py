@@ -44,6 +44,34 @@ def virtfreeze_merge(hv, domain, disks, config, strategy, journal):
     """
 
 
+@hookspec(firstresult=True)
+def virtfreeze_skip_domain(domain, state, config):
+    """Decide whether a selected domain is left out of this run.
+
+    Runs during `freeze` and `backup`, once per domain that the command line
+    (names, globs, ``--all``) and the config's include/exclude selected,
+    before anything is done to it. ``domain`` is a `DomainRef`, ``state``
+    its state (``running``, ``paused``, ``shutoff``, ...), ``config`` the
+    loaded `Config`.
+
+    firstresult: the first implementation that returns a non-empty string
+    leaves the domain out; the string is the reason, logged and reported.
+    Return None to keep the domain (the next implementation is asked).
+    """
+
+
+@hookspec
+def virtfreeze_before_freeze(domain, state, config):
+    """A domain is about to be frozen.
+
+    Runs once per domain, with its lock held, after leftovers of an earlier
+    run were merged and before the journal or the snapshot is written, so
+    nothing has changed yet. Not firstresult: every implementation runs;
+    return None (return values are ignored). Raise `VirtfreezeError` to fail
+    the freeze of this domain; it is left exactly as it was.
+    """
+
+
 @hookspec
 def virtfreeze_after_freeze(domain, manifest):
     """A domain is frozen and its export view is complete.
@@ -113,4 +141,18 @@ def virtfreeze_extract(target, archive, destination):
     disks/, manifest.json, ...), and nothing is written outside
     ``destination``. firstresult: the implementation for ``target.type``
     returns ``destination``; every other returns None.
+    """
+
+
+@hookspec
+def virtfreeze_domain_failed(domain, phase, error):
+    """Freezing, archiving or thawing one domain failed.
+
+    Runs once per failure, after virtfreeze did what it could (a failed
+    freeze is rolled back; a failed thaw keeps the journal), for alerting
+    and metrics. ``phase`` is ``freeze``, ``archive`` or ``thaw``; ``error``
+    the `VirtfreezeError` (its ``exit_code`` 3 means the domain is still on
+    an overlay). Not firstresult: every implementation runs; return None
+    (return values are ignored). An exception raised here is logged and
+    does not change the outcome.
     """

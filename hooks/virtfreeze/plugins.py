@@ -7,11 +7,14 @@ and VIRTFREEZE_BLOCK_PLUGINS=name,name to block specific plugins.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 import pluggy
 
 from virtfreeze import hookspecs
+
+log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "virtfreeze"
 BUILTIN_PLUGINS = {
@@ -50,3 +53,11 @@ def describe_plugins(pm: pluggy.PluginManager | None = None) -> list[dict]:
         rows.append({"name": name, "source": source, "module": getattr(plugin, "__file__", None),
                      "hooks": hooks, "target_types": types})
     return rows
+
+
+def report_failure(pm: pluggy.PluginManager, domain, phase: str, error: Exception) -> None:
+    """Tell the virtfreeze_domain_failed hook; a broken alerting plugin never changes the outcome."""
+    try:
+        pm.hook.virtfreeze_domain_failed(domain=domain, phase=phase, error=error)
+    except Exception as e:  # noqa: BLE001 - any plugin bug
+        log.warning("domain %r: a virtfreeze_domain_failed hook raised %s: %s", domain.name, type(e).__name__, e)

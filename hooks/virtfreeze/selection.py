@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 
 from virtfreeze.config import Config
 from virtfreeze.errors import DomainNotFound, UsageError
 from virtfreeze.libvirt_boundary import DomainInfo
+from virtfreeze.model import DomainRef
+
+log = logging.getLogger(__name__)
 
 _GLOB_CHARS = set("*?[")
 
@@ -45,3 +49,16 @@ def select(domains: list[DomainInfo], patterns: list[str], all_: bool, config: C
         for d in matches:
             chosen[d.name] = d
     return sorted(chosen.values(), key=lambda d: d.name)
+
+
+def ask_plugins(pm, domains: list[DomainInfo], config: Config) -> tuple[list[DomainInfo], dict[str, str]]:
+    """Let the virtfreeze_skip_domain hook leave selected domains out; returns (kept, {name: reason})."""
+    kept, skipped = [], {}
+    for d in domains:
+        reason = pm.hook.virtfreeze_skip_domain(domain=DomainRef(d.name, d.uuid), state=d.state, config=config)
+        if reason:
+            skipped[d.name] = str(reason)
+            log.warning("domain %r: left out by a plugin: %s", d.name, reason)
+        else:
+            kept.append(d)
+    return kept, skipped

@@ -25,6 +25,7 @@ from virtfreeze.journal import domain_lock, failpoint
 from virtfreeze.libvirt_boundary import MISSING, OTHER, SHUTOFF
 from virtfreeze.merge_offline import repoint_persistent, resume_saved
 from virtfreeze.model import DiskPlan, DomainRef, MergeResult
+from virtfreeze.plugins import report_failure
 from virtfreeze.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -237,5 +238,9 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
 
 
 def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> ThawResult:
-    with domain_lock(ref.uuid, ref.name):
-        return thaw_locked(rt, ref, strategy)
+    try:
+        with domain_lock(ref.uuid, ref.name):
+            return thaw_locked(rt, ref, strategy)
+    except VirtfreezeError as e:
+        report_failure(rt.pm, ref, "thaw", e)
+        raise

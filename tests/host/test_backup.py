@@ -91,13 +91,34 @@ def test_archive_failure_still_thaws(guest_factory, vf, tmp_path):
 
 
 PLUGIN = '''
+import os
+
 from virtfreeze.hookspecs import hookimpl
+
+
+def _mark(line):
+    with open(os.environ["THIRD_PARTY_MARKER"], "a") as fh:
+        fh.write(line + "\\n")
+
+
+@hookimpl
+def virtfreeze_skip_domain(domain, state, config):
+    return "the example plugin skips it" if domain.name.endswith("-skipme") else None
+
+
+@hookimpl
+def virtfreeze_before_freeze(domain, state, config):
+    _mark(f"before_freeze {domain.name} {state}")
+
 
 @hookimpl
 def virtfreeze_after_thaw(domain, strategy, overlay_bytes):
-    import os
-    with open(os.environ["THIRD_PARTY_MARKER"], "a") as fh:
-        fh.write(f"{domain.name} {strategy} {overlay_bytes}\\n")
+    _mark(f"after_thaw {domain.name} {strategy} {overlay_bytes}")
+
+
+@hookimpl
+def virtfreeze_domain_failed(domain, phase, error):
+    _mark(f"failed {domain.name} {phase} {error.exit_code}")
 '''
 
 
@@ -116,15 +137,28 @@ def test_third_party_plugin_from_its_own_distribution(guest_factory, vf, tmp_pat
     env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")
     listed = json.loads(vf("--json", "plugins", env=env).stdout)["plugins"]
     mine = [p for p in listed if p["name"] == "example"]
-    assert mine and mine[0]["hooks"] == ["virtfreeze_after_thaw"] and "vf-example 1.0" in mine[0]["source"]
+    assert mine and "vf-example 1.0" in mine[0]["source"]
+    assert mine[0]["hooks"] == ["virtfreeze_after_thaw", "virtfreeze_before_freeze", "virtfreeze_domain_failed",
+                                "virtfreeze_skip_domain"]
     assert "example" not in [p["name"] for p in json.loads(vf("--json", "plugins").stdout)["plugins"]]  # autoload off
     blocked = dict(env, VIRTFREEZE_BLOCK_PLUGINS="example")
     assert "example" not in [p["name"] for p in json.loads(vf("--json", "plugins", env=blocked).stdout)["plugins"]]
 
     g = guest_factory([DiskSpec("vda")])
-    vf("freeze", g.name, env=env)
+    skipped = guest_factory([DiskSpec("vda")], name=f"{g.name}-skipme")
+    marker = tmp_path / "marker"
+    out = json.loads(vf("--json", "freeze", g.name, skipped.name, env=env).stdout)
+    assert [r["name"] for r in out["frozen"]] == [g.name]
+    assert out["skipped"] == {skipped.name: "the example plugin skips it"}
     vf("thaw", g.name, env=env)
-    name, strategy, size = (tmp_path / "marker").read_text().split()
+    lines = marker.read_text().splitlines()
+    assert lines[0] == f"before_freeze {g.name} running"
+    name, strategy, size = lines[1].split()[1:]
     assert (name, strategy) == (g.name, "live") and int(size) > 0
-    assert_back_on_base(g, vf)
-    assert_all_acked_present(g)
+    # A failure reaches the plugin with its phase and exit code.
+    vf.write_config(domains={g.name: {"quiesce": "require"}})  # the test guest has no agent channel
+    vf("freeze", g.name, env=env, expect=2)
+    assert marker.read_text().splitlines()[-1] == f"failed {g.name} freeze 2"
+    for guest in (g, skipped):
+        assert_back_on_base(guest, vf)
+        assert_all_acked_present(guest)
