@@ -103,16 +103,19 @@ def _for_each(items, fn, jobs: int):
     return results, failures
 
 
-def _emit(ctx: Ctx, action: str, results, failures, line) -> int:
+def _emit(ctx: Ctx, action: str, results, failures, line, skipped: dict[str, str] | None = None) -> int:
     if ctx.as_json:
         click.echo(json.dumps({
             action: [r.to_json() for r in results],
+            "skipped": skipped or {},
             "errors": [{"domain": e.domain or item.name, "message": str(e), "exit_code": e.exit_code}
                        for item, e in failures],
         }, indent=2))
     else:
         for r in results:
             click.echo(line(r))
+        for name, reason in (skipped or {}).items():
+            click.echo(f"skipped {name}: {reason}")
     for _item, e in failures:
         _fail(e)
     return _worst([e.exit_code for _i, e in failures])
@@ -154,11 +157,11 @@ def freeze(ctx: Ctx, domains, all_, memory, quiesce):
     def run():
         from virtfreeze import export_view
         from virtfreeze.freeze import freeze_domain
-        from virtfreeze.selection import select
+        from virtfreeze.selection import ask_plugins, select
 
         rt = ctx.rt
         cfg = rt.config
-        chosen = select(rt.hv.domains(), list(domains), all_, cfg)
+        chosen, skipped = ask_plugins(rt.pm, select(rt.hv.domains(), list(domains), all_, cfg), cfg)
         mem = cfg.memory if memory is None else memory
         q = quiesce or cfg.quiesce
         try:
@@ -167,7 +170,7 @@ def freeze(ctx: Ctx, domains, all_, memory, quiesce):
         finally:
             export_view.write_index(cfg.export_directory)
         return _emit(ctx, "frozen", results, failures, lambda r: (
-            f"frozen {r.name} ({r.consistency}): {', '.join(r.disks) or 'no disks'} -> {r.export_dir}"))
+            f"frozen {r.name} ({r.consistency}): {', '.join(r.disks) or 'no disks'} -> {r.export_dir}"), skipped)
 
     _run_guarded(run)
 
@@ -237,7 +240,7 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
 
     def run():
         from virtfreeze.backup import backup_domain
-        from virtfreeze.selection import select
+        from virtfreeze.selection import ask_plugins, select
         from virtfreeze.targets import load_targets
 
         rt = ctx.rt
@@ -249,25 +252,26 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
         if unknown:
             raise errors.UsageError(f"unknown target {unknown[0]!r} (configured: {', '.join(sorted(targets))})")
         chosen_targets = [targets[n] for n in (target_names or sorted(targets))]
-        chosen = select(rt.hv.domains(), list(domains), all_, cfg)
+        chosen, skipped = ask_plugins(rt.pm, select(rt.hv.domains(), list(domains), all_, cfg), cfg)
         mem = cfg.memory if memory is None else memory
         q = quiesce or cfg.quiesce
         results, failures = _for_each(chosen, lambda d: backup_domain(
             rt, d, chosen_targets, memory=mem, quiesce=q, strategy=strategy), jobs or cfg.jobs)
         if ctx.as_json:
-            code = _emit(ctx, "backups", results, failures, str)
+            code = _emit(ctx, "backups", results, failures, str, skipped)
         else:
-            rows = [("DOMAIN", "CONSISTENCY", "TARGET", "ARCHIVE", "BYTES", "FREEZE", "ARCHIVE s", "THAW", "RESULT")]
+            rows = [("DOMAIN", "CONSISTENCY", "TARGET", "ARCHIVE", "BYTES", "FREEZE", "ARCHIVE s", "THAW",
+                     "OVERLAY", "RESULT")]
             for r in results:
                 for a in r.archives or [None]:
                     rows.append((r.name, r.consistency, a.target if a else "-", a.archive if a else "-",
                                  str(a.bytes) if a else "-", f"{r.freeze_seconds:.2f}s",
-                                 f"{a.seconds:.2f}s" if a else "-", f"{r.thaw_seconds:.2f}s",
+                                 f"{a.seconds:.2f}s" if a else "-", f"{r.thaw_seconds:.2f}s", str(r.overlay_bytes),
                                  "ok" if r.ok else "FAILED: " + "; ".join(r.errors)))
             widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
             for row in rows:
                 click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-            code = _emit(ctx, "backups", [], failures, str)
+            code = _emit(ctx, "backups", [], failures, str, skipped)
         archive_failed = any(not r.ok for r in results)
         return code or (errors.EXIT_FAILED if archive_failed else errors.EXIT_OK)
 
@@ -287,6 +291,40 @@ def plugins(ctx: Ctx):
         for r in rows:
             extra = f" targets: {', '.join(r['target_types'])}" if r["target_types"] else ""
             click.echo(f"{r['name']} ({r['source']}): {', '.join(r['hooks'])}{extra}")
+
+
+@cli.group("config")
+def config_group():
+    """Inspect the configuration file."""
+
+
+@config_group.command("check")
+@click.pass_obj
+def config_check(ctx: Ctx):
+    """Validate the config (targets too, against their plugin's schema) and print what was understood.
+
+    Exit 0 when valid, 2 with the offending key's name when not. Does not
+    connect to libvirt.
+    """
+
+    def run():
+        import yaml
+
+        from virtfreeze.targets import load_targets
+
+        cfg = ctx.rt.config
+        source = str(cfg.source) if cfg.source else None
+        targets = load_targets(cfg.targets, ctx.rt.pm, source)
+        understood = cfg.to_json()
+        understood["targets"] = {t.name: {"type": t.type, **t.settings} for t in targets.values()}
+        if ctx.as_json:
+            click.echo(json.dumps({"source": source, "valid": True, "config": understood}, indent=2))
+        else:
+            click.echo(f"# {source or f'no file at {config_mod.DEFAULT_CONFIG}: defaults'}: valid")
+            click.echo(yaml.safe_dump(understood, sort_keys=False, default_flow_style=False), nl=False)
+        return errors.EXIT_OK
+
+    _run_guarded(run)
 
 
 @cli.command()

@@ -4,7 +4,7 @@ loading, and validation that names the offending key."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,20 @@ class Config:
     targets: dict[str, dict] = field(default_factory=dict)
     domains: dict[str, DomainSettings] = field(default_factory=dict)
     source: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Every setting as the program understood it, defaults included (for `config check`)."""
+        out = {}
+        for f in fields(self):
+            if f.name == "source":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif f.name == "domains":
+                value = {name: asdict(s) for name, s in value.items()}
+            out[f.name] = value
+        return out
 
     def for_domain(self, name: str) -> DomainSettings:
         return self.domains.get(name, DomainSettings())

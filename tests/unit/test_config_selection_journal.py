@@ -136,10 +136,46 @@ def test_export_dir_name_cannot_escape():
         assert domain_dir_name(bad, "uuid-1") == "uuid-1"
 
 
-def test_contrib_example_config_is_valid():
+def test_contrib_example_config_is_valid(monkeypatch):
+    from virtfreeze.plugins import get_plugin_manager
+    from virtfreeze.targets import load_targets
+
     example = Path(__file__).resolve().parents[2] / "contrib" / "virtfreeze.yaml"
     cfg = config.load(example)
     assert cfg.domains["db1"].quiesce == "require" and cfg.exclude == ["scratch-*"]
+    monkeypatch.delenv("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    targets = load_targets(cfg.targets, get_plugin_manager(), str(example))  # each against its plugin's schema
+    assert {t.name: t.type for t in targets.values()} == {"nightly": "borg", "offsite": "restic"}
+
+
+def test_target_settings_are_checked_against_the_plugin_schema(monkeypatch):
+    from virtfreeze.plugins import get_plugin_manager
+    from virtfreeze.targets import load_targets
+
+    monkeypatch.delenv("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    pm = get_plugin_manager()
+    with pytest.raises(ConfigError) as e:
+        load_targets({"t": {"type": "borg", "repository": "/r", "compresion": "lz4"}}, pm)
+    assert "'compresion'" in str(e.value) and "compression" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_targets({"t": {"type": "restic"}}, pm)
+    assert "'repository' is a required property" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_targets({"t": {"type": "tape"}}, pm)
+    assert "'tape'" in str(e.value) and "borg, directory, restic" in str(e.value)
+
+
+def test_every_target_setting_has_description_and_example(monkeypatch):
+    from virtfreeze.plugins import get_plugin_manager
+    from virtfreeze.targets import target_types
+
+    monkeypatch.delenv("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    types = target_types(get_plugin_manager())
+    assert set(types) >= {"borg", "restic", "directory"}
+    for name, schema in types.items():
+        assert schema.get("additionalProperties") is False, f"{name}: unknown keys must be rejected"
+        for key, sub in schema["properties"].items():
+            assert sub.get("description") and "example" in sub, f"target type {name}: {key}"
 
 
 def test_mountinfo_escapes_are_undone():
