@@ -24,6 +24,7 @@ packages=(
   libvirt-dev pkg-config          # to build libvirt-python (PyPI has no wheels)
   busybox-static cpio xz-utils    # the writing test guest's initramfs
   borgbackup restic borgmatic     # the demo's and the tests' backup tools
+  systemd                         # systemd-analyze checks contrib/systemd (no systemd needs to run)
 )
 missing=()
 for p in "${packages[@]}"; do
