@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import time
 
-import pytest
 
 from tests.host.conftest import VIRTFREEZE
 from tests.host.helpers import assert_all_acked_present, assert_back_on_base, overlays_left
