@@ -24,3 +24,4 @@ test-unit:
 bench: prepare
 	$(PY) bench/freeze_thaw.py
 	$(PY) bench/downtime.py
+	$(PY) bench/archive.py

@@ -19,18 +19,17 @@ Usage: bench/downtime.py [--runs 3] [--windows 10 40]
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import thaw_everything, vf  # noqa: E402
 
 import libvirt  # noqa: E402
 
@@ -38,7 +37,6 @@ from tests.conftest import start_libvirt_event_loop  # noqa: E402
 from tests.rig.acks import max_gap  # noqa: E402
 from tests.rig.guest import DiskSpec, create_guest  # noqa: E402
 
-VIRTFREEZE = [sys.executable, "-m", "virtfreeze"]
 STRATEGIES = ["live", "iterative", "offline"]
 STOPS = {libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED}
 STARTS = {libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED}
@@ -71,12 +69,6 @@ class Lifecycle:
 
     def close(self):
         self.conn.domainEventDeregisterAny(self.cb)
-
-
-def vf(config: Path, *args: str) -> dict:
-    out = subprocess.run([*VIRTFREEZE, "-q", "--json", "--config", str(config), *args],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout)
 
 
 def wait_until(g, end: float) -> None:
@@ -138,7 +130,7 @@ def main() -> int:
     finally:
         life.close()
         guest.remove()
-        subprocess.run([*VIRTFREEZE, "-q", "--config", str(config), "thaw"], check=False)
+        thaw_everything(config)
         shutil.rmtree(work, ignore_errors=True)
 
     print()

@@ -14,30 +14,20 @@ Usage: bench/freeze_thaw.py [--runs 5] [--domains 8] [--window 2.0]
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import med, thaw_everything, vf  # noqa: E402
 
 import libvirt  # noqa: E402
 
 from tests.rig.acks import max_gap  # noqa: E402
 from tests.rig.guest import DiskSpec, create_guest  # noqa: E402
-
-VIRTFREEZE = [sys.executable, "-m", "virtfreeze"]
-
-
-def vf(config: Path, *args: str) -> dict:
-    out = subprocess.run([*VIRTFREEZE, "-q", "--json", "--config", str(config), *args],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout)
 
 
 def cycle(config: Path, guests, window: float) -> dict:
@@ -53,10 +43,6 @@ def cycle(config: Path, guests, window: float) -> dict:
     guests[0].watcher.wait_acks(20, after=t3)
     return {"freeze": t1 - t0, "thaw": t3 - t2, "snapshot": max(f["snapshot_seconds"] for f in frozen),
             "start": t0, "end": t3}
-
-
-def med(xs) -> float:
-    return statistics.median(xs)
 
 
 def main() -> int:
@@ -114,7 +100,7 @@ def main() -> int:
     finally:
         for g in guests:
             g.remove()
-        subprocess.run([*VIRTFREEZE, "-q", "--config", str(config), "thaw"], check=False)
+        thaw_everything(config)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -1,0 +1,31 @@
+"""What the benchmarks share: running the virtfreeze CLI as a hook would, and medians."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+VIRTFREEZE = [sys.executable, "-m", "virtfreeze"]
+
+
+def vf(config: Path, *args: str, env: dict | None = None) -> dict:
+    """Run `virtfreeze --json ARGS` with this config; return its parsed output."""
+    out = subprocess.run([*VIRTFREEZE, "-q", "--json", "--config", str(config), *args],
+                         check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout)
+
+
+def thaw_everything(config: Path) -> None:
+    """Clean-up after a benchmark, whatever happened: merge anything left frozen."""
+    subprocess.run([*VIRTFREEZE, "-q", "--config", str(config), "thaw"], check=False)
+
+
+def med(xs) -> float:
+    return statistics.median(xs)
