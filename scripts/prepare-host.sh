@@ -55,21 +55,40 @@ if ! grep -q '^# virtfreeze prepare-host' "$qemu_conf" 2>/dev/null; then
 fi
 
 uri=qemu:///system
-if ! virsh -c "$uri" version >/dev/null 2>&1; then
+answers() { virsh -c "$uri" version >/dev/null 2>&1; }
+
+# Start a daemon unless one runs; a daemon still exiting (killed, restarted)
+# is waited for and then started anew. $2 is the socket it serves.
+ensure_daemon() {
+  local name=$1 sock=$2
+  for _ in $(seq 1 600); do
+    if ! pgrep -x "$name" >/dev/null; then
+      "$name" -d
+    elif [ -S "$sock" ]; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  die "$name did not start within 60s; see /var/log/libvirt/$name.log"
+}
+
+if ! answers; then
   if [ -d /run/systemd/system ]; then
     log "starting libvirtd through systemd"
     systemctl start libvirtd
   else
     log "starting virtlogd and libvirtd by hand (no systemd)"
     mkdir -p /var/log/libvirt/qemu /run/libvirt
-    pgrep -x virtlogd >/dev/null || virtlogd -d
-    pgrep -x libvirtd >/dev/null || libvirtd -d
+    ensure_daemon virtlogd /run/libvirt/virtlogd-sock
+    ensure_daemon libvirtd /run/libvirt/libvirt-sock
   fi
-  for _ in $(seq 1 100); do
-    virsh -c "$uri" version >/dev/null 2>&1 && break
+  # It answers once its drivers are up; one that runs but never answers is stuck.
+  for _ in $(seq 1 600); do
+    answers && break
+    [ -d /run/systemd/system ] || pgrep -x libvirtd >/dev/null || libvirtd -d  # exited meanwhile
     sleep 0.1
   done
-  virsh -c "$uri" version >/dev/null 2>&1 || die "libvirtd did not answer on $uri; see /var/log/libvirt/libvirtd.log"
+  answers || die "libvirtd did not answer on $uri within 60s; see /var/log/libvirt/libvirtd.log"
 fi
 log "libvirtd answers on $uri"
 

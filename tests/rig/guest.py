@@ -205,5 +205,9 @@ def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] 
     if persistent:
         conn.defineXML(xml)
     if start:
-        guest.start()
+        try:
+            guest.start()
+        except BaseException:
+            guest.remove()  # a guest that did not boot is not left defined
+            raise
     return guest
