@@ -116,6 +116,14 @@ SCHEMA: dict[str, Any] = {
             "description": "Iterative merge: at most this many live rounds before the offline step.",
             "example": 5,
         },
+        "iterative_final_step": {
+            "type": "string", "enum": ["auto", "pause", "save"],
+            "description": "Iterative merge: how the last small overlay is merged. pause: the guest's vCPUs stop "
+                           "while QEMU commits it (nothing writes, so it converges at once; milliseconds). save: "
+                           "the guest is saved to disk, qemu-img commits, the guest is restored (seconds: QEMU "
+                           "stops and starts again). auto: pause, and save when libvirt refuses the commit.",
+            "example": "auto",
+        },
         "iterative_threshold": {
             "type": "integer", "minimum": 0,
             "description": "Iterative merge: stop the live rounds once the remaining overlays hold fewer bytes than this.",
@@ -172,6 +180,7 @@ class Config:
     iterative_factor: float = 2.0
     iterative_max_rounds: int = 5
     iterative_threshold: int = 1 << 20
+    iterative_final_step: str = "auto"
     targets: dict[str, dict] = field(default_factory=dict)
     domains: dict[str, DomainSettings] = field(default_factory=dict)
     source: Path | None = None

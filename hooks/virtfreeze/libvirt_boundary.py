@@ -231,6 +231,13 @@ class Hypervisor:
         self._call("update managed save", lambda c: c.lookupByUUIDString(uuid).managedSaveDefineXML(xml, 0),
                    domain=name)
 
+    def suspend(self, uuid: str, name: str) -> None:
+        """Stop the guest's vCPUs; QEMU (and its block jobs) keep running."""
+        self._call("pause domain", lambda c: c.lookupByUUIDString(uuid).suspend(), domain=name)
+
+    def resume(self, uuid: str, name: str) -> None:
+        self._call("resume domain", lambda c: c.lookupByUUIDString(uuid).resume(), domain=name)
+
     def start(self, uuid: str, name: str) -> None:
         """Start a defined domain (from its managed save image, when it has one)."""
         self._call("start domain", lambda c: c.lookupByUUIDString(uuid).create(), domain=name)

@@ -6,7 +6,15 @@ a middle layer: it ends with COMPLETED, no pivot). Rounds go on while the
 remaining overlay keeps shrinking by `iterative_factor`, up to
 `iterative_max_rounds` or until it holds less than `iterative_threshold`
 bytes; then the guest is stopped only to merge that last, small overlay
-(the offline step of `merge_offline`).
+(`iterative_final_step`):
+
+- pause: the guest's vCPUs stop while QEMU commits the last overlay into the
+  base and pivots; nothing writes, so the commit is ready at once. The guest
+  is stopped for milliseconds, and never for a commit that cannot converge.
+- save: the offline step of `merge_offline` (managed save, qemu-img commit,
+  restore). The guest is stopped for seconds whatever the overlay's size:
+  QEMU exits and starts again.
+- auto: pause; save when libvirt refuses the commit.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from virtfreeze.errors import MergeRefused, VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.journal import failpoint
 from virtfreeze.libvirt_boundary import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, JOB_TYPE_COMMIT, PAUSED, RUNNING
+from virtfreeze.merge_live import merge_running
 from virtfreeze.merge_offline import save_commit_restore
 from virtfreeze.model import MergeResult
 
@@ -92,6 +101,50 @@ def one_round(hv, domain, disks, live_xml: str, tops: dict[str, str], config, jo
     return new
 
 
+def merge_paused(hv, domain, disks, config, journal) -> tuple[int, float]:
+    """Merge the last overlays with the guest's vCPUs stopped; returns (bytes, seconds stopped).
+
+    A guest that was paused already stays paused. Raises MergeRefused (the
+    guest running again) when libvirt refuses the commit.
+    """
+    live = {d.target: d.source for d in parse_disks(hv.xml(domain.uuid, domain.name))}
+    merged = sum(_allocated(live[d.target]) for d in disks if d.is_ours(live.get(d.target)))
+    pause = hv.state(domain.uuid) == RUNNING
+    t0 = time.monotonic()
+    if pause:
+        journal.note(paused_by_virtfreeze=True)
+        hv.suspend(domain.uuid, domain.name)
+    try:
+        failpoint("iterative-paused")
+        merge_running(hv, domain, disks, config)
+    finally:
+        resume_paused(hv, domain, journal)
+    stopped = time.monotonic() - t0 if pause else 0.0
+    log.info("domain %r: merged the last %d bytes with the guest paused %.3fs", domain.name, merged, stopped)
+    return merged, stopped
+
+
+def resume_paused(hv, domain, journal) -> None:
+    """Resume a guest virtfreeze paused (after a crash too); a no-op otherwise."""
+    if journal.get("paused_by_virtfreeze"):
+        if hv.state(domain.uuid) == PAUSED:
+            log.info("domain %r: resuming the guest virtfreeze paused", domain.name)
+            hv.resume(domain.uuid, domain.name)
+        journal.note(paused_by_virtfreeze=None)
+
+
+def final_step(hv, domain, disks, config, journal) -> tuple[int, float]:
+    """Merge the last, small overlays with the guest stopped, as `iterative_final_step` says."""
+    if config.iterative_final_step != "save":
+        try:
+            return merge_paused(hv, domain, disks, config, journal)
+        except MergeRefused as e:
+            if config.iterative_final_step == "pause":
+                raise
+            log.warning("%s; merging the last overlay with the guest saved instead (a stop of seconds)", e)
+    return save_commit_restore(hv, domain, disks, journal)
+
+
 @hookimpl
 def virtfreeze_merge(hv, domain, disks, config, strategy, journal):
     if strategy != "iterative" or hv.state(domain.uuid) not in (RUNNING, PAUSED):
@@ -128,5 +181,5 @@ def virtfreeze_merge(hv, domain, disks, config, strategy, journal):
             size = remaining
             break  # not shrinking fast enough: more rounds would not pay
         size = remaining
-    merged, stopped = save_commit_restore(hv, domain, disks, journal)
+    merged, stopped = final_step(hv, domain, disks, config, journal)
     return MergeResult("iterative", offline_bytes=merged, rounds=rounds, stopped_seconds=stopped)

@@ -20,6 +20,9 @@ def planned_strategy(rt: Runtime, name: str, state: str) -> tuple[str, str]:
         return "none", f"the domain is {state}: start or destroy it first"
     if asked == "auto":
         return "live", f"auto ({source}): live commit; offline if libvirt refuses it"
+    if asked == "iterative":
+        return asked, f"{source} says iterative; last overlay: {rt.config.iterative_final_step} " \
+                      f"({'guest saved' if rt.config.iterative_final_step == 'save' else 'guest paused'})"
     return asked, f"{source} says {asked}"
 
 

@@ -23,6 +23,7 @@ from virtfreeze.domain_xml import is_overlay, parse_disks
 from virtfreeze.errors import DomainNotFound, LeftOnOverlay, MergeRefused, VirtfreezeError
 from virtfreeze.journal import domain_lock, failpoint
 from virtfreeze.libvirt_boundary import MISSING, OTHER, SHUTOFF
+from virtfreeze.merge_iterative import resume_paused
 from virtfreeze.merge_offline import repoint_persistent, resume_saved
 from virtfreeze.model import DiskPlan, DomainRef, MergeResult
 from virtfreeze.plugins import report_failure
@@ -209,7 +210,8 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
                 raise
             failpoint("thaw-after-merge")
             _repoint_persistent(rt, ref, disks)
-        resume_saved(rt.hv, ref, notes)  # a guest virtfreeze saved comes back, even after a crash
+        resume_saved(rt.hv, ref, notes)  # a guest virtfreeze saved or paused comes back, even after a crash
+        resume_paused(rt.hv, ref, notes)
         still = on_overlay(rt, ref, disks)
         if still:
             raise VirtfreezeError(f"disks {', '.join(d.target for d in still)} still on their overlays",

@@ -27,15 +27,26 @@ def assert_resumed(g, before: dict[str, int]) -> None:
             f"{disk}: sequence restarted ({min(seqs)}..{max(seqs)} after {last})"
 
 
-@pytest.mark.parametrize("strategy", ["live", "iterative", "offline"])
-def test_strategy_keeps_every_write_and_the_guest_running(guest_factory, vf, strategy):
-    vf.write_config(iterative_threshold=0)
+# (strategy, iterative_final_step, whether QEMU is restarted: save/restore makes a new process)
+STRATEGIES = {
+    "live": ("live", "auto", False),
+    "iterative": ("iterative", "auto", False),  # last overlay merged with the vCPUs paused
+    "iterative-save": ("iterative", "save", True),  # last overlay merged with the guest saved
+    "offline": ("offline", "auto", True),
+}
+
+
+@pytest.mark.parametrize("case", list(STRATEGIES))
+def test_strategy_keeps_every_write_and_the_guest_running(guest_factory, vf, case):
+    strategy, final_step, restarts = STRATEGIES[case]
+    vf.write_config(iterative_threshold=0, iterative_final_step=final_step)
     g = guest_factory(DISKS)
     vf("freeze", g.name)
     g.watcher.wait_acks(200)
     status = json.loads(vf("--json", "status", g.name, expect=3).stdout)["frozen"][0]
     assert status["strategy"] == "live" and "auto" in status["strategy_reason"]
     before = g.watcher.last_seq()
+    qemu = g.dom.ID()
     result = json.loads(vf("--json", "thaw", "--strategy", strategy, g.name).stdout)["thawed"][0]
     assert result["strategy"] == strategy
     if strategy == "live":
@@ -44,6 +55,7 @@ def test_strategy_keeps_every_write_and_the_guest_running(guest_factory, vf, str
         assert result["stopped_seconds"] > 0 and result["offline_bytes"] > 0
     if strategy == "iterative":
         assert result["rounds"] >= 1
+    assert (g.dom.ID() != qemu) == restarts, "save/restore starts a new QEMU; a pause keeps it"
     assert_resumed(g, before)
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)
@@ -66,16 +78,17 @@ def test_offline_keeps_a_paused_guest_paused_and_config_picks_the_strategy(guest
     assert_all_acked_present(g)
 
 
-@pytest.mark.parametrize("strategy,point", [
-    ("offline", "offline-saved"),
-    ("offline", "thaw-offline-committed"),
-    ("offline", "offline-before-restore"),
-    ("iterative", "iterative-snapshot"),
-    ("iterative", "iterative-commit-started"),
-    ("iterative", "offline-saved"),
+@pytest.mark.parametrize("strategy,final_step,point", [
+    ("offline", "auto", "offline-saved"),
+    ("offline", "auto", "thaw-offline-committed"),
+    ("offline", "auto", "offline-before-restore"),
+    ("iterative", "auto", "iterative-snapshot"),
+    ("iterative", "auto", "iterative-commit-started"),
+    ("iterative", "auto", "iterative-paused"),  # the guest is left paused: the next thaw resumes it
+    ("iterative", "save", "offline-saved"),
 ])
-def test_killed_in_a_phase_then_thaw_recovers(guest_factory, vf, strategy, point):
-    vf.write_config(iterative_threshold=0)
+def test_killed_in_a_phase_then_thaw_recovers(guest_factory, vf, strategy, final_step, point):
+    vf.write_config(iterative_threshold=0, iterative_final_step=final_step)
     g = guest_factory(DISKS)
     vf("freeze", g.name)
     g.watcher.wait_acks(100)
@@ -83,6 +96,8 @@ def test_killed_in_a_phase_then_thaw_recovers(guest_factory, vf, strategy, point
     vf("thaw", "--strategy", strategy, g.name, expect=-signal.SIGKILL,
        env=vf.env(VIRTFREEZE_FAILPOINT=point))
     assert vf.journal(g.uuid).exists()
+    if point == "iterative-paused":
+        assert g.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
     vf("thaw", "--strategy", strategy, g.name)
     assert_resumed(g, before)
     assert_back_on_base(g, vf)
