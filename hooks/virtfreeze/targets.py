@@ -69,6 +69,18 @@ def archive_name(domain: str, when: datetime | None = None) -> str:
     return f"{safe}-{when.strftime('%Y-%m-%dT%H:%M:%SZ')}"
 
 
+def secret_settings(prefix: str, example_file: str, example_env: str, example_command: list[str]) -> dict:
+    """Schema properties of the settings `secret_env` reads: `<prefix>_file`, `_env`, `_command`."""
+    return {
+        f"{prefix}_file": {"type": "string", "description": f"File holding the {prefix}.", "example": example_file},
+        f"{prefix}_env": {"type": "string", "description": f"Environment variable holding the {prefix}.",
+                          "example": example_env},
+        f"{prefix}_command": {"type": "array", "items": {"type": "string"},
+                              "description": f"Command (no shell) that prints the {prefix}.",
+                              "example": example_command},
+    }
+
+
 def secret_env(settings: dict, prefix: str, env_name: str) -> dict[str, str]:
     """A secret for the backup tool, from a file, another variable or a command — never argv.
 

@@ -15,7 +15,7 @@ import time
 
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
-from virtfreeze.targets import ArchiveResult, archive_name, secret_env
+from virtfreeze.targets import ArchiveResult, archive_name, secret_env, secret_settings
 
 SCHEMA = {
     "type": "object",
@@ -26,13 +26,7 @@ SCHEMA = {
         "compression": {"type": "string", "description": "borg --compression.", "example": "zstd,3"},
         "extra_args": {"type": "array", "items": {"type": "string"},
                        "description": "More arguments for borg create.", "example": ["--upload-ratelimit", "50000"]},
-        "passphrase_file": {"type": "string", "description": "File holding the passphrase.",
-                            "example": "/etc/virtfreeze/borg.pass"},
-        "passphrase_env": {"type": "string", "description": "Environment variable holding the passphrase.",
-                           "example": "VMS_BORG_PASSPHRASE"},
-        "passphrase_command": {"type": "array", "items": {"type": "string"},
-                               "description": "Command (no shell) that prints the passphrase.",
-                               "example": ["pass", "show", "borg/vms"]},
+        **secret_settings("passphrase", "/etc/virtfreeze/borg.pass", "VMS_BORG_PASSPHRASE", ["pass", "show", "borg/vms"]),
         "borg": {"type": "string", "description": "The borg program.", "example": "/usr/bin/borg"},
     },
 }

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
-from virtfreeze.targets import ArchiveResult, secret_env
+from virtfreeze.targets import ArchiveResult, secret_env, secret_settings
 
 SCHEMA = {
     "type": "object",
@@ -27,13 +27,7 @@ SCHEMA = {
         "repository": {"type": "string", "description": "The restic repository.", "example": "/var/backups/vms.restic"},
         "extra_args": {"type": "array", "items": {"type": "string"},
                        "description": "More arguments for restic backup.", "example": ["--limit-upload", "5000"]},
-        "password_file": {"type": "string", "description": "File holding the password.",
-                          "example": "/etc/virtfreeze/restic.pass"},
-        "password_env": {"type": "string", "description": "Environment variable holding the password.",
-                         "example": "VMS_RESTIC_PASSWORD"},
-        "password_command": {"type": "array", "items": {"type": "string"},
-                             "description": "Command (no shell) that prints the password.",
-                             "example": ["pass", "show", "restic/vms"]},
+        **secret_settings("password", "/etc/virtfreeze/restic.pass", "VMS_RESTIC_PASSWORD", ["pass", "show", "restic/vms"]),
         "restic": {"type": "string", "description": "The restic program.", "example": "/usr/bin/restic"},
     },
 }
