@@ -65,7 +65,11 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[Target], *, memor
                 result.archives.append(archived)
                 log.info("domain %r: archived to %s as %s (%d bytes, %.1fs)", info.name, target.name,
                          archived.archive, archived.bytes, archived.seconds)
-            except VirtfreezeError as e:
+            except Exception as e:  # noqa: BLE001 - a plugin's bug must not skip the other targets or the thaw
+                if not isinstance(e, VirtfreezeError):
+                    log.debug("domain %r: target %s raised", info.name, target.name, exc_info=True)
+                    e = VirtfreezeError(f"target plugin for {target.type!r} raised {type(e).__name__}: {e}",
+                                        domain=info.name)
                 log.error("domain %r: archive to %s failed: %s", info.name, target.name, e)
                 result.errors.append(f"{target.name}: {e}")
                 report_failure(rt.pm, ref, "archive", e)

@@ -31,7 +31,10 @@ Exit codes:
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"virtfreeze: {record.levelname.lower()}: {record.getMessage()}"
+        text = f"virtfreeze: {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:  # only debug records carry one (-v)
+            text += "\n" + self.formatException(record.exc_info)
+        return text
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -71,8 +74,12 @@ class Ctx:
         return self._rt
 
 
-def _run_guarded(fn):
-    """Turn VirtfreezeErrors into one line on stderr and their exit code; never a traceback."""
+def _run_guarded(fn, mutates: bool = False):
+    """Turn errors into one line on stderr and their exit code; never a traceback.
+
+    A bug (any other exception) in a command that changes domains exits 3:
+    its state is unknown, and `status` then `thaw` is the safe next step.
+    """
     try:
         code = fn()
     except VirtfreezeError as e:
@@ -81,6 +88,12 @@ def _run_guarded(fn):
     except KeyboardInterrupt:
         click.echo("virtfreeze: interrupted; run `virtfreeze status` and `virtfreeze thaw`", err=True)
         code = 130
+    except Exception as e:  # noqa: BLE001 - the last resort
+        log.debug("internal error", exc_info=True)
+        where = "; a VM may be left on an overlay: run `virtfreeze status`, then `virtfreeze thaw`" if mutates else ""
+        click.echo(f"virtfreeze: error: internal error {type(e).__name__}: {e}{where} "
+                   "(a bug: -v shows the traceback)", err=True)
+        code = errors.EXIT_ON_OVERLAY if mutates else errors.EXIT_FAILED
     sys.exit(code)
 
 
@@ -93,6 +106,11 @@ def _for_each(items, fn, jobs: int):
             return item, fn(item), None
         except VirtfreezeError as e:
             return item, None, e
+        except Exception as e:  # noqa: BLE001 - a bug: report it for this domain, go on with the others
+            log.debug("domain %r: internal error", item.name, exc_info=True)
+            return item, None, errors.LeftOnOverlay(
+                f"internal error {type(e).__name__}: {e}", domain=item.name,
+                hint="a bug (-v shows the traceback); it may be left on an overlay: run `virtfreeze status`")
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for item, result, err in pool.map(one, items):
@@ -172,7 +190,7 @@ def freeze(ctx: Ctx, domains, all_, memory, quiesce):
         return _emit(ctx, "frozen", results, failures, lambda r: (
             f"frozen {r.name} ({r.consistency}): {', '.join(r.disks) or 'no disks'} -> {r.export_dir}"), skipped)
 
-    _run_guarded(run)
+    _run_guarded(run, mutates=True)
 
 
 @cli.command()
@@ -217,7 +235,7 @@ def thaw(ctx: Ctx, domains, all_, strategy):
             + (f" after {r.rounds} live rounds" if r.rounds else "") + ")"
             if r.strategy else f"{r.name}: nothing frozen"))
 
-    _run_guarded(run)
+    _run_guarded(run, mutates=True)
 
 
 @cli.command()
@@ -275,7 +293,7 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
         archive_failed = any(not r.ok for r in results)
         return code or (errors.EXIT_FAILED if archive_failed else errors.EXIT_OK)
 
-    _run_guarded(run)
+    _run_guarded(run, mutates=True)
 
 
 @cli.command()

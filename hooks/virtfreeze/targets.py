@@ -88,8 +88,13 @@ def secret_env(settings: dict, prefix: str, env_name: str) -> dict[str, str]:
     """
     env: dict[str, str] = {}
     if settings.get(f"{prefix}_file"):
-        with open(settings[f"{prefix}_file"]) as fh:
-            env[env_name] = fh.read().rstrip("\n")
+        path = settings[f"{prefix}_file"]
+        try:
+            with open(path) as fh:
+                env[env_name] = fh.read().rstrip("\n")
+        except OSError as e:
+            raise VirtfreezeError(f"cannot read the {prefix} file: {e.strerror}", path=path,
+                                  hint=f"fix {prefix}_file in the target's settings") from None
     elif settings.get(f"{prefix}_env"):
         var = settings[f"{prefix}_env"]
         if var not in os.environ:
@@ -97,7 +102,10 @@ def secret_env(settings: dict, prefix: str, env_name: str) -> dict[str, str]:
         env[env_name] = os.environ[var]
     elif settings.get(f"{prefix}_command"):
         cmd = settings[f"{prefix}_command"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)  # a list: no shell
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)  # a list: no shell
+        except OSError as e:
+            raise VirtfreezeError(f"{prefix}_command cannot run: {e.strerror}", path=cmd[0] if cmd else None) from None
         if proc.returncode != 0:
             raise VirtfreezeError(f"{prefix}_command failed: {proc.stderr.strip()}")
         env[env_name] = proc.stdout.rstrip("\n")

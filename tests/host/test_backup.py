@@ -81,11 +81,17 @@ def test_backup_two_domains_to_three_targets(guest_factory, vf, tmp_path):
 
 def test_archive_failure_still_thaws(guest_factory, vf, tmp_path):
     g = guest_factory([DiskSpec("vda")])
-    vf.write_config(targets={"gone": {"type": "directory", "path": str(tmp_path / "does-not-exist")}})
+    vf.write_config(targets={
+        "gone": {"type": "directory", "path": str(tmp_path / "does-not-exist")},
+        "nopass": {"type": "borg", "repository": str(tmp_path / "repo.borg"),
+                   "passphrase_file": str(tmp_path / "absent.pass")},
+    })
     env = vf.env()
     env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")
     out = vf("backup", g.name, expect=1, env=env)
     assert "does-not-exist" in out.stdout + out.stderr
+    assert str(tmp_path / "absent.pass") in out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)
 

@@ -34,3 +34,38 @@ def test_unknown_command_and_option_exit_2():
 def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "virtfreeze", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_a_bug_is_one_line_and_a_mutating_command_says_what_may_be_left(monkeypatch):
+    from virtfreeze import config
+
+    def broken(path):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(config, "load", broken)
+    runner = CliRunner()
+    for args, code in ((["status"], 1), (["freeze", "--all"], 3), (["thaw"], 3)):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == code, (args, result.output)
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "internal error RuntimeError: boom" in lines[0]
+        assert "Traceback" not in result.output
+        assert ("virtfreeze status" in lines[0]) == (code == 3)
+
+
+def test_for_each_reports_a_bug_per_domain_and_goes_on():
+    from virtfreeze.cli import _for_each
+    from virtfreeze.errors import EXIT_ON_OVERLAY
+    from virtfreeze.libvirt_boundary import DomainInfo
+
+    doms = [DomainInfo(n, f"u-{n}", "running", True) for n in ("a", "b", "c")]
+
+    def fn(d):
+        if d.name == "b":
+            raise KeyError("x")
+        return d.name
+
+    results, failures = _for_each(doms, fn, 2)
+    assert results == ["a", "c"]
+    (item, err), = failures
+    assert item.name == "b" and err.exit_code == EXIT_ON_OVERLAY and "'b'" in str(err)

@@ -183,3 +183,20 @@ def test_mountinfo_escapes_are_undone():
 
     assert unescape_mountinfo(r"/run/x/vf\040t\040\134q\011") == "/run/x/vf t \\q\t"
     assert unescape_mountinfo("/run/x/dömäin") == "/run/x/dömäin"
+
+
+def test_secrets_failures_name_the_path(tmp_path, monkeypatch):
+    from virtfreeze.errors import VirtfreezeError
+    from virtfreeze.targets import secret_env
+
+    with pytest.raises(VirtfreezeError) as e:
+        secret_env({"passphrase_file": str(tmp_path / "absent.pass")}, "passphrase", "BORG_PASSPHRASE")
+    assert str(tmp_path / "absent.pass") in str(e.value) and "passphrase_file" in str(e.value)
+    with pytest.raises(VirtfreezeError) as e:
+        secret_env({"password_command": [str(tmp_path / "no-such-program")]}, "password", "RESTIC_PASSWORD")
+    assert "password_command" in str(e.value)
+    (tmp_path / "ok.pass").write_text("s3cret\n")
+    assert secret_env({"passphrase_file": str(tmp_path / "ok.pass")}, "passphrase", "X") == {"X": "s3cret"}
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    with pytest.raises(VirtfreezeError):
+        secret_env({"passphrase_env": "NOT_SET_ANYWHERE"}, "passphrase", "X")
