@@ -58,6 +58,11 @@ def load_targets(raw: dict[str, Any], pm, source: str | None = None) -> dict[str
             else:
                 msg = e.message
             raise ConfigError(f"target {name!r} ({kind}): {msg}", path=source)
+        for prefix in {k.rsplit("_", 1)[0] for k in spec if k.endswith(("_file", "_env", "_command"))}:
+            group = [f"{prefix}_{way}" for way in ("file", "env", "command")]  # see secret_settings()
+            given = [k for k in group if k in spec]
+            if len(given) > 1 and all(k in types[kind]["properties"] for k in group):
+                raise ConfigError(f"target {name!r} ({kind}): set only one of {', '.join(given)}", path=source)
         out[name] = Target(name, kind, spec)
     return out
 

@@ -161,6 +161,10 @@ def test_target_settings_are_checked_against_the_plugin_schema(monkeypatch):
         load_targets({"t": {"type": "restic"}}, pm)
     assert "'repository' is a required property" in str(e.value)
     with pytest.raises(ConfigError) as e:
+        load_targets({"t": {"type": "restic", "repository": "/r", "password_env": "P", "password_command": ["x"]}}, pm)
+    assert "set only one of password_env, password_command" in str(e.value)
+    assert load_targets({"t": {"type": "borg", "repository": "/r", "passphrase_env": "P"}}, pm)["t"].type == "borg"
+    with pytest.raises(ConfigError) as e:
         load_targets({"t": {"type": "tape"}}, pm)
     assert "'tape'" in str(e.value) and "borg, directory, restic" in str(e.value)
 
