@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -12,6 +13,7 @@ import click
 
 from virtfreeze import __version__, config as config_mod, errors
 from virtfreeze.errors import VirtfreezeError
+from virtfreeze.signals import signals_to_main_thread, stop_gracefully, stopping
 
 log = logging.getLogger("virtfreeze")
 
@@ -79,9 +81,12 @@ def _run_guarded(fn, mutates: bool = False):
 
     A bug (any other exception) in a command that changes domains exits 3:
     its state is unknown, and `status` then `thaw` is the safe next step.
+    Such a command also finishes what it started when asked to stop (SIGTERM,
+    e.g. systemd stopping the unit), instead of dying mid-way.
     """
     try:
-        code = fn()
+        with stop_gracefully() if mutates else contextlib.nullcontext():
+            code = fn()
     except VirtfreezeError as e:
         _fail(e)
         code = e.exit_code
@@ -102,6 +107,9 @@ def _for_each(items, fn, jobs: int):
     results, failures = [], []
 
     def one(item):
+        if stopping.is_set():
+            return item, None, VirtfreezeError("not started: virtfreeze was asked to stop", domain=item.name,
+                                               hint="run the command again")
         try:
             return item, fn(item), None
         except VirtfreezeError as e:
@@ -112,7 +120,7 @@ def _for_each(items, fn, jobs: int):
                 f"internal error {type(e).__name__}: {e}", domain=item.name,
                 hint="a bug (-v shows the traceback); it may be left on an overlay: run `virtfreeze status`")
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, jobs), initializer=signals_to_main_thread) as pool:
         for item, result, err in pool.map(one, items):
             if err is None:
                 results.append(result)

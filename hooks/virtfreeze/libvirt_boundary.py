@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import libvirt
 
 from virtfreeze.errors import ConnectionFailed, DomainNotFound, VirtfreezeError
+from virtfreeze.signals import signals_to_main_thread
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def _ensure_event_loop() -> None:
         libvirt.virEventRegisterDefaultImpl()
 
         def run() -> None:
+            signals_to_main_thread()
             while True:
                 libvirt.virEventRunDefaultImpl()
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from tests.host.conftest import VIRTFREEZE
 from tests.host.helpers import assert_all_acked_present, assert_back_on_base
 from tests.rig.guest import DiskSpec
 from tests.rig.integrity import check_image
@@ -168,3 +170,30 @@ def test_third_party_plugin_from_its_own_distribution(guest_factory, vf, tmp_pat
     for guest in (g, skipped):
         assert_back_on_base(guest, vf)
         assert_all_acked_present(guest)
+
+
+def test_sigterm_during_backup_finishes_the_domain_in_progress(guest_factory, vf, tmp_path):
+    """As systemd stopping the unit: the frozen domain is archived and thawed, the next is not started."""
+    first, second = sorted((guest_factory([DiskSpec("vda")]) for _ in range(2)), key=lambda g: g.name)
+    (tmp_path / "dir-target").mkdir()
+    vf.write_config(targets={"dir": {"type": "directory", "path": str(tmp_path / "dir-target")}})
+    env = vf.env(VIRTFREEZE_FAILPOINT="freeze-after-export:stop")
+    env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")
+    proc = subprocess.Popen([*VIRTFREEZE, "--config", str(vf.config_path), "--json", "backup", "--jobs", "1",
+                             first.name, second.name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)  # it stops itself once the first domain is frozen
+    assert os.WIFSTOPPED(status), "backup ended before the failpoint"
+    os.kill(proc.pid, signal.SIGTERM)  # pending until it runs again
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert "SIGTERM: finishing the domains in progress" in err and "Traceback" not in err
+    result = json.loads(out)
+    assert [(b["name"], b["ok"]) for b in result["backups"]] == [(first.name, True)]
+    assert [e["domain"] for e in result["errors"]] == [second.name]
+    assert "not started" in result["errors"][0]["message"]
+    assert not vf.journal(second.uuid).exists()
+    for g in (first, second):
+        assert_back_on_base(g, vf)
+        assert_all_acked_present(g)
