@@ -20,6 +20,7 @@ bytes; then the guest is stopped only to merge that last, small overlay
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -101,12 +102,19 @@ def one_round(hv, domain, disks, live_xml: str, tops: dict[str, str], config, jo
     return new
 
 
+# Longest wait for a commit to become ready while the guest is paused; after it
+# the guest runs again and the commit goes on live (the next thaw pivots it).
+PAUSED_READY_TIMEOUT = 60.0
+
+
 def merge_paused(hv, domain, disks, config, journal) -> tuple[int, float]:
     """Merge the last overlays with the guest's vCPUs stopped; returns (bytes, seconds stopped).
 
     A guest that was paused already stays paused. Raises MergeRefused (the
     guest running again) when libvirt refuses the commit.
     """
+    bounded = dataclasses.replace(config, commit_ready_timeout=min(config.commit_ready_timeout,
+                                                                   PAUSED_READY_TIMEOUT))
     live = {d.target: d.source for d in parse_disks(hv.xml(domain.uuid, domain.name))}
     merged = sum(_allocated(live[d.target]) for d in disks if d.is_ours(live.get(d.target)))
     pause = hv.state(domain.uuid) == RUNNING
@@ -116,7 +124,7 @@ def merge_paused(hv, domain, disks, config, journal) -> tuple[int, float]:
         hv.suspend(domain.uuid, domain.name)
     try:
         failpoint("iterative-paused")
-        merge_running(hv, domain, disks, config)
+        merge_running(hv, domain, disks, bounded)
     finally:
         resume_paused(hv, domain, journal)
     stopped = time.monotonic() - t0 if pause else 0.0
