@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -52,12 +53,11 @@ def test_domain_with_network_disk(guest_factory, vf, tmp_path):
     image = tmp_path / "nbd.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
     sock = SOCKET_DIR / f"nbd-{os.getpid()}-{time.monotonic_ns()}.sock"
-    nbd = subprocess.Popen(["qemu-nbd", "--persistent", "-k", str(sock), "-f", "qcow2", str(image)])
+    pidfile = sock.with_suffix(".pid")
+    # --fork: the parent exits once the server listens, so no waiting on the socket is needed.
+    subprocess.run(["qemu-nbd", "--fork", "--persistent", "--pid-file", str(pidfile), "-k", str(sock),
+                    "-f", "qcow2", str(image)], check=True, timeout=60)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():  # qemu-nbd has no readiness signal but its socket
-            assert nbd.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
-            time.sleep(0.01)
         g = guest_factory([DiskSpec("vda"), DiskSpec("vdb", nbd_socket=sock, writes=False)])
         out = vf("--json", "freeze", g.name)
         frozen = json.loads(out.stdout)["frozen"][0]
@@ -69,8 +69,7 @@ def test_domain_with_network_disk(guest_factory, vf, tmp_path):
         assert_back_on_base(g, vf)
         assert_all_acked_present(g)
     finally:
-        nbd.terminate()
-        nbd.wait()
+        os.kill(int(pidfile.read_text()), signal.SIGTERM)
 
 
 def test_overlay_directory_missing(guest_factory, vf, tmp_path):
