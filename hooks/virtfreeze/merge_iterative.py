@@ -45,10 +45,6 @@ def _allocated(path: str) -> int:
         return 0
 
 
-def _round_of(disk, path: str) -> int:
-    return 1 if path == disk.overlay else int(path.rsplit(".virtfreeze-", 1)[1][:-6])
-
-
 def _wait_completed(hv, domain, targets: set[str], events: queue.Queue, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     pending = set(targets)
@@ -76,7 +72,7 @@ def _wait_completed(hv, domain, targets: set[str], events: queue.Queue, timeout:
 
 def one_round(hv, domain, disks, live_xml: str, tops: dict[str, str], config, journal) -> dict[str, str]:
     """New overlays on top, then commit the previous tops into the bases. Returns the new tops."""
-    n = max(_round_of(d, tops[d.target]) for d in disks) + 1
+    n = max(d.round_of(tops[d.target]) for d in disks) + 1
     new = {d.target: d.round_overlay(n) for d in disks}
     for path in new.values():
         with contextlib.suppress(FileNotFoundError):

@@ -13,7 +13,6 @@ the next thaw finishes the commit, fixes the saved XML and brings it back.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import time
@@ -34,9 +33,8 @@ def _top_of(disk, sources: list[str | None]) -> str | None:
     for src in sources:
         if disk.is_ours(src) and os.path.exists(src):
             return src
-    stem = disk.overlay[: -len(".virtfreeze.qcow2")]
-    rounds = [p for p in glob.glob(glob.escape(stem) + ".virtfreeze*.qcow2") if disk.is_ours(p)]
-    return max(rounds, key=lambda p: 1 if p == disk.overlay else int(p.rsplit("-", 1)[1][:-6]), default=None)
+    on_disk = disk.overlays_on_disk()
+    return on_disk[-1] if on_disk else None
 
 
 def commit_stopped(hv, domain, disks, journal) -> int:

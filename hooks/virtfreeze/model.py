@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 from dataclasses import asdict, dataclass
 
 
@@ -25,17 +26,32 @@ class DiskPlan:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @property
+    def _rounds_prefix(self) -> str:
+        return self.overlay[: -len(".virtfreeze.qcow2")] + ".virtfreeze-"
+
     def round_overlay(self, n: int) -> str:
         """The overlay of round n of an iterative merge (round 1 is `overlay` itself)."""
-        return self.overlay if n <= 1 else self.overlay[: -len(".virtfreeze.qcow2")] + f".virtfreeze-{n}.qcow2"
+        return self.overlay if n <= 1 else f"{self._rounds_prefix}{n}.qcow2"
+
+    def round_of(self, path: str | None) -> int | None:
+        """Which round's overlay `path` is (1: `overlay` itself), or None when it is not this disk's."""
+        if not path:
+            return None
+        if path == self.overlay:
+            return 1
+        head = self._rounds_prefix
+        n = path[len(head):-len(".qcow2")]
+        return int(n) if path.startswith(head) and path.endswith(".qcow2") and n.isdigit() else None
 
     def is_ours(self, path: str | None) -> bool:
         """Whether `path` is this disk's overlay or one of its iterative rounds."""
-        if not path:
-            return False
-        stem = self.overlay[: -len(".virtfreeze.qcow2")]
-        return path == self.overlay or (path.startswith(stem + ".virtfreeze-") and path.endswith(".qcow2")
-                                        and path[len(stem) + 12:-6].isdigit())
+        return self.round_of(path) is not None
+
+    def overlays_on_disk(self) -> list[str]:
+        """This disk's overlay files that exist, oldest round first."""
+        found = glob.glob(glob.escape(self._rounds_prefix[: -len("-")]) + "*.qcow2")
+        return sorted((f for f in found if self.is_ours(f)), key=self.round_of)
 
     @classmethod
     def from_json(cls, data: dict) -> "DiskPlan":

@@ -9,7 +9,6 @@ them any more.
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 import shutil
@@ -129,17 +128,11 @@ def _sources(rt: Runtime, ref: DomainRef) -> list[dict[str, str | None]]:
     return [{d.target: d.source for d in parse_disks(x)} for x in xmls]
 
 
-def _family(d: DiskPlan) -> list[str]:
-    """The overlay files of a disk that exist: its overlay and any iterative rounds."""
-    stem = d.overlay[: -len(".virtfreeze.qcow2")]
-    return sorted(p for p in glob.glob(glob.escape(stem) + ".virtfreeze*.qcow2") if d.is_ours(p))
-
-
 def on_overlay(rt: Runtime, ref: DomainRef, disks: list[DiskPlan]) -> list[DiskPlan]:
     """The disks some definition still points at an overlay (or, domain gone, whose overlay exists)."""
     defs = _sources(rt, ref)
     if not defs:
-        return [d for d in disks if _family(d)]
+        return [d for d in disks if d.overlays_on_disk()]
     return [d for d in disks if any(d.is_ours(src.get(d.target)) for src in defs)]
 
 
@@ -151,7 +144,7 @@ def _repoint_persistent(rt: Runtime, ref: DomainRef, disks: list[DiskPlan]) -> N
 
 def _remove_overlays(disks: list[DiskPlan], ref: DomainRef) -> None:
     for d in disks:
-        for path in _family(d):
+        for path in d.overlays_on_disk():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
                 log.info("domain %r disk %s: removed overlay %s", ref.name, d.target, path)
@@ -189,7 +182,7 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
     disks = [DiskPlan.from_json(d) for d in record.get("disks", [])]
     notes = JournalNotes(rt, dict(record, phase="thawing"))
     notes.note()
-    overlay_bytes = sum(os.stat(p).st_size for d in disks for p in _family(d))
+    overlay_bytes = sum(os.stat(p).st_size for d in disks for p in d.overlays_on_disk())
     wanted = resolve_strategy(rt, ref.name, strategy)
 
     result = None
