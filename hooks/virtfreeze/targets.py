@@ -74,6 +74,25 @@ def archive_name(domain: str, when: datetime | None = None) -> str:
     return f"{safe}-{when.strftime('%Y-%m-%dT%H:%M:%SZ')}"
 
 
+def archive_prefix(domain: str) -> str:
+    """What every `archive_name` of this domain starts with."""
+    return archive_name(domain)[: -len("YYYY-MM-DDTHH:MM:SSZ")]
+
+
+def run_tool(argv: list[str], what: str, path: str, env: dict, ok: tuple[int, ...] = (0,),
+             **kw) -> subprocess.CompletedProcess:
+    """Run a backup tool (no shell); a failure becomes one line naming the repository and the tool's last words."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, **kw)
+    except OSError as e:
+        raise VirtfreezeError(f"{what}: cannot run {argv[0]}: {e.strerror}", path=path,
+                              hint="install it, or set the target's program path") from None
+    if proc.returncode not in ok:
+        err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise VirtfreezeError(f"{what} failed: {err}", path=path)
+    return proc
+
+
 def secret_settings(prefix: str, example_file: str, example_env: str, example_command: list[str]) -> dict:
     """Schema properties of the settings `secret_env` reads: `<prefix>_file`, `_env`, `_command`."""
     return {

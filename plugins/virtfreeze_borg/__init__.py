@@ -13,9 +13,10 @@ import os
 import subprocess
 import time
 
-from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
-from virtfreeze.targets import ArchiveResult, archive_name, secret_env, secret_settings
+from virtfreeze.targets import (
+    ArchiveResult, archive_name, archive_prefix, run_tool, secret_env, secret_settings,
+)
 
 SCHEMA = {
     "type": "object",
@@ -37,12 +38,9 @@ def _env(settings: dict) -> dict:
 
 
 def _run(settings: dict, args: list[str], what: str, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([settings.get("borg", "borg"), *args], capture_output=True, text=True,
-                          env=_env(settings), **kw)
-    if proc.returncode not in (0, 1):  # 1: warnings (e.g. a file changed while read)
-        err = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
-        raise VirtfreezeError(f"borg {what} failed: {err}", path=settings["repository"])
-    return proc
+    # exit 1: warnings (e.g. a file changed while read)
+    return run_tool([settings.get("borg", "borg"), *args], f"borg {what}", settings["repository"], _env(settings),
+                    ok=(0, 1), **kw)
 
 
 @hookimpl
@@ -74,7 +72,7 @@ def virtfreeze_list_archives(target, domain):
         return None
     s = target.settings
     archives = json.loads(_run(s, ["list", "--json", s["repository"]], "list").stdout)["archives"]
-    prefix = archive_name(domain.name).rsplit("-", 3)[0] + "-"
+    prefix = archive_prefix(domain.name)
     return [a["name"] for a in archives if a["name"].startswith(prefix)]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
-from virtfreeze.targets import ArchiveResult, archive_name
+from virtfreeze.targets import ArchiveResult, archive_name, archive_prefix
 
 SCHEMA = {
     "type": "object",
@@ -83,7 +83,7 @@ def virtfreeze_archive(target, domain, export_dir, manifest):
 def virtfreeze_list_archives(target, domain):
     if target.type != "directory":
         return None
-    prefix = archive_name(domain.name).rsplit("-", 3)[0] + "-"
+    prefix = archive_prefix(domain.name)
     root = Path(target.settings["path"])
     return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
 

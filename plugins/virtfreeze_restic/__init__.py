@@ -17,7 +17,7 @@ from pathlib import Path
 
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
-from virtfreeze.targets import ArchiveResult, secret_env, secret_settings
+from virtfreeze.targets import ArchiveResult, run_tool, secret_env, secret_settings
 
 SCHEMA = {
     "type": "object",
@@ -36,11 +36,7 @@ SCHEMA = {
 def _run(settings: dict, args: list[str], what: str, **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, RESTIC_REPOSITORY=settings["repository"],
                **secret_env(settings, "password", "RESTIC_PASSWORD"))
-    proc = subprocess.run([settings.get("restic", "restic"), *args], capture_output=True, text=True, env=env, **kw)
-    if proc.returncode != 0:
-        err = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
-        raise VirtfreezeError(f"restic {what} failed: {err}", path=settings["repository"])
-    return proc
+    return run_tool([settings.get("restic", "restic"), *args], f"restic {what}", settings["repository"], env, **kw)
 
 
 @hookimpl
