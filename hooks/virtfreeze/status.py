@@ -39,7 +39,8 @@ def collect(rt: Runtime, names: list[str] | None = None) -> list[dict]:
     for ref in frozen_domains(rt):
         if names and ref.name not in names:
             continue
-        record = rt.journal.load(ref.uuid) or discover(rt, ref.uuid, ref.name) or {}
+        journaled = rt.journal.load(ref.uuid)
+        record = journaled or discover(rt, ref.uuid, ref.name) or {}
         disks = [DiskPlan.from_json(d) for d in record.get("disks", [])]
         pending = {d.target for d in on_overlay(rt, ref, disks)}
         state = rt.hv.state(ref.uuid)
@@ -53,7 +54,7 @@ def collect(rt: Runtime, names: list[str] | None = None) -> list[dict]:
             "phase": record.get("phase"),
             "since": record.get("frozen_at") or record.get("started"),
             "consistency": record.get("consistency"),
-            "journal": rt.journal.load(ref.uuid) is not None,
+            "journal": journaled is not None,
             "on_overlay": bool(pending),
             "disks": [{"target": d.target, "base": d.base, "overlay": d.overlay,
                        "overlay_bytes": _size(d.overlay), "on_overlay": d.target in pending} for d in disks],
