@@ -25,3 +25,4 @@ bench: prepare
 	$(PY) bench/freeze_thaw.py
 	$(PY) bench/downtime.py
 	$(PY) bench/archive.py
+	$(PY) bench/block_view.py

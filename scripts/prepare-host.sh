@@ -21,6 +21,7 @@ die() { printf 'prepare-host: error: %s\n' "$*" >&2; exit 1; }
 packages=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils dnsmasq-base
+  libfuse3-3                      # the export view of block-device disks (FUSE, through mfusepy)
   libvirt-dev pkg-config          # to build libvirt-python (PyPI has no wheels)
   busybox-static cpio xz-utils    # the writing test guest's initramfs
   borgbackup restic borgmatic     # the demo's and the tests' backup tools

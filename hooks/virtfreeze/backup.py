@@ -19,7 +19,7 @@ from virtfreeze.libvirt_boundary import DomainInfo
 from virtfreeze.model import DomainRef
 from virtfreeze.plugins import report_failure
 from virtfreeze.runtime import Runtime
-from virtfreeze.targets import ArchiveResult, Target
+from virtfreeze.targets import ArchiveResult, Target, describe_shortfall, short_of_data
 from virtfreeze.thaw import thaw_domain
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,27 @@ class BackupResult:
         return d
 
 
+def _check_contents(rt: Runtime, ref: DomainRef, target: Target, archive: str, manifest: dict) -> bool:
+    """Compare the target's own listing of a new archive with the frozen files' sizes.
+
+    Raises when a data file is missing or short: an archive without a disk's
+    data is a failure, never a success. False when the target cannot list.
+    """
+    contents = rt.pm.hook.virtfreeze_archive_contents(target=target, archive=archive)
+    if contents is None:
+        log.warning("domain %r: target %s (type %s) cannot list an archive's contents; %s not verified",
+                    ref.name, target.name, target.type, archive)
+        return False
+    short = short_of_data(manifest.get("sizes", {}), contents)
+    if short:
+        disks = {d["file"]: t for t, d in manifest.get("disks", {}).items()}
+        raise VirtfreezeError(f"archive {archive} in target {target.name} lacks data: "
+                              + "; ".join(describe_shortfall(*s) for s in short), domain=ref.name,
+                              disk=",".join(sorted({disks[p] for p, _w, _g in short if p in disks})) or None,
+                              hint="the archive is incomplete; check the target plugin and the tool's log")
+    return True
+
+
 def backup_domain(rt: Runtime, info: DomainInfo, targets: list[Target], *, memory: bool, quiesce: str,
                   strategy: str | None = None) -> BackupResult:
     ref = DomainRef(info.name, info.uuid)
@@ -63,6 +84,7 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[Target], *, memor
                 if archived is None:
                     raise VirtfreezeError(f"no plugin archives targets of type {target.type!r}")
                 result.archives.append(archived)
+                archived.verified = _check_contents(rt, ref, target, archived.archive, manifest)
                 log.info("domain %r: archived to %s as %s (%d bytes, %.1fs)", info.name, target.name,
                          archived.archive, archived.bytes, archived.seconds)
             except Exception as e:  # noqa: BLE001 - a plugin's bug must not skip the other targets or the thaw

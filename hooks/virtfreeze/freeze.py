@@ -201,10 +201,10 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool, quiesce: str) 
             "virtfreeze": __version__,
         }
         tpm_dir = SWTPM_DIR / info.uuid if has_swtpm(inactive_xml) else None
-        export_view.create(export_dir, inactive_xml=inactive_xml,
-                           disks={p.target: (p.base, p.base_format, p.backing) for p in plan},
-                           memory_file=memory_file, nvram=nvram_path(inactive_xml), tpm_dir=tpm_dir,
-                           manifest=manifest)
+        manifest = export_view.create(export_dir, inactive_xml=inactive_xml,
+                                      disks={p.target: (p.base, p.base_format, p.backing) for p in plan},
+                                      memory_file=memory_file, nvram=nvram_path(inactive_xml), tpm_dir=tpm_dir,
+                                      manifest=manifest)
         failpoint("freeze-after-export")
         rt.pm.hook.virtfreeze_after_freeze(domain=ref, manifest=manifest)
     except VirtfreezeError as e:

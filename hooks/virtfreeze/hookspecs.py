@@ -134,6 +134,22 @@ def virtfreeze_list_archives(target, domain):
 
 
 @hookspec(firstresult=True)
+def virtfreeze_archive_contents(target, archive):
+    """What one archive of a storage target holds, from the target's own listing.
+
+    Runs during `virtfreeze backup` right after each `virtfreeze_archive`,
+    so that an archive that lacks a frozen disk's data (a device node
+    stored instead of its content, a truncated file) is a failure, not a
+    success. firstresult: the implementation for ``target.type`` returns a
+    dict mapping each path, relative to the domain's export directory
+    (``disks/vda.raw``, ``memory.save``, ...), to the bytes the archive
+    holds for it (0 for anything that is not a regular file); every other
+    returns None. When no plugin answers, the archive is reported as not
+    verified. Raise `VirtfreezeError` when the listing failed.
+    """
+
+
+@hookspec(firstresult=True)
 def virtfreeze_extract(target, archive, destination):
     """Extract one archive of a storage target into ``destination`` (a new directory).
 

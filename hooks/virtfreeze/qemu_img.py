@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 
+from virtfreeze import runner
 from virtfreeze.errors import VirtfreezeError
 
 log = logging.getLogger(__name__)
@@ -15,15 +15,8 @@ log = logging.getLogger(__name__)
 
 def _run(args: list[str], what: str, path: str, domain: str | None = None, disk: str | None = None,
          capture: bool = True) -> str:
-    try:
-        proc = subprocess.run(["qemu-img", *args], capture_output=capture, text=True)
-    except FileNotFoundError:
-        raise VirtfreezeError("qemu-img not found", hint="install qemu-utils") from None
-    if proc.returncode != 0:
-        err = (proc.stderr or "").strip().splitlines()
-        raise VirtfreezeError(f"{what} failed: {err[-1] if err else 'exit ' + str(proc.returncode)}",
-                              domain=domain, disk=disk, path=path)
-    return proc.stdout or ""
+    return runner.run(["qemu-img", *args], what=what, domain=domain, disk=disk, path=path, capture=capture,
+                      install_hint="install qemu-utils").stdout or ""
 
 
 def info(path: str, domain: str | None = None, disk: str | None = None) -> dict:

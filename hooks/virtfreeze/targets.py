@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import jsonschema
 
+from virtfreeze import runner
 from virtfreeze.errors import ConfigError, VirtfreezeError
 
 
@@ -27,6 +27,8 @@ class ArchiveResult:
     archive: str  # the archive, snapshot or directory name in the target
     bytes: int  # bytes read from the export view
     seconds: float
+    verified: bool = False  # the target's own listing holds every data file at its full size
+
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -67,6 +69,24 @@ def load_targets(raw: dict[str, Any], pm, source: str | None = None) -> dict[str
     return out
 
 
+def short_of_data(sizes: dict[str, int], contents: dict[str, int]) -> list[tuple[str, int, int | None]]:
+    """The data files an archive lacks: (path, bytes frozen, bytes archived or None when absent).
+
+    `sizes` is the manifest's (relative path -> bytes of the frozen file),
+    `contents` the target's listing of the archive (relative path -> bytes).
+    """
+    return [(path, want, contents.get(path)) for path, want in sorted(sizes.items())
+            if contents.get(path) != want]
+
+
+def describe_shortfall(path: str, want: int, got: int | None) -> str:
+    """One phrase for `short_of_data`'s finding."""
+    if got is None:
+        return f"{path} is missing (frozen: {want} bytes)"
+    hint = " (a device node instead of its data?)" if got == 0 else ""
+    return f"{path} holds {got} of {want} bytes{hint}"
+
+
 def archive_name(domain: str, when: datetime | None = None) -> str:
     """`{domain}-{UTC timestamp}`, safe as a borg archive or directory name."""
     when = when or datetime.now(timezone.utc)
@@ -77,20 +97,6 @@ def archive_name(domain: str, when: datetime | None = None) -> str:
 def archive_prefix(domain: str) -> str:
     """What every `archive_name` of this domain starts with."""
     return archive_name(domain)[: -len("YYYY-MM-DDTHH:MM:SSZ")]
-
-
-def run_tool(argv: list[str], what: str, path: str, env: dict, ok: tuple[int, ...] = (0,),
-             **kw) -> subprocess.CompletedProcess:
-    """Run a backup tool (no shell); a failure becomes one line naming the repository and the tool's last words."""
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, **kw)
-    except OSError as e:
-        raise VirtfreezeError(f"{what}: cannot run {argv[0]}: {e.strerror}", path=path,
-                              hint="install it, or set the target's program path") from None
-    if proc.returncode not in ok:
-        err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        raise VirtfreezeError(f"{what} failed: {err}", path=path)
-    return proc
 
 
 def secret_settings(prefix: str, example_file: str, example_env: str, example_command: list[str]) -> dict:
@@ -126,19 +132,7 @@ def secret_env(settings: dict, prefix: str, env_name: str) -> dict[str, str]:
         env[env_name] = os.environ[var]
     elif settings.get(f"{prefix}_command"):
         cmd = settings[f"{prefix}_command"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)  # a list: no shell
-        except OSError as e:
-            raise VirtfreezeError(f"{prefix}_command cannot run: {e.strerror}", path=cmd[0] if cmd else None) from None
-        if proc.returncode != 0:
-            raise VirtfreezeError(f"{prefix}_command failed: {proc.stderr.strip()}")
+        proc = runner.run(cmd, what=f"{prefix}_command", path=cmd[0] if cmd else None,
+                          hint=f"fix {prefix}_command in the target's settings")
         env[env_name] = proc.stdout.rstrip("\n")
     return env
-
-
-def export_bytes(export_dir) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(export_dir):
-        for f in files:
-            total += os.stat(os.path.join(root, f)).st_size
-    return total

@@ -93,7 +93,9 @@ def discover(rt: Runtime, uuid: str, name: str) -> dict | None:
             disks[d.target] = DiskPlan(d.target, backing, fmt or "raw", _base_type(backing), d.source)
     if not disks:
         return None
-    return {"uuid": uuid, "name": name, "phase": "discovered", "disks": [p.to_json() for p in disks.values()]}
+    export_dir = rt.config.export_directory / export_view.domain_dir_name(name, uuid)
+    return {"uuid": uuid, "name": name, "phase": "discovered", "disks": [p.to_json() for p in disks.values()],
+            "export_dir": str(export_dir)}
 
 
 def frozen_domains(rt: Runtime) -> list[DomainRef]:
@@ -184,6 +186,11 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
     notes.note()
     overlay_bytes = sum(os.stat(p).st_size for d in disks for p in d.overlays_on_disk())
     wanted = resolve_strategy(rt, ref.name, strategy)
+    export_dir = record.get("export_dir")
+    if export_dir:
+        # The backup is over: nothing may read a base while it is merged into, and no
+        # device view (a FUSE process) outlives the freeze.
+        export_view.remove(Path(export_dir))
 
     result = None
     try:
@@ -217,9 +224,6 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
 
     failpoint("thaw-before-cleanup")
     _remove_overlays(disks, ref)
-    export_dir = record.get("export_dir")
-    if export_dir:
-        export_view.remove(Path(export_dir))
     shutil.rmtree(rt.memory_dir(ref.uuid), ignore_errors=True)
     rt.journal.remove(ref.uuid)
     seconds = time.monotonic() - t0

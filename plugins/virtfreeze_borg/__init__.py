@@ -13,9 +13,10 @@ import os
 import subprocess
 import time
 
+from virtfreeze import runner
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.targets import (
-    ArchiveResult, archive_name, archive_prefix, run_tool, secret_env, secret_settings,
+    ArchiveResult, archive_name, archive_prefix, secret_env, secret_settings,
 )
 
 SCHEMA = {
@@ -39,8 +40,8 @@ def _env(settings: dict) -> dict:
 
 def _run(settings: dict, args: list[str], what: str, **kw) -> subprocess.CompletedProcess:
     # exit 1: warnings (e.g. a file changed while read)
-    return run_tool([settings.get("borg", "borg"), *args], f"borg {what}", settings["repository"], _env(settings),
-                    ok=(0, 1), **kw)
+    return runner.run([settings.get("borg", "borg"), *args], what=f"borg {what}", path=settings["repository"],
+                      env=_env(settings), ok=(0, 1), **kw)
 
 
 @hookimpl
@@ -74,6 +75,17 @@ def virtfreeze_list_archives(target, domain):
     archives = json.loads(_run(s, ["list", "--json", s["repository"]], "list").stdout)["archives"]
     prefix = archive_prefix(domain.name)
     return [a["name"] for a in archives if a["name"].startswith(prefix)]
+
+
+@hookimpl
+def virtfreeze_archive_contents(target, archive):
+    if target.type != "borg":
+        return None
+    s = target.settings
+    out = _run(s, ["list", "--json-lines", f"{s['repository']}::{archive}"], "list").stdout
+    items = [json.loads(line) for line in out.splitlines() if line.strip()]
+    # Paths are relative to the export directory (create ran there on "."); device nodes have size 0.
+    return {i["path"]: (i.get("size") or 0) if i.get("type") == "-" else 0 for i in items if i.get("type") != "d"}
 
 
 @hookimpl

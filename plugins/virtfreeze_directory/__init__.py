@@ -27,13 +27,15 @@ SCHEMA = {
 CHUNK = 1 << 20
 
 
-def sparse_copy(src: Path, dst: Path) -> str:
-    """Copy a file, seeking over all-zero chunks; return its sha256."""
+def sparse_copy(src: Path, dst: Path) -> tuple[str, int]:
+    """Copy a file, seeking over all-zero chunks; return its sha256 and the bytes read."""
     h = hashlib.sha256()
     zero = bytes(CHUNK)
+    size = 0
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         while chunk := fi.read(CHUNK):
             h.update(chunk)
+            size += len(chunk)
             if chunk == zero[: len(chunk)]:
                 fo.seek(len(chunk), os.SEEK_CUR)
             else:
@@ -42,18 +44,18 @@ def sparse_copy(src: Path, dst: Path) -> str:
         fo.flush()
         os.fsync(fo.fileno())
     shutil.copymode(src, dst)
-    return h.hexdigest()
+    return h.hexdigest(), size
 
 
 def copy_tree(src: Path, dst: Path) -> tuple[int, dict[str, str]]:
+    """Copy a tree; return the bytes actually read and each file's sha256 (by relative path)."""
     total, sums = 0, {}
     for root, dirs, files in os.walk(src):
         rel = Path(root).relative_to(src)
         (dst / rel).mkdir(parents=True, exist_ok=True, mode=0o700)
         for f in sorted(files):
-            s = Path(root) / f
-            sums[str(rel / f)] = sparse_copy(s, dst / rel / f)
-            total += os.stat(s).st_size
+            sums[str(rel / f)], size = sparse_copy(Path(root) / f, dst / rel / f)
+            total += size
     return total, sums
 
 
@@ -89,12 +91,32 @@ def virtfreeze_list_archives(target, domain):
 
 
 @hookimpl
-def virtfreeze_extract(target, archive, destination):
+def virtfreeze_archive_contents(target, archive):
     if target.type != "directory":
         return None
+    src = _archive_dir(target, archive)
+    out = {}
+    for root, _dirs, files in os.walk(src):
+        for f in files:
+            p = Path(root) / f
+            rel = str(p.relative_to(src))
+            if rel != "SHA256SUMS":
+                out[rel] = os.lstat(p).st_size if p.is_file() and not p.is_symlink() else 0
+    return out
+
+
+def _archive_dir(target, archive: str) -> Path:
     src = Path(target.settings["path"]) / archive
     if "/" in archive or archive.startswith(".") or not src.is_dir():
         raise VirtfreezeError("no such archive", path=str(src))
+    return src
+
+
+@hookimpl
+def virtfreeze_extract(target, archive, destination):
+    if target.type != "directory":
+        return None
+    src = _archive_dir(target, archive)
     want = dict(line.split("  ", 1)[::-1] for line in (src / "SHA256SUMS").read_text().splitlines())
     want = {k.strip(): v for k, v in want.items()}
     Path(destination).mkdir(mode=0o700)

@@ -15,9 +15,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from virtfreeze import runner
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
-from virtfreeze.targets import ArchiveResult, run_tool, secret_env, secret_settings
+from virtfreeze.targets import ArchiveResult, secret_env, secret_settings
 
 SCHEMA = {
     "type": "object",
@@ -36,7 +37,8 @@ SCHEMA = {
 def _run(settings: dict, args: list[str], what: str, **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, RESTIC_REPOSITORY=settings["repository"],
                **secret_env(settings, "password", "RESTIC_PASSWORD"))
-    return run_tool([settings.get("restic", "restic"), *args], f"restic {what}", settings["repository"], env, **kw)
+    return runner.run([settings.get("restic", "restic"), *args], what=f"restic {what}", path=settings["repository"],
+                      env=env, **kw)
 
 
 @hookimpl
@@ -63,6 +65,20 @@ def virtfreeze_list_archives(target, domain):
         return None
     out = _run(target.settings, ["snapshots", "--json", "--tag", f"domain={domain.name}"], "snapshots").stdout
     return [s["short_id"] for s in sorted(json.loads(out) or [], key=lambda s: s["time"])]
+
+
+@hookimpl
+def virtfreeze_archive_contents(target, archive):
+    if target.type != "restic":
+        return None
+    out = _run(target.settings, ["ls", "--json", archive], "ls").stdout
+    nodes = [n for n in map(json.loads, filter(str.strip, out.splitlines())) if n.get("struct_type") == "node"]
+    manifest = next((n["path"] for n in nodes if n.get("name") == "manifest.json" and n.get("type") == "file"), None)
+    if manifest is None:
+        raise VirtfreezeError("snapshot holds no manifest.json; not a virtfreeze snapshot", path=archive)
+    root = manifest[: -len("manifest.json")]  # restic keeps absolute paths: relative to the export directory
+    return {n["path"][len(root):]: (n.get("size") or 0) if n.get("type") == "file" else 0
+            for n in nodes if n["path"].startswith(root) and n.get("type") != "dir"}
 
 
 @hookimpl

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
+import stat
+import subprocess
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -11,6 +15,7 @@ from pathlib import Path
 import libvirt
 
 from tests.rig.guest import Guest
+from tests.rig.integrity import check_image
 
 
 def disk_sources(dom: libvirt.virDomain, inactive: bool = False) -> dict[str, str | None]:
@@ -68,3 +73,28 @@ def sha256(path: Path) -> str:
 
 def now() -> float:
     return time.monotonic()
+
+
+def assert_archive_holds_disks(g, export: Path, t_before: float) -> None:
+    """Each archived image is a regular file of the frozen image's full size with every acknowledged record.
+
+    Full size: a block device's size (fixed), else what the archived manifest
+    recorded at the freeze (a qcow2 base grows when the overlay is merged).
+    """
+    sizes = json.loads((export / "manifest.json").read_text())["sizes"]
+    for t in g.writing:
+        image = export / "disks" / f"{t}.{g.formats[t]}"
+        st = os.lstat(image)
+        assert stat.S_ISREG(st.st_mode), f"{image} is not a regular file in the archive"
+        is_block = stat.S_ISBLK(os.stat(g.disks[t]).st_mode)
+        want = _size(g.disks[t]) if is_block else sizes[f"disks/{image.name}"]
+        assert st.st_size == want > 0, (image, st.st_size, want)
+        if g.formats[t] == "qcow2":
+            subprocess.run(["qemu-img", "check", "-q", "-f", "qcow2", str(image)], check=True)
+        report = check_image(image, t, g.acked(until=t_before)[t], g.formats[t])
+        assert report.checked > 0 and report.ok, report
+
+
+def _size(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return fh.seek(0, os.SEEK_END)

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 from tests.host.conftest import VIRTFREEZE
-from tests.host.helpers import assert_all_acked_present, assert_back_on_base
+from tests.host.helpers import assert_all_acked_present, assert_archive_holds_disks, assert_back_on_base
 from tests.rig.guest import DiskSpec
-from tests.rig.integrity import check_image
 
+from virtfreeze.export_view import image_size, is_block_device
 from virtfreeze.model import DomainRef
 from virtfreeze.plugins import get_plugin_manager
 from virtfreeze.targets import load_targets
@@ -38,7 +38,10 @@ def targets_config(tmp_path: Path) -> dict:
 
 
 def test_backup_two_domains_to_three_targets(guest_factory, vf, tmp_path):
-    guests = [guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw")]) for _ in range(2)]
+    # One on block devices (a raw and a qcow2 LV stand-in) and a qcow2 file, one on a qcow2 and a raw file.
+    guests = [guest_factory([DiskSpec("vda", "raw", size_mib=32, block=True), DiskSpec("vdb", "qcow2"),
+                             DiskSpec("vdc", "qcow2", block=True)]),
+              guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw")])]
     vf.write_config(targets=targets_config(tmp_path))
     env = dict(vf.env(TEST_BORG_PASSPHRASE="borg-secret"))
     env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")  # the targets are entry-point plugins
@@ -52,6 +55,9 @@ def test_backup_two_domains_to_three_targets(guest_factory, vf, tmp_path):
     for g in guests:
         r = results[g.name]
         assert r["ok"] and {a["target"] for a in r["archives"]} == {"borg", "restic", "dir"}
+        assert all(a["verified"] for a in r["archives"]), r["archives"]
+        data = sum(image_size(p) for p in g.disks.values() if is_block_device(p))
+        assert all(a["bytes"] >= data for a in r["archives"]), (data, r["archives"])
         assert r["strategy"] == "live"
         g.watcher.wait_acks(20, after=time.monotonic())
         assert_back_on_base(g, vf)
@@ -68,13 +74,7 @@ def test_backup_two_domains_to_three_targets(guest_factory, vf, tmp_path):
                 dest = tmp_path / f"extract-{t.name}-{g.name}"
                 pm.hook.virtfreeze_extract(target=t, archive=archives[0], destination=dest)
                 assert json.loads((dest / "manifest.json").read_text())["domain"] == g.name
-                for disk in g.writing:
-                    image = dest / "disks" / f"{disk}.{g.formats[disk]}"
-                    if g.formats[disk] == "qcow2":  # raw has nothing to check (qemu-img exits 63)
-                        subprocess.run(["qemu-img", "check", "-f", "qcow2", str(image)], check=True,
-                                       capture_output=True)
-                    report = check_image(image, disk, g.acked(until=t_before)[disk], g.formats[disk])
-                    assert report.checked > 0 and report.ok, (t.name, report)
+                assert_archive_holds_disks(g, dest, t_before)
     finally:
         del os.environ["TEST_BORG_PASSPHRASE"]
     for g in guests:
@@ -130,17 +130,24 @@ def virtfreeze_domain_failed(domain, phase, error):
 '''
 
 
-def test_third_party_plugin_from_its_own_distribution(guest_factory, vf, tmp_path):
-    src = tmp_path / "vf-example"
-    (src / "vf_example").mkdir(parents=True)
-    (src / "vf_example" / "__init__.py").write_text(PLUGIN)
+def install_plugin(tmp_path: Path, dist: str, entry_point: str, source: str) -> Path:
+    """Install a plugin as its own distribution (entry point group `virtfreeze`); return its site dir."""
+    module = dist.replace("-", "_")
+    src = tmp_path / dist
+    (src / module).mkdir(parents=True)
+    (src / module / "__init__.py").write_text(source)
     (src / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
-        '[project]\nname = "vf-example"\nversion = "1.0"\n'
-        '[project.entry-points.virtfreeze]\nexample = "vf_example"\n')
-    site = tmp_path / "site"
+        f'[project]\nname = "{dist}"\nversion = "1.0"\n'
+        f'[project.entry-points.virtfreeze]\n{entry_point} = "{module}"\n')
+    site = tmp_path / f"site-{dist}"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(site), str(src)], check=True, capture_output=True)
+    return site
+
+
+def test_third_party_plugin_from_its_own_distribution(guest_factory, vf, tmp_path):
+    site = install_plugin(tmp_path, "vf-example", "example", PLUGIN)
     env = vf.env(PYTHONPATH=str(site), THIRD_PARTY_MARKER=str(tmp_path / "marker"))
     env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")
     listed = json.loads(vf("--json", "plugins", env=env).stdout)["plugins"]
@@ -197,3 +204,72 @@ def test_sigterm_during_backup_finishes_the_domain_in_progress(guest_factory, vf
     for g in (first, second):
         assert_back_on_base(g, vf)
         assert_all_acked_present(g)
+
+
+METADATA_ONLY_TARGET = '''
+"""A broken target: it archives the definition and the manifest, but no disk."""
+import os
+import shutil
+from pathlib import Path
+
+from virtfreeze.hookspecs import hookimpl
+from virtfreeze.targets import ArchiveResult, archive_name
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["path"],
+          "properties": {"path": {"type": "string", "description": "Where.", "example": "/srv"}}}
+
+
+@hookimpl
+def virtfreeze_target_types():
+    return {"metaonly": SCHEMA}
+
+
+@hookimpl
+def virtfreeze_archive(target, domain, export_dir, manifest):
+    if target.type != "metaonly":
+        return None
+    name = archive_name(domain.name)
+    dest = Path(target.settings["path"]) / name
+    dest.mkdir()
+    for f in ("domain.xml", "manifest.json"):
+        shutil.copyfile(Path(export_dir) / f, dest / f)
+    os.mknod(dest / "vda.raw")  # an empty file where the disk should be, as a tool storing a device node would
+    return ArchiveResult(target.name, name, 1, 0.0)
+
+
+@hookimpl
+def virtfreeze_archive_contents(target, archive):
+    if target.type != "metaonly":
+        return None
+    root = Path(target.settings["path"]) / archive
+    return {p.name: p.stat().st_size for p in root.iterdir()}
+
+
+@hookimpl
+def virtfreeze_domain_failed(domain, phase, error):
+    with open(os.environ["THIRD_PARTY_MARKER"], "a") as fh:
+        fh.write(f"failed {domain.name} {phase} {error.exit_code}\\n")
+'''
+
+
+def test_archive_without_the_disk_data_fails_the_domain(guest_factory, vf, tmp_path):
+    site = install_plugin(tmp_path, "vf-metaonly", "metaonly", METADATA_ONLY_TARGET)
+    g = guest_factory([DiskSpec("vda", "raw", size_mib=32, block=True)])
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "dir").mkdir()
+    vf.write_config(targets={"broken": {"type": "metaonly", "path": str(tmp_path / "meta")},
+                             "good": {"type": "directory", "path": str(tmp_path / "dir")}})
+    env = vf.env(PYTHONPATH=str(site), THIRD_PARTY_MARKER=str(tmp_path / "marker"))
+    env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")
+    out = vf("--json", "backup", g.name, env=env, expect=1)
+    assert "Traceback" not in out.stderr
+    result = json.loads(out.stdout)["backups"][0]
+    assert not result["ok"]
+    assert [a["target"] for a in result["archives"]] == ["broken", "good"]
+    assert result["archives"][1]["verified"] and result["archives"][1]["bytes"] >= 32 << 20
+    [error] = result["errors"]
+    assert error.startswith("broken: ") and "lacks data" in error and "disks/vda.raw is missing" in error, error
+    assert f"domain {g.name!r} disk vda" in out.stderr
+    assert (tmp_path / "marker").read_text().splitlines() == [f"failed {g.name} archive 1"]
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)

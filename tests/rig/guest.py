@@ -32,6 +32,7 @@ class DiskSpec:
     writes: bool = True  # the guest writes records to it
     nbd_socket: Path | None = None  # a network (NBD over a unix socket) disk instead of a file
     template: bool = False  # qcow2 on top of a shared template image (<target>.template.qcow2)
+    block: bool = False  # a block device (a loop device over <target>.<fmt>.img): LVM/zvol stand-in
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Guest:
     stride: int = 1
     watcher: AckWatcher | None = None
     extra_watchers: list[AckWatcher] = field(default_factory=list)
+    loops: list[str] = field(default_factory=list)  # loop devices to detach at removal
 
     @property
     def dom(self) -> libvirt.virDomain:
@@ -105,19 +107,31 @@ class Guest:
         try:
             dom = self.conn.lookupByUUIDString(self.uuid)
         except libvirt.libvirtError:
-            return
-        try:
-            if dom.isActive():
-                dom.destroy()
-        except libvirt.libvirtError:
-            pass
-        try:
-            if dom.isPersistent():
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                                  | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-        except libvirt.libvirtError:
-            pass
+            dom = None
+        if dom is not None:
+            try:
+                if dom.isActive():
+                    dom.destroy()
+            except libvirt.libvirtError:
+                pass
+            try:
+                if dom.isPersistent():
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                                      | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                                      | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            except libvirt.libvirtError:
+                pass
+        for dev in self.loops:
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def attach_loop(image: Path, attempts: int = 5) -> str:
+    """A loop device over `image` (retried: parallel test workers race for the free one)."""
+    for attempt in range(attempts):
+        proc = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return proc.stdout.strip()
+    raise RuntimeError(f"losetup {image}: {proc.stderr.strip()}")
 
 
 def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths: dict[str, Path],
@@ -153,9 +167,9 @@ def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths
             ET.SubElement(src, "host", transport="unix", socket=str(d.nbd_socket))
             ET.SubElement(disk, "target", dev=d.target, bus="virtio")
             continue
-        disk = ET.SubElement(dev, "disk", type="file", device="disk")
+        disk = ET.SubElement(dev, "disk", type="block" if d.block else "file", device="disk")
         ET.SubElement(disk, "driver", name="qemu", type=d.fmt)
-        ET.SubElement(disk, "source", file=str(paths[d.target]))
+        ET.SubElement(disk, "source", {"dev" if d.block else "file": str(paths[d.target])})
         ET.SubElement(disk, "target", dev=d.target, bus="virtio")
     s0 = ET.SubElement(dev, "serial", type="file")
     ET.SubElement(s0, "source", path=str(workdir / "console.log"), append="on")
@@ -183,6 +197,7 @@ def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] 
     SOCKET_DIR.mkdir(parents=True, exist_ok=True)
     sock = SOCKET_DIR / f"{uid[:13]}.sock"
     paths: dict[str, Path] = {}
+    loops: list[str] = []
     for d in disks:
         if d.nbd_socket is not None:
             continue
@@ -193,6 +208,14 @@ def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] 
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tpl), f"{d.size_mib}M"], check=True)
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(tpl), "-F", "qcow2", str(p)],
                            check=True)
+        elif d.block:
+            p = p.with_name(p.name + ".img")
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(p), f"{d.size_mib}M"], check=True)
+            if fmt != "raw":  # a qcow2 on a block device: room for its metadata too, as an LV would have
+                with open(p, "r+b") as fh:
+                    fh.truncate((d.size_mib + 8) << 20)
+            p = Path(attach_loop(p))
+            loops.append(str(p))
         else:
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(p), f"{d.size_mib}M"], check=True)
         paths[d.target] = p
@@ -201,7 +224,7 @@ def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] 
                   disks={d.target: paths[d.target] for d in disks if d.target in paths and d.device == "disk"},
                   formats={d.target: d.fmt for d in disks if d.target in paths and d.device == "disk"},
                   writing=[d.target for d in disks if d.device == "disk" and d.writes],
-                  persistent=persistent, sock=sock, xml=xml, stride=stride)
+                  persistent=persistent, sock=sock, xml=xml, stride=stride, loops=loops)
     if persistent:
         conn.defineXML(xml)
     if start:

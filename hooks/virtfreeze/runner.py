@@ -1,0 +1,101 @@
+"""The one runner for external commands (qemu-img, mount, borg, restic, ...) and helpers.
+
+Never a shell: argv is a list, names and paths are arguments. A failure
+becomes one VirtfreezeError naming the command, the domain, disk or path it
+concerned, the exit code and the last lines of its stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import tempfile
+from typing import Callable
+
+from virtfreeze.errors import VirtfreezeError
+
+log = logging.getLogger(__name__)
+
+STDERR_LINES = 3  # how much of a failed command's stderr goes into the error
+
+
+def _unblock_signals() -> None:
+    """In the child, before exec: no blocked signals.
+
+    virtfreeze's worker threads block SIGTERM/SIGHUP/SIGINT (they belong to
+    the main thread), and a child inherits the mask of the thread that
+    started it: borg would ignore systemd's SIGTERM and a device view could
+    never be stopped. Only an async-signal-safe call runs here.
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def last_lines(text: str | None, n: int = STDERR_LINES) -> str:
+    """The last `n` non-empty lines of a command's output, joined with ' | '."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return " | ".join(lines[-n:])
+
+
+def run(argv: list[str], *, what: str | None = None, domain: str | None = None, disk: str | None = None,
+        path: str | None = None, ok: tuple[int, ...] = (0,), capture: bool = True, hint: str | None = None,
+        install_hint: str | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run `argv` (no shell) and return it; raise a VirtfreezeError when its exit code is not in `ok`.
+
+    `what` names the command in messages (default: the program's name);
+    `capture=False` lets its output through (a progress display on a
+    terminal); `install_hint` is the hint when the program is missing.
+    Other keyword arguments go to subprocess.run (env, cwd, input, ...).
+    """
+    what = what or argv[0]
+    log.debug("running %s", argv)
+    try:
+        proc = subprocess.run(argv, capture_output=capture, text=True, preexec_fn=_unblock_signals, **kw)
+    except OSError as e:
+        raise VirtfreezeError(f"{what}: cannot run {argv[0]}: {e.strerror}", domain=domain, disk=disk, path=path,
+                              hint=install_hint or "install it, or check the program path") from None
+    if proc.returncode not in ok:
+        said = last_lines(proc.stderr)  # never stdout: it may hold a secret (passphrase commands)
+        raise VirtfreezeError(f"{what} failed (exit {proc.returncode})" + (f": {said}" if said else ""),
+                              domain=domain, disk=disk, path=path, hint=hint)
+    return proc
+
+
+def start_daemon(argv_with_ready_fd: Callable[[int], list[str]], *, what: str, timeout: float = 30.0,
+                 domain: str | None = None, disk: str | None = None, path: str | None = None,
+                 install_hint: str | None = None) -> int:
+    """Start a long-running helper in its own session and wait until it says it is ready; return its pid.
+
+    The helper gets the write end of a pipe (its number goes into its argv)
+    and writes a line starting with "ready" there once it serves; if it
+    exits first, or says nothing within `timeout`, it is killed and the
+    last lines of its stderr make the error.
+    """
+    r, w = os.pipe()
+    with tempfile.TemporaryFile() as err:
+        try:
+            argv = argv_with_ready_fd(w)
+            log.debug("starting %s", argv)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                    pass_fds=(w,), start_new_session=True, preexec_fn=_unblock_signals)
+        except OSError as e:
+            os.close(r)
+            raise VirtfreezeError(f"{what}: cannot run {argv[0]}: {e.strerror}", domain=domain, disk=disk,
+                                  path=path, hint=install_hint) from None
+        finally:
+            os.close(w)
+        try:
+            said = os.read(r, 64) if select.select([r], [], [], timeout)[0] else b""
+        finally:
+            os.close(r)
+        if said.startswith(b"ready"):
+            return proc.pid
+        silent = f"no answer within {timeout:g}s" if proc.poll() is None else None
+        proc.kill()
+        code = proc.wait()
+        err.seek(0)
+        why = last_lines(err.read().decode(errors="replace")) or silent or f"exit {code}"
+        raise VirtfreezeError(f"{what} did not start: {why}", domain=domain, disk=disk, path=path,
+                              hint=install_hint)
