@@ -68,8 +68,9 @@ def _check_contents(rt: Runtime, ref: DomainRef, target: Target, archive: str, m
     return True
 
 
-def backup_domain(rt: Runtime, info: DomainInfo, targets: list[Target], *, memory: bool, quiesce: str,
-                  strategy: str | None = None) -> BackupResult:
+def backup_domain(rt: Runtime, info: DomainInfo, targets: list[Target], *, memory: bool | None = None,
+                  quiesce: str | None = None, strategy: str | None = None) -> BackupResult:
+    """Freeze, archive to each target, thaw; memory/quiesce/strategy None: not given on the command line."""
     ref = DomainRef(info.name, info.uuid)
     frozen = freeze_domain(rt, info, memory=memory, quiesce=quiesce)
     result = BackupResult(info.name, info.uuid, frozen.consistency, freeze_seconds=frozen.seconds,

@@ -60,11 +60,14 @@ def _worst(codes: list[int]) -> int:
 
 
 class Ctx:
-    def __init__(self, connect: str | None, config_path: Path | None, as_json: bool):
+    def __init__(self, connect: str | None, config_path: Path | None, as_json: bool, verbose: int, quiet: bool):
         self.connect = connect
         self.config_path = config_path
         self.as_json = as_json
+        self.verbose = verbose
+        self.quiet = quiet
         self._rt = None
+        _setup_logging(verbose, quiet)
 
     @property
     def rt(self):
@@ -162,8 +165,38 @@ def cli(click_ctx, connect, config_path, verbose, quiet, as_json):
     Run `virtfreeze freeze` before your backup tool reads the export directory
     and `virtfreeze thaw` after it, also when the backup failed.
     """
-    _setup_logging(verbose, quiet)
-    click_ctx.obj = Ctx(connect, config_path, as_json)
+    click_ctx.obj = Ctx(connect, config_path, as_json, verbose, quiet)
+
+
+def _output_options(command):
+    """--json, -v and -q after the command too (borg and restic users type them there), same meaning."""
+
+    def set_json(click_ctx, _param, value):
+        if value:
+            click_ctx.find_object(Ctx).as_json = True
+
+    def set_verbose(click_ctx, _param, value):
+        if value:
+            obj = click_ctx.find_object(Ctx)
+            obj.verbose += value
+            _setup_logging(obj.verbose, obj.quiet)
+
+    def set_quiet(click_ctx, _param, value):
+        if value:
+            obj = click_ctx.find_object(Ctx)
+            obj.quiet = True
+            _setup_logging(obj.verbose, obj.quiet)
+
+    for decorate in (
+        click.option("--json", "as_json", is_flag=True, expose_value=False, callback=set_json,
+                     help="Machine-readable output on stdout (as before the command)."),
+        click.option("-v", "--verbose", count=True, expose_value=False, callback=set_verbose,
+                     help="More log output on stderr (as before the command)."),
+        click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=set_quiet,
+                     help="Only warnings and errors on stderr (as before the command)."),
+    ):
+        command = decorate(command)
+    return command
 
 
 _domains_arg = click.argument("domains", nargs=-1, metavar="[DOMAIN|GLOB]...")
@@ -176,6 +209,7 @@ _all_opt = click.option("--all", "all_", is_flag=True, help="Every domain (confi
 @click.option("--memory/--no-memory", default=None, help="Also save the memory state (live; the guest keeps running).")
 @click.option("--quiesce", type=click.Choice(["auto", "require", "off"]), default=None,
               help="Freeze guest filesystems through the guest agent (default auto: when available).")
+@_output_options
 @click.pass_obj
 def freeze(ctx: Ctx, domains, all_, memory, quiesce):
     """Snapshot domains and expose their stable disks, memory and definition."""
@@ -188,10 +222,8 @@ def freeze(ctx: Ctx, domains, all_, memory, quiesce):
         rt = ctx.rt
         cfg = rt.config
         chosen, skipped = ask_plugins(rt.pm, select(rt.hv.domains(), list(domains), all_, cfg), cfg)
-        mem = cfg.memory if memory is None else memory
-        q = quiesce or cfg.quiesce
         try:
-            results, failures = _for_each(chosen, lambda d: freeze_domain(rt, d, memory=mem, quiesce=q),
+            results, failures = _for_each(chosen, lambda d: freeze_domain(rt, d, memory=memory, quiesce=quiesce),
                                           cfg.jobs)
         finally:
             export_view.write_index(cfg.export_directory)
@@ -206,6 +238,7 @@ def freeze(ctx: Ctx, domains, all_, memory, quiesce):
 @_all_opt
 @click.option("--strategy", type=click.Choice(["auto", "live", "iterative", "offline"]), default=None,
               help="How to merge running guests (default: config, else auto = live, offline if refused).")
+@_output_options
 @click.pass_obj
 def thaw(ctx: Ctx, domains, all_, strategy):
     """Merge overlays back into the base images and remove the export view.
@@ -256,6 +289,7 @@ def thaw(ctx: Ctx, domains, all_, strategy):
 @click.option("--quiesce", type=click.Choice(["auto", "require", "off"]), default=None, help="As for freeze.")
 @click.option("--strategy", type=click.Choice(["auto", "live", "iterative", "offline"]), default=None,
               help="As for thaw.")
+@_output_options
 @click.pass_obj
 def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strategy):
     """Per domain: freeze, archive to each storage target, thaw.
@@ -279,10 +313,8 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
             raise errors.UsageError(f"unknown target {unknown[0]!r} (configured: {', '.join(sorted(targets))})")
         chosen_targets = [targets[n] for n in (target_names or sorted(targets))]
         chosen, skipped = ask_plugins(rt.pm, select(rt.hv.domains(), list(domains), all_, cfg), cfg)
-        mem = cfg.memory if memory is None else memory
-        q = quiesce or cfg.quiesce
         results, failures = _for_each(chosen, lambda d: backup_domain(
-            rt, d, chosen_targets, memory=mem, quiesce=q, strategy=strategy), jobs or cfg.jobs)
+            rt, d, chosen_targets, memory=memory, quiesce=quiesce, strategy=strategy), jobs or cfg.jobs)
         if ctx.as_json:
             code = _emit(ctx, "backups", results, failures, str, skipped)
         else:
@@ -305,6 +337,7 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
 
 
 @cli.command()
+@_output_options
 @click.pass_obj
 def plugins(ctx: Ctx):
     """List the loaded plugins, where they come from, and their hooks."""
@@ -325,6 +358,7 @@ def config_group():
 
 
 @config_group.command("check")
+@_output_options
 @click.pass_obj
 def config_check(ctx: Ctx):
     """Validate the config (targets too, against their plugin's schema) and print what was understood.
@@ -355,6 +389,7 @@ def config_check(ctx: Ctx):
 
 @cli.command()
 @click.argument("domains", nargs=-1, metavar="[DOMAIN]...")
+@_output_options
 @click.pass_obj
 def status(ctx: Ctx, domains):
     """Show frozen domains (all, or those named); exit 3 when any is on an overlay."""

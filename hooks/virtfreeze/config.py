@@ -162,6 +162,16 @@ class DomainSettings:
     strategy: str | None = None
 
 
+@dataclass(frozen=True)
+class Effective:
+    """The settings one domain gets in one run, and where each came from."""
+
+    memory: bool
+    quiesce: str
+    strategy: str
+    sources: dict[str, str]  # setting -> "command line", "domain setting" or "configuration"
+
+
 @dataclass
 class Config:
     connect: str | None = None
@@ -201,6 +211,20 @@ class Config:
 
     def for_domain(self, name: str) -> DomainSettings:
         return self.domains.get(name, DomainSettings())
+
+    def effective(self, name: str, *, memory: bool | None = None, quiesce: str | None = None,
+                  strategy: str | None = None) -> Effective:
+        """Memory, quiesce and strategy for one domain: the command line (None: not given) wins,
+        then the domain's own setting, then the global one."""
+        domain = self.for_domain(name)
+        values, sources = {}, {}
+        for key, asked in (("memory", memory), ("quiesce", quiesce), ("strategy", strategy)):
+            for value, source in ((asked, "command line"), (getattr(domain, key), "domain setting"),
+                                  (getattr(self, key), "configuration")):
+                if value is not None:
+                    values[key], sources[key] = value, source
+                    break
+        return Effective(**values, sources=sources)
 
     def uri(self, cli_uri: str | None) -> str:
         return cli_uri or os.environ.get("LIBVIRT_DEFAULT_URI") or self.connect or DEFAULT_URI

@@ -126,7 +126,9 @@ def _discard_unused_overlays(plan: list[DiskPlan]) -> None:
             os.unlink(p.overlay)
 
 
-def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool, quiesce: str) -> FreezeResult:
+def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
+                  quiesce: str | None = None) -> FreezeResult:
+    """Freeze one domain (the caller holds its lock); `memory`/`quiesce` None: not given on the command line."""
     t0 = time.monotonic()
     ref = DomainRef(info.name, info.uuid)
     if rt.journal.load(info.uuid) or discover(rt, info.uuid, info.name):
@@ -138,9 +140,8 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool, quiesce: str) 
         raise VirtfreezeError(f"domain is {state}; only running, paused or shut-off domains can be frozen",
                               domain=info.name)
     rt.pm.hook.virtfreeze_before_freeze(domain=ref, state=state, config=rt.config)
-    settings = rt.config.for_domain(info.name)
-    memory = (settings.memory if settings.memory is not None else memory) and state != SHUTOFF
-    quiesce = settings.quiesce or quiesce
+    wanted = rt.config.effective(info.name, memory=memory, quiesce=quiesce)
+    memory, quiesce = wanted.memory and state != SHUTOFF, wanted.quiesce
     inactive_xml = rt.hv.xml(info.uuid, info.name, inactive=info.persistent)  # before the snapshot
     live_xml = rt.hv.xml(info.uuid, info.name, inactive=(state == SHUTOFF))
     disks, plan, skipped = _plan(rt, info, live_xml)
@@ -223,7 +224,8 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool, quiesce: str) 
                         time.monotonic() - t0)
 
 
-def freeze_domain(rt: Runtime, info: DomainInfo, *, memory: bool = False, quiesce: str = "auto") -> FreezeResult:
+def freeze_domain(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
+                  quiesce: str | None = None) -> FreezeResult:
     try:
         with domain_lock(info.uuid, info.name):
             return freeze_locked(rt, info, memory=memory, quiesce=quiesce)

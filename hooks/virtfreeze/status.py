@@ -7,13 +7,13 @@ import os
 from virtfreeze.libvirt_boundary import MISSING, PAUSED, RUNNING, SHUTOFF
 from virtfreeze.model import DiskPlan
 from virtfreeze.runtime import Runtime
-from virtfreeze.thaw import discover, frozen_domains, on_overlay, resolve_strategy
+from virtfreeze.thaw import discover, frozen_domains, on_overlay
 
 
 def planned_strategy(rt: Runtime, name: str, state: str) -> tuple[str, str]:
     """The merge the next thaw will use for a domain, and why."""
-    asked = resolve_strategy(rt, name, None)
-    source = "domain setting" if rt.config.for_domain(name).strategy else "configuration"
+    wanted = rt.config.effective(name)
+    asked, source = wanted.strategy, wanted.sources["strategy"]
     if state in (SHUTOFF, MISSING):
         return "offline", f"the domain is {'gone' if state == MISSING else 'shut off'}: qemu-img commit"
     if state not in (RUNNING, PAUSED):

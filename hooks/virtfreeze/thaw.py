@@ -61,11 +61,6 @@ class JournalNotes:
         return self.record.get(key, default)
 
 
-def resolve_strategy(rt: Runtime, name: str, asked: str | None) -> str:
-    """--strategy, else the domain's setting, else the global one."""
-    return asked or rt.config.for_domain(name).strategy or rt.config.strategy
-
-
 def _base_type(path: str) -> str:
     with contextlib.suppress(OSError):
         if stat.S_ISBLK(os.stat(path).st_mode):
@@ -185,7 +180,7 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
     notes = JournalNotes(rt, dict(record, phase="thawing"))
     notes.note()
     overlay_bytes = sum(os.stat(p).st_size for d in disks for p in d.overlays_on_disk())
-    wanted = resolve_strategy(rt, ref.name, strategy)
+    wanted = rt.config.effective(ref.name, strategy=strategy).strategy
     export_dir = record.get("export_dir")
     if export_dir:
         # The backup is over: nothing may read a base while it is merged into, and no

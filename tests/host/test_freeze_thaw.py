@@ -221,3 +221,18 @@ def test_disk_on_a_template_commits_into_its_own_image_not_the_template(guest_fa
     report = check_image(top, "vda", g.acked(until=t_before)["vda"], "qcow2")
     assert report.checked > 0 and report.ok, report
     assert_all_acked_present(g)
+
+
+def test_command_line_beats_the_domain_setting(guest_factory, vf):
+    """`--quiesce off` wins over the domain's `quiesce: require`, `--strategy` over its `strategy:`."""
+    g = guest_factory([DiskSpec("vda")])  # no guest agent channel: require alone would fail
+    vf.write_config(domains={g.name: {"quiesce": "require", "strategy": "offline"}})
+    vf("freeze", g.name, expect=2)
+    frozen = json.loads(vf("--json", "freeze", "--quiesce", "off", g.name).stdout)["frozen"][0]
+    assert frozen["consistency"] == "crash"
+    status = json.loads(vf("status", "--json", g.name, expect=3).stdout)["frozen"][0]
+    assert status["strategy"] == "offline" and "domain setting" in status["strategy_reason"]
+    thawed = json.loads(vf("thaw", "--strategy", "live", "--json", g.name).stdout)["thawed"][0]
+    assert thawed["strategy"] == "live"
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)

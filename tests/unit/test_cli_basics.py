@@ -1,8 +1,10 @@
 """The CLI answers --version and --help, and rejects what it does not know with exit 2."""
 
+import logging
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from virtfreeze import __version__
@@ -69,3 +71,41 @@ def test_for_each_reports_a_bug_per_domain_and_goes_on():
     assert results == ["a", "c"]
     (item, err), = failures
     assert item.name == "b" and err.exit_code == EXIT_ON_OVERLAY and "'b'" in str(err)
+
+
+def _invoke_after(tmp_path, *args):
+    """Run the CLI against libvirt's built-in test driver (no daemon) with a throwaway config."""
+    import json
+    import logging
+
+    config = tmp_path / "config.yaml"
+    (tmp_path / "dir-target").mkdir(exist_ok=True)
+    config.write_text(json.dumps({
+        "state_directory": str(tmp_path / "state"), "export_directory": str(tmp_path / "export"),
+        "exclude": ["*"],  # --all selects nothing: no domain is touched
+        "targets": {"d": {"type": "directory", "path": str(tmp_path / "dir-target")}}}))
+    logging.getLogger("virtfreeze").setLevel(logging.NOTSET)
+    result = CliRunner().invoke(cli, ["--connect", "test:///default", "--config", str(config), *args])
+    return result, logging.getLogger("virtfreeze").level
+
+
+COMMANDS = [["status"], ["thaw"], ["freeze", "--all"], ["backup", "--all"], ["plugins"], ["config", "check"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_json_after_the_command_means_json(tmp_path, command):
+    import json
+
+    result, _level = _invoke_after(tmp_path, *command, "--json")
+    assert result.exit_code == 0, result.output
+    assert isinstance(json.loads(result.stdout), dict)
+    before, _level = _invoke_after(tmp_path, "--json", *command)
+    assert json.loads(before.stdout).keys() == json.loads(result.stdout).keys()
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+@pytest.mark.parametrize("flag,level", [("-v", logging.DEBUG), ("-q", logging.WARNING), (None, logging.INFO)])
+def test_verbose_and_quiet_after_the_command(tmp_path, command, flag, level):
+    result, seen = _invoke_after(tmp_path, *command, *([flag] if flag else []))
+    assert result.exit_code == 0, result.output
+    assert seen == level

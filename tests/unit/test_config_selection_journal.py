@@ -204,3 +204,26 @@ def test_secrets_failures_name_the_path(tmp_path, monkeypatch):
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
     with pytest.raises(VirtfreezeError):
         secret_env({"passphrase_env": "NOT_SET_ANYWHERE"}, "passphrase", "X")
+
+
+def test_command_line_beats_domain_setting_beats_global():
+    from virtfreeze.config import parse
+
+    cfg = parse({"memory": True, "quiesce": "auto", "strategy": "live",
+                 "domains": {"db1": {"memory": False, "quiesce": "require", "strategy": "iterative"}}})
+    # the domain's own setting over the global one
+    e = cfg.effective("db1")
+    assert (e.memory, e.quiesce, e.strategy) == (False, "require", "iterative")
+    assert set(e.sources.values()) == {"domain setting"}
+    # the command line over both, for each setting alone
+    assert cfg.effective("db1", quiesce="off").quiesce == "off"
+    assert cfg.effective("db1", memory=True).memory is True
+    assert cfg.effective("db1", strategy="offline").strategy == "offline"
+    e = cfg.effective("db1", memory=False, quiesce="off", strategy="live")
+    assert (e.memory, e.quiesce, e.strategy) == (False, "off", "live")
+    assert set(e.sources.values()) == {"command line"}
+    # no domain setting: the global one, and --no-memory (False) still counts as given
+    e = cfg.effective("web1")
+    assert (e.memory, e.quiesce, e.strategy) == (True, "auto", "live")
+    assert e.sources == {"memory": "configuration", "quiesce": "configuration", "strategy": "configuration"}
+    assert cfg.effective("web1", memory=False).memory is False
