@@ -86,7 +86,8 @@ class Hypervisor:
         _silence_default_error_handler()
         self.uri = uri
         self.reconnect_timeout = reconnect_timeout
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the watchers table (the event thread reads it)
+        self._reconnecting = threading.Lock()  # one reconnect at a time; worker threads share the connection
         self._watchers: dict[str, list[queue.Queue]] = {}
         self.generation = 0  # bumped on every reconnect: events in between were lost
         self._conn = self._open()
@@ -113,50 +114,51 @@ class Hypervisor:
             for q in self._watchers.get(uuid, []):
                 q.put((disk, job_type, status))
 
-    @property
-    def conn(self) -> libvirt.virConnect:
-        return self._conn
-
     def alive(self) -> bool:
         try:
             return bool(self._conn.isAlive())
         except libvirt.libvirtError:
             return False
 
-    def reconnect(self) -> None:
-        """Open a new connection (libvirtd restarted), waiting a bounded time for it."""
-        with contextlib.suppress(libvirt.libvirtError):
-            self._conn.close()
-        deadline = time.monotonic() + self.reconnect_timeout
-        delay = 0.2
-        while True:
-            try:
-                self._conn = self._open()
-                self.generation += 1
-                log.warning("reconnected to libvirt at %s", self.uri)
-                return
-            except ConnectionFailed:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    def reconnect(self, seen_generation: int | None = None) -> None:
+        """Open a new connection (libvirtd restarted), waiting a bounded time for it.
 
-    def close(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError):
-            self._conn.close()
+        Thread-safe: a caller that saw `seen_generation` and finds that another
+        thread reconnected meanwhile uses that connection instead.
+        """
+        seen = self.generation if seen_generation is None else seen_generation
+        with self._reconnecting:
+            if self.generation != seen and self.alive():
+                return
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+            deadline = time.monotonic() + self.reconnect_timeout
+            delay = 0.2
+            while True:
+                try:
+                    self._conn = self._open()
+                    self.generation += 1
+                    log.warning("reconnected to libvirt at %s", self.uri)
+                    return
+                except ConnectionFailed:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(delay)  # libvirtd is not back yet: nothing to wait on but time
+                    delay = min(delay * 2, 5.0)
 
     # -- calls and errors ------------------------------------------------------
     def _call(self, what: str, op: Callable[[libvirt.virConnect], object], *, read_only: bool = False,
               domain: str | None = None, disk: str | None = None, path: str | None = None):
         """Run op(connection). If libvirtd went away, reconnect; read-only calls are
         then retried once, mutating ones raise (their callers re-read the state)."""
+        seen = self.generation
         try:
             return op(self._conn)
         except libvirt.libvirtError as e:
             if self.alive():
                 raise self._error(what, e, domain=domain, disk=disk, path=path) from None
             log.warning("lost the connection to libvirt at %s during %s; reconnecting", self.uri, what)
-            self.reconnect()
+            self.reconnect(seen)
             if not read_only:
                 raise self._error(what, e, domain=domain, disk=disk, path=path) from None
         try:
@@ -298,6 +300,75 @@ class Hypervisor:
     def cancel_job(self, uuid: str, name: str, target: str) -> None:
         self._call("cancel block job", lambda c: c.lookupByUUIDString(uuid).blockJobAbort(target, 0),
                    domain=name, disk=target)
+
+    def wait_for_jobs(self, uuid: str, name: str, targets: set[str] | list[str], events: queue.Queue, *,
+                      until: str, timeout: float, on_tick: Callable[[str, dict], None] | None = None) -> None:
+        """Wait, event-driven and bounded, until the block job on each of `targets` reached `until`.
+
+        - ``ready``: an active commit may be pivoted (READY; COMPLETED also ends the
+          wait: somebody else pivoted, the caller checks the chain);
+        - ``completed``: a commit of a middle layer finished (COMPLETED);
+        - ``gone``: a cancelled job ended (any end event).
+
+        `events` is a `block_job_events` queue entered before the job started,
+        so no event is missed. Events are filtered by disk. Only after a
+        reconnect (events lost meanwhile) is the state read again: the live
+        XML's mirror for ``ready``, the job's presence otherwise. The same for
+        every caller. A job that fails (or is cancelled, unless ``gone``) raises.
+        `on_tick(target, job_info)` is called about once a second per pending
+        disk (progress display). Raises when `timeout` seconds pass.
+        """
+        seen_generation = self.generation
+        deadline = time.monotonic() + timeout
+        pending = set(targets)
+        if until != "completed":  # a job of an earlier run may be there already: no event will come
+            pending = {t for t in pending if not self._job_reached(uuid, name, t, until, started=False)}
+        while pending:
+            try:
+                disk, _type, status = events.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if not self.alive():
+                    self.reconnect(seen_generation)
+                if self.generation != seen_generation:
+                    seen_generation = self.generation
+                    pending = {t for t in pending if not self._job_reached(uuid, name, t, until)}
+                if pending and time.monotonic() >= deadline:
+                    raise self._wait_timeout(name, pending, until, timeout)
+                for t in sorted(pending) if on_tick else ():
+                    on_tick(t, self.block_job(uuid, name, t))
+                continue
+            if disk not in pending:
+                continue
+            if status == JOB_COMPLETED or (status == JOB_READY and until == "ready"):
+                pending.discard(disk)
+            elif status in (JOB_FAILED, JOB_CANCELED):
+                if until == "gone":
+                    pending.discard(disk)
+                    continue
+                word = "failed" if status == JOB_FAILED else "was cancelled"
+                raise VirtfreezeError(f"the {'commit' if until == 'ready' else 'commit round'} job {word}",
+                                      domain=name, disk=disk)
+
+    def _job_reached(self, uuid: str, name: str, target: str, until: str, started: bool = True) -> bool:
+        """Has the job on `target` reached `until`? Read from libvirt: at the start of a wait, and
+        after a reconnect (events may be lost). A ``ready`` job that vanished raises once started."""
+        if until != "ready":
+            return not self.block_job(uuid, name, target)
+        ready = mirror_ready(self.xml(uuid, name), target)
+        if ready is None and started:
+            raise VirtfreezeError("the commit job vanished while libvirtd was away", domain=name, disk=target)
+        return bool(ready)
+
+    @staticmethod
+    def _wait_timeout(name: str, pending: set[str], until: str, timeout: float) -> VirtfreezeError:
+        disk = ",".join(sorted(pending))
+        if until == "ready":
+            return VirtfreezeError(f"commit not ready to pivot after {timeout:.0f}s", domain=name, disk=disk,
+                                   hint="the guest writes faster than the commit; raise commit_ready_timeout "
+                                        "or use another strategy")
+        if until == "completed":
+            return VirtfreezeError(f"live commit round not finished after {timeout:.0f}s", domain=name, disk=disk)
+        return VirtfreezeError("a cancelled block job did not end", domain=name, disk=disk)
 
 
 def is_not_ready_error(err: VirtfreezeError) -> bool:

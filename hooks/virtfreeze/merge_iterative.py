@@ -23,14 +23,13 @@ import contextlib
 import dataclasses
 import logging
 import os
-import queue
 import time
 
 from virtfreeze.domain_xml import parse_disks, snapshot_xml
 from virtfreeze.errors import MergeRefused, VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.journal import failpoint
-from virtfreeze.libvirt_boundary import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, JOB_TYPE_COMMIT, PAUSED, RUNNING
+from virtfreeze.libvirt_boundary import JOB_TYPE_COMMIT, PAUSED, RUNNING
 from virtfreeze.merge_live import merge_running
 from virtfreeze.merge_offline import save_commit_restore
 from virtfreeze.model import MergeResult
@@ -43,31 +42,6 @@ def _allocated(path: str) -> int:
         return os.stat(path).st_blocks * 512
     except FileNotFoundError:
         return 0
-
-
-def _wait_completed(hv, domain, targets: set[str], events: queue.Queue, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    pending = set(targets)
-    while pending:
-        try:
-            disk, _type, status = events.get(timeout=1.0)
-        except queue.Empty:
-            if not hv.alive():
-                hv.reconnect()
-            # After a reconnect the event may be lost: a finished job is simply gone.
-            for t in list(pending):
-                if not hv.block_job(domain.uuid, domain.name, t):
-                    pending.discard(t)
-            if pending and time.monotonic() > deadline:
-                raise VirtfreezeError(f"live commit round not finished after {timeout:.0f}s",
-                                      domain=domain.name, disk=",".join(sorted(pending)))
-            continue
-        if disk not in pending:
-            continue
-        if status == JOB_COMPLETED:
-            pending.discard(disk)
-        elif status in (JOB_FAILED, JOB_CANCELED):
-            raise VirtfreezeError("live commit round failed", domain=domain.name, disk=disk)
 
 
 def one_round(hv, domain, disks, live_xml: str, tops: dict[str, str], config, journal) -> dict[str, str]:
@@ -87,7 +61,8 @@ def one_round(hv, domain, disks, live_xml: str, tops: dict[str, str], config, jo
         for d in disks:
             hv.block_commit(domain.uuid, domain.name, d.target, d.base, top=tops[d.target], active=False)
         failpoint("iterative-commit-started")
-        _wait_completed(hv, domain, {d.target for d in disks}, events, config.commit_ready_timeout)
+        hv.wait_for_jobs(domain.uuid, domain.name, {d.target for d in disks}, events, until="completed",
+                         timeout=config.commit_ready_timeout)
     live = {d.target: d.source for d in parse_disks(hv.xml(domain.uuid, domain.name))}
     for d in disks:
         if live.get(d.target) != new[d.target]:

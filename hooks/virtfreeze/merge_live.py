@@ -8,7 +8,6 @@ restart by reconnecting and reading the job's state from the live XML.
 from __future__ import annotations
 
 import logging
-import queue
 import sys
 import time
 
@@ -18,8 +17,7 @@ from virtfreeze.hookspecs import hookimpl
 from virtfreeze.journal import failpoint
 from virtfreeze.model import MergeResult
 from virtfreeze.libvirt_boundary import (
-    JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, JOB_READY, JOB_TYPE_ACTIVE_COMMIT, JOB_TYPE_COMMIT, PAUSED, RUNNING,
-    is_not_ready_error, mirror_ready,
+    JOB_TYPE_ACTIVE_COMMIT, JOB_TYPE_COMMIT, PAUSED, RUNNING, is_not_ready_error,
 )
 
 log = logging.getLogger(__name__)
@@ -55,53 +53,17 @@ def _live_source(hv, domain, target: str) -> str | None:
     return None
 
 
-def _wait_ready(hv, domain, target: str, events: queue.Queue, timeout: float) -> None:
-    """Block until the commit job on `target` is ready to pivot, or raise.
-
-    Waits on the READY event. Only after a reconnect (events lost meanwhile)
-    is the job's state read from the live XML instead.
-    """
-    seen_generation = hv.generation
-    if mirror_ready(hv.xml(domain.uuid, domain.name), target):
-        return
-    deadline = time.monotonic() + timeout
+def _wait_ready(hv, domain, target: str, events, timeout: float) -> None:
+    """Block until the commit job on `target` is ready to pivot (READY event), or raise."""
     progress = _Progress(domain.name, target)
     try:
-        while True:
-            try:
-                disk, _type, status = events.get(timeout=1.0)
-            except queue.Empty:
-                if not hv.alive():
-                    hv.reconnect()
-                if hv.generation != seen_generation:
-                    seen_generation = hv.generation
-                    ready = mirror_ready(hv.xml(domain.uuid, domain.name), target)
-                    if ready:
-                        return
-                    if ready is None:
-                        raise VirtfreezeError("the commit job vanished while libvirtd was away",
-                                              domain=domain.name, disk=target) from None
-                if time.monotonic() > deadline:
-                    raise VirtfreezeError(f"commit not ready to pivot after {timeout:.0f}s",
-                                          domain=domain.name, disk=target,
-                                          hint="the guest writes faster than the commit; raise "
-                                               "commit_ready_timeout or use another strategy")
-                progress.update(hv.block_job(domain.uuid, domain.name, target))
-                continue
-            if disk != target:
-                continue
-            if status == JOB_READY:
-                return
-            if status == JOB_COMPLETED:
-                return  # somebody else pivoted; the caller verifies the chain
-            if status in (JOB_FAILED, JOB_CANCELED):
-                word = "failed" if status == JOB_FAILED else "was cancelled"
-                raise VirtfreezeError(f"the commit job {word}", domain=domain.name, disk=target)
+        hv.wait_for_jobs(domain.uuid, domain.name, {target}, events, until="ready", timeout=timeout,
+                         on_tick=lambda _t, job: progress.update(job))
     finally:
         progress.done()
 
 
-def _pivot(hv, domain, disk, events: queue.Queue, config) -> None:
+def _pivot(hv, domain, disk, events, config) -> None:
     target = disk.target
     delay = 0.5
     for attempt in range(1, config.pivot_attempts + 1):
@@ -133,7 +95,7 @@ def commit_and_pivot(hv, domain, disk, config) -> None:
             log.info("domain %r disk %s: cancelling the commit of an interrupted iterative merge",
                      domain.name, disk.target)
             hv.cancel_job(domain.uuid, domain.name, disk.target)
-            _wait_gone(hv, domain, disk.target, events)
+            hv.wait_for_jobs(domain.uuid, domain.name, {disk.target}, events, until="gone", timeout=60)
             job = {}
         if job:
             if job.get("type") != JOB_TYPE_ACTIVE_COMMIT:
@@ -160,18 +122,6 @@ def commit_and_pivot(hv, domain, disk, config) -> None:
         raise VirtfreezeError(f"after the pivot the disk is on {source!r}, not its base",
                               domain=domain.name, disk=disk.target, path=disk.base)
     log.info("domain %r disk %s: back on %s", domain.name, disk.target, disk.base)
-
-
-def _wait_gone(hv, domain, target: str, events: queue.Queue, timeout: float = 60.0) -> None:
-    """After cancelling a job: wait for its end event (or for libvirt to report none)."""
-    deadline = time.monotonic() + timeout
-    while hv.block_job(domain.uuid, domain.name, target):
-        try:
-            disk, _type, status = events.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            raise VirtfreezeError("a cancelled block job did not end", domain=domain.name, disk=target) from None
-        if disk == target and status in (JOB_CANCELED, JOB_COMPLETED, JOB_FAILED):
-            return
 
 
 def _cancel_quietly(hv, domain, target: str) -> None:

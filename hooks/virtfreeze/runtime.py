@@ -36,7 +36,3 @@ class Runtime:
 
     def memory_dir(self, uuid: str) -> Path:
         return self.config.state_directory / "memory" / uuid
-
-    def close(self) -> None:
-        if self._hv is not None:
-            self._hv.close()
