@@ -258,13 +258,12 @@ def thaw(ctx: Ctx, domains, all_, strategy):
             existing = rt.hv.domains()
             known = {d.uuid for d in existing} | {d.name for d in existing}
             # A frozen domain undefined since the freeze is still known to its journal.
-            gone = [DomainRef(r["name"], r["uuid"]) for r in rt.journal.all()
-                    if r["uuid"] not in known and (all_ or r["name"] in domains)]
+            gone = [r.ref for r in rt.journal.all() if r.uuid not in known and (all_ or r.name in domains)]
             names = [n for n in domains if n not in {g.name for g in gone}]
             chosen = select(existing, names, all_, rt.config) if names or all_ else []
             targets = [DomainRef(d.name, d.uuid) for d in chosen] + gone
         else:
-            targets = frozen_domains(rt)
+            targets = [r.ref for r in frozen_domains(rt)]
         try:
             results, failures = _for_each(targets, lambda r: thaw_domain(rt, DomainRef(r.name, r.uuid), strategy),
                                           rt.config.jobs)

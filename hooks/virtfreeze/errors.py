@@ -77,6 +77,10 @@ class MergeRefused(VirtfreezeError):
     """libvirt refused a merge strategy before anything changed (e.g. AppArmor, old QEMU)."""
 
 
+class NotReadyToPivot(VirtfreezeError):
+    """A pivot came before the commit was ready (libvirt: "not ready for pivot yet"); wait, then retry."""
+
+
 class DomainBusy(VirtfreezeError):
     """Another virtfreeze run is working on this domain right now."""
 

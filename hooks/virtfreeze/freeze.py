@@ -18,15 +18,16 @@ from pathlib import Path
 
 from virtfreeze import __version__, export_view, qemu_img
 from virtfreeze.domain_xml import (
-    has_agent_channel, has_swtpm, ineligible_reason, nvram_path, overlay_path, parse_disks, snapshot_xml,
+    has_agent_channel, has_swtpm, ineligible_reason, is_overlay, nvram_path, overlay_path, parse_disks, snapshot_xml,
 )
 from virtfreeze.errors import LeftOnOverlay, UsageError, VirtfreezeError
-from virtfreeze.journal import domain_lock, failpoint
+from virtfreeze.journal import FrozenDomain, domain_lock, failpoint
 from virtfreeze.libvirt_boundary import PAUSED, RUNNING, SHUTOFF, DomainInfo, is_quiesce_unavailable
 from virtfreeze.model import DiskPlan, DomainRef
 from virtfreeze.plugins import report_failure
 from virtfreeze.runtime import Runtime
-from virtfreeze.thaw import discover, on_overlay, thaw_locked
+from virtfreeze.merge_api import read_definitions
+from virtfreeze.thaw import thaw_locked
 
 log = logging.getLogger(__name__)
 
@@ -126,24 +127,35 @@ def _discard_unused_overlays(plan: list[DiskPlan]) -> None:
             os.unlink(p.overlay)
 
 
+def _look(rt: Runtime, info: DomainInfo) -> tuple[str, str, str]:
+    """State, inactive definition (taken before any snapshot) and live definition, read once."""
+    state = rt.hv.state(info.uuid)
+    if state not in (RUNNING, PAUSED, SHUTOFF):
+        return state, "", ""
+    inactive_xml = rt.hv.xml(info.uuid, info.name, inactive=info.persistent)
+    live_xml = inactive_xml if state == SHUTOFF and info.persistent else rt.hv.xml(
+        info.uuid, info.name, inactive=(state == SHUTOFF))
+    return state, inactive_xml, live_xml
+
+
 def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
                   quiesce: str | None = None) -> FreezeResult:
     """Freeze one domain (the caller holds its lock); `memory`/`quiesce` None: not given on the command line."""
     t0 = time.monotonic()
     ref = DomainRef(info.name, info.uuid)
-    if rt.journal.load(info.uuid) or discover(rt, info.uuid, info.name):
+    state, inactive_xml, live_xml = _look(rt, info)
+    if rt.journal.load(info.uuid) or any(is_overlay(d.source) for x in (inactive_xml, live_xml)
+                                         for d in parse_disks(x)):
         log.warning("domain %r: leftovers of an earlier run; merging them first", info.name)
         thaw_locked(rt, ref)
+        state, inactive_xml, live_xml = _look(rt, info)
 
-    state = rt.hv.state(info.uuid)
     if state not in (RUNNING, PAUSED, SHUTOFF):
         raise VirtfreezeError(f"domain is {state}; only running, paused or shut-off domains can be frozen",
                               domain=info.name)
     rt.pm.hook.virtfreeze_before_freeze(domain=ref, state=state, config=rt.config)
     wanted = rt.config.effective(info.name, memory=memory, quiesce=quiesce)
     memory, quiesce = wanted.memory and state != SHUTOFF, wanted.quiesce
-    inactive_xml = rt.hv.xml(info.uuid, info.name, inactive=info.persistent)  # before the snapshot
-    live_xml = rt.hv.xml(info.uuid, info.name, inactive=(state == SHUTOFF))
     disks, plan, skipped = _plan(rt, info, live_xml)
     _check_overlay_dirs(info, plan, rt)
 
@@ -157,12 +169,9 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
             memory_file.unlink()
 
     export_dir = rt.config.export_directory / export_view.domain_dir_name(info.name, info.uuid)
-    record = {
-        "uuid": info.uuid, "name": info.name, "phase": "freezing", "started": _now(),
-        "state_at_freeze": state, "persistent": info.persistent,
-        "disks": [p.to_json() for p in plan], "skipped": skipped,
-        "memory_file": str(memory_file) if memory_file else None, "export_dir": str(export_dir),
-    }
+    record = FrozenDomain(info.uuid, info.name, "freezing", disks=plan, started=_now(), state_at_freeze=state,
+                          persistent=info.persistent, skipped=skipped,
+                          memory_file=str(memory_file) if memory_file else None, export_dir=str(export_dir))
     rt.journal.write(record)
     failpoint("freeze-before-snapshot")
 
@@ -172,7 +181,7 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
         try:
             consistency = _snapshot(rt, info, state, disks, plan, live_xml, memory_file, quiesce)
         except VirtfreezeError:
-            if on_overlay(rt, ref, plan):  # should not happen with ATOMIC, but never delete data in use
+            if read_definitions(rt.hv, ref).on_overlay(plan):  # not with ATOMIC, but never delete data in use
                 thaw_locked(rt, ref)
             else:  # no disk switched; libvirt may still have left overlay files behind
                 _discard_unused_overlays(plan)
@@ -189,10 +198,9 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
     try:
         if memory_file:
             os.chmod(memory_file, 0o600)
-        record.update(phase="frozen", frozen_at=_now(), consistency=consistency)
-        rt.journal.write(record)
+        rt.journal.note(record, phase="frozen", frozen_at=_now(), consistency=consistency)
         manifest = {
-            "domain": info.name, "uuid": info.uuid, "frozen_at": record["frozen_at"],
+            "domain": info.name, "uuid": info.uuid, "frozen_at": record.frozen_at,
             "state_at_freeze": state, "consistency": consistency,
             "disks": {p.target: {"base": p.base, "format": p.base_format, "type": p.base_type,
                                  "file": f"disks/{p.target}.{p.base_format}",

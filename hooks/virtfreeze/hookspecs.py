@@ -15,22 +15,23 @@ hookimpl = pluggy.HookimplMarker("virtfreeze")
 
 
 @hookspec(firstresult=True)
-def virtfreeze_merge(hv, domain, disks, config, strategy, journal):
+def virtfreeze_merge(merge):
     """Merge a domain's overlays back into their recorded base images.
 
     Runs during `thaw` (and during `freeze` for leftovers of an earlier run)
     for a domain with at least one disk still on a virtfreeze overlay, with
-    the domain's lock held and its journal in phase ``thawing``.
+    the domain's lock held and its journal record in phase ``thawing``.
 
-    :param hv: the `virtfreeze.libvirt_boundary.Hypervisor` connection.
-    :param domain: `virtfreeze.model.DomainRef` of the domain.
-    :param disks: list of `virtfreeze.model.DiskPlan` still on an overlay.
-    :param config: the loaded `virtfreeze.config.Config`.
-    :param strategy: the strategy asked for: ``live``, ``iterative`` or
-        ``offline`` (``auto`` is resolved by the caller: live first, offline
-        when libvirt refuses the live commit).
-    :param journal: `virtfreeze.thaw.JournalNotes`; call ``journal.note(...)``
-        before each mutating step so that a crash can be finished later.
+    :param merge: a `virtfreeze.merge_api.DomainMerge`, the whole API a
+        merge needs, bound to this domain: ``merge.domain``, ``merge.disks``
+        (the `DiskPlan`s still on an overlay: target, base, overlay, ...),
+        ``merge.config``, ``merge.strategy`` (``live``, ``iterative`` or
+        ``offline``; ``auto`` is resolved by the caller: live first, offline
+        when libvirt refuses the live commit), ``merge.record`` (the journal
+        record), and methods to read the definitions, run and wait for block
+        jobs, pause, save or start the guest, commit offline, re-point the
+        definitions, ``note(...)`` marks into the journal *before* each
+        mutating step, and ``merge_with(strategy)`` to hand disks on.
 
     firstresult: the first implementation that returns non-None handled the
     merge and returns a `virtfreeze.model.MergeResult`. Return None to leave
@@ -38,9 +39,29 @@ def virtfreeze_merge(hv, domain, disks, config, strategy, journal):
     state you do not handle). Raise `MergeRefused` when libvirt refused the
     merge before anything changed (the caller may fall back to another
     strategy); raise `VirtfreezeError` on any other failure, leaving every
-    disk on a valid chain: the caller keeps the journal and exits 3.
-    Built in: ``live_commit``, ``iterative_commit``, ``offline_commit``
-    (which also takes every shut-off or vanished domain; ``trylast``).
+    disk on a valid chain: the caller keeps the journal and exits 3. The
+    caller checks the definitions afterwards and deletes the overlays only
+    when no definition points at them. Built in: ``live_commit``,
+    ``iterative_commit``, ``offline_commit`` (which also takes every
+    shut-off or vanished domain; ``trylast``).
+    """
+
+
+@hookspec
+def virtfreeze_merge_recover(merge):
+    """Finish what an interrupted merge left: bring back a guest a merge stopped.
+
+    Runs during every `thaw` of a domain that had a journal record, after
+    the merges (also when nothing was left to merge: the thaw that follows
+    a crash), with the domain's lock held. ``merge`` is the
+    `virtfreeze.merge_api.DomainMerge`; ``merge.record`` holds the marks
+    merges noted (``saved_by_virtfreeze``, ``paused_by_virtfreeze``, a
+    plugin's own ``plugin_marks``). Each implementation looks at its own
+    marks only, undoes what they say (resume a paused guest, start a saved
+    one) and clears them with ``merge.note(...)``. Not firstresult: every
+    implementation runs; return None (return values are ignored). Raise
+    `VirtfreezeError` when the guest cannot be brought back: the thaw fails
+    and keeps the journal.
     """
 
 

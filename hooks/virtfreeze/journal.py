@@ -2,7 +2,9 @@
 
 One JSON file per domain, keyed by UUID, rewritten atomically (temp file,
 fsync, rename, fsync directory) *before* every mutating step, so a crash at
-any point leaves a record that `thaw` can finish from.
+any point leaves a record that `thaw` can finish from. The record is typed
+(`FrozenDomain`) and versioned: an older version is migrated when read, a
+newer one refused.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import json
 import os
 import signal
 import tempfile
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
 from virtfreeze.errors import DomainBusy, VirtfreezeError
+from virtfreeze.model import DiskPlan, DomainRef
 
-VERSION = 1
+# 1: the untyped record of virtfreeze 0.x (the same keys, no plugin_marks). 2: FrozenDomain.
+VERSION = 2
 
 # Host-wide, not per state directory: two runs with different configs must
 # still never work on the same domain at once.
@@ -63,6 +68,61 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     _fsync_dir(path.parent)
 
 
+@dataclass
+class FrozenDomain:
+    """What virtfreeze knows about one frozen domain: its journal record.
+
+    Read once per step and passed on; every change is written (`Journal.note`)
+    before the step it prepares.
+    """
+
+    uuid: str
+    name: str
+    phase: str  # freezing, frozen, thawing, or discovered (rebuilt from the definitions: journal lost)
+    disks: list[DiskPlan] = field(default_factory=list)
+    started: str | None = None
+    frozen_at: str | None = None
+    state_at_freeze: str | None = None
+    persistent: bool = True
+    consistency: str | None = None  # quiesced, crash, memory, shutoff or none
+    skipped: dict[str, str] = field(default_factory=dict)  # disk target -> why it was left out
+    memory_file: str | None = None
+    export_dir: str | None = None
+    # Marks of the built-in merges, so that a crash mid-merge is finished by the next thaw:
+    saved_by_virtfreeze: str | None = None  # the offline merge saved the guest: "running" or "paused"
+    paused_by_virtfreeze: bool | None = None  # the iterative merge paused the guest's vCPUs
+    iterative_round: int | None = None
+    iterative_empty: dict[str, int] = field(default_factory=dict)  # bytes of a fresh overlay, per disk
+    plugin_marks: dict[str, Any] = field(default_factory=dict)  # a third-party merge plugin's own marks
+
+    @property
+    def ref(self) -> DomainRef:
+        return DomainRef(self.name, self.uuid)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(asdict(self), disks=[d.to_json() for d in self.disks], version=VERSION)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: Path | str | None = None) -> "FrozenDomain":
+        """A record as written by this or an older version (migrated); a newer one is refused."""
+        version = data.get("version", 1)
+        if not isinstance(version, int) or version > VERSION:
+            raise VirtfreezeError(f"journal written by a newer virtfreeze (record version {version}, this one "
+                                  f"reads up to {VERSION})", path=str(path) if path else None,
+                                  hint="thaw with that version, or move the file aside (`thaw` also finds "
+                                       "overlays without it)")
+        known = {f.name for f in fields(cls)}
+        try:
+            values = {k: v for k, v in data.items() if k in known}
+            values["disks"] = [DiskPlan.from_json(d) for d in data.get("disks") or []]
+            for key in ("skipped", "iterative_empty", "plugin_marks"):
+                values[key] = values.get(key) or {}
+            return cls(**values)
+        except (TypeError, ValueError, KeyError) as e:
+            raise VirtfreezeError(f"journal record is damaged: {e}", path=str(path) if path else None,
+                                  hint="move it aside; `thaw` also finds overlays without it") from None
+
+
 class Journal:
     """Per-domain records under `<state_directory>/journal/<uuid>.json`."""
 
@@ -79,26 +139,42 @@ class Journal:
     def path(self, uuid: str) -> Path:
         return self.dir / f"{uuid}.json"
 
-    def load(self, uuid: str) -> dict[str, Any] | None:
+    def load(self, uuid: str) -> FrozenDomain | None:
+        path = self.path(uuid)
         try:
-            return json.loads(self.path(uuid).read_text())
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            raise VirtfreezeError(f"journal unreadable: {e}", path=str(self.path(uuid)),
+            raise VirtfreezeError(f"journal unreadable: {e}", path=str(path),
                                   hint="move it aside; `thaw` also finds overlays without it") from None
+        if not isinstance(data, dict):
+            raise VirtfreezeError("journal record is not an object", path=str(path),
+                                  hint="move it aside; `thaw` also finds overlays without it")
+        return FrozenDomain.from_json(data, path)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: FrozenDomain) -> None:
         self._ensure()
-        record = dict(record, version=VERSION)
-        write_atomic(self.path(record["uuid"]), json.dumps(record, indent=2, sort_keys=True).encode())
+        write_atomic(self.path(record.uuid), json.dumps(record.to_json(), indent=2, sort_keys=True).encode())
+
+    def note(self, record: FrozenDomain, **changes) -> None:
+        """Change fields of a record and write it durably; nothing is written when nothing changes."""
+        changed = False
+        for key, value in changes.items():
+            if not hasattr(record, key):
+                raise TypeError(f"FrozenDomain has no field {key!r}")
+            if getattr(record, key) != value:
+                setattr(record, key, value)
+                changed = True
+        if changed:
+            self.write(record)
 
     def remove(self, uuid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(uuid).unlink()
             _fsync_dir(self.dir)
 
-    def all(self) -> list[dict[str, Any]]:
+    def all(self) -> list[FrozenDomain]:
         if not self.dir.is_dir():
             return []
         out = []

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import libvirt
 
-from virtfreeze.errors import ConnectionFailed, DomainNotFound, VirtfreezeError
+from virtfreeze.errors import ConnectionFailed, DomainNotFound, MergeRefused, VirtfreezeError
 from virtfreeze.signals import signals_to_main_thread
 
 log = logging.getLogger(__name__)
@@ -283,10 +283,16 @@ class Hypervisor:
 
     def block_commit(self, uuid: str, name: str, target: str, base: str, *, top: str | None = None,
                      active: bool) -> None:
+        """Start a commit into `base`; MergeRefused when libvirt refuses (nothing has changed then)."""
         flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE if active else 0
-        self._call("start block commit",
-                   lambda c: c.lookupByUUIDString(uuid).blockCommit(target, base, top, 0, flags),
-                   domain=name, disk=target, path=base)
+        try:
+            self._call("start block commit",
+                       lambda c: c.lookupByUUIDString(uuid).blockCommit(target, base, top, 0, flags),
+                       domain=name, disk=target, path=base)
+        except DomainNotFound:
+            raise
+        except VirtfreezeError as e:
+            raise MergeRefused(e.message, domain=e.domain, disk=e.disk, path=e.path, hint=e.hint) from None
 
     def block_job(self, uuid: str, name: str, target: str) -> dict:
         """The running block job on a disk ({} when none): type, cur, end."""

@@ -1,153 +1,108 @@
 """Built-in merge plugin: live active block commit into the recorded base, then pivot.
 
 Waits for the READY event (never polls cur == end), bounded in time, with
-progress on a terminal; retries the pivot with backoff; survives a libvirtd
-restart by reconnecting and reading the job's state from the live XML.
+progress; retries the pivot with backoff; survives a libvirtd restart (the
+block-job waiter reconnects and reads the job's state). Uses only the
+public merge API (`virtfreeze.merge_api`).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
-from virtfreeze.domain_xml import parse_disks
-from virtfreeze.errors import MergeRefused, VirtfreezeError
+from virtfreeze.errors import NotReadyToPivot, VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.journal import failpoint
+from virtfreeze.merge_api import PAUSED, RUNNING
 from virtfreeze.model import MergeResult
-from virtfreeze.libvirt_boundary import (
-    JOB_TYPE_ACTIVE_COMMIT, JOB_TYPE_COMMIT, PAUSED, RUNNING, is_not_ready_error,
-)
 
 log = logging.getLogger(__name__)
 
 
-class _Progress:
-    """A one-line percentage on a terminal; a log line now and then otherwise."""
-
-    def __init__(self, domain: str, target: str):
-        self.label = f"domain {domain!r} disk {target}: committing"
-        self.tty = sys.stderr.isatty()
-        self.last_log = time.monotonic()
-
-    def update(self, job: dict) -> None:
-        end = job.get("end") or 0
-        pct = 100.0 * job.get("cur", 0) / end if end else 0.0
-        if self.tty:
-            sys.stderr.write(f"\r{self.label} {pct:5.1f}%")
-            sys.stderr.flush()
-        elif time.monotonic() - self.last_log > 10:
-            log.info("%s %.1f%%", self.label, pct)
-            self.last_log = time.monotonic()
-
-    def done(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-
-
-def _live_source(hv, domain, target: str) -> str | None:
-    for d in parse_disks(hv.xml(domain.uuid, domain.name)):
-        if d.target == target:
-            return d.source
-    return None
-
-
-def _wait_ready(hv, domain, target: str, events, timeout: float) -> None:
-    """Block until the commit job on `target` is ready to pivot (READY event), or raise."""
-    progress = _Progress(domain.name, target)
-    try:
-        hv.wait_for_jobs(domain.uuid, domain.name, {target}, events, until="ready", timeout=timeout,
-                         on_tick=lambda _t, job: progress.update(job))
-    finally:
-        progress.done()
-
-
-def _pivot(hv, domain, disk, events, config) -> None:
-    target = disk.target
+def _pivot(merge, disk, watch) -> None:
     delay = 0.5
-    for attempt in range(1, config.pivot_attempts + 1):
+    attempts = merge.config.pivot_attempts
+    for attempt in range(1, attempts + 1):
         try:
-            hv.pivot(domain.uuid, domain.name, target)
+            merge.pivot(disk)
             return
         except VirtfreezeError as e:
-            if _live_source(hv, domain, target) == disk.base:
+            if merge.live_source(disk) == disk.base:
                 return  # it went through, but the answer was lost (libvirtd restarted)
-            if attempt == config.pivot_attempts:
-                raise VirtfreezeError(f"pivot failed {attempt} times: {e.message}",
-                                      domain=domain.name, disk=target,
+            if attempt == attempts:
+                raise VirtfreezeError(f"pivot failed {attempt} times: {e.message}", domain=merge.domain.name,
+                                      disk=disk.target,
                                       hint="the domain stays on its overlay; run `virtfreeze thaw` again") from None
             log.warning("domain %r disk %s: pivot attempt %d failed (%s); retrying in %.1fs",
-                        domain.name, target, attempt, e.message, delay)
-            if is_not_ready_error(e):
-                _wait_ready(hv, domain, target, events, config.commit_ready_timeout)
+                        merge.domain.name, disk.target, attempt, e.message, delay)
+            if isinstance(e, NotReadyToPivot):
+                watch.wait([disk], "ready")
             else:
-                time.sleep(delay)
+                time.sleep(delay)  # backoff: libvirt gives no event for "may pivot again"
                 delay *= 2
 
 
-def commit_and_pivot(hv, domain, disk, config) -> None:
+def commit_and_pivot(merge, disk) -> None:
     """Merge one disk's overlay into its recorded base while the guest runs."""
-    with hv.block_job_events(domain.uuid) as events:
-        job = hv.block_job(domain.uuid, domain.name, disk.target)
-        if job and job.get("type") == JOB_TYPE_COMMIT:
+    name = merge.domain.name
+    with merge.watch_jobs() as watch:
+        job = merge.job(disk)
+        if job == "commit":
             # A round of an interrupted iterative merge: cancelling leaves a valid chain.
-            log.info("domain %r disk %s: cancelling the commit of an interrupted iterative merge",
-                     domain.name, disk.target)
-            hv.cancel_job(domain.uuid, domain.name, disk.target)
-            hv.wait_for_jobs(domain.uuid, domain.name, {disk.target}, events, until="gone", timeout=60)
-            job = {}
-        if job:
-            if job.get("type") != JOB_TYPE_ACTIVE_COMMIT:
-                raise VirtfreezeError(f"another block job (type {job.get('type')}) runs on this disk",
-                                      domain=domain.name, disk=disk.target,
-                                      hint="wait for it, or end it with `virsh blockjob --abort`")
-            log.info("domain %r disk %s: resuming the commit of an earlier run", domain.name, disk.target)
+            log.info("domain %r disk %s: cancelling the commit of an interrupted iterative merge", name, disk.target)
+            merge.cancel(disk)
+            watch.wait([disk], "gone", timeout=60)
+            job = None
+        if job == "active-commit":
+            log.info("domain %r disk %s: resuming the commit of an earlier run", name, disk.target)
+        elif job is not None:
+            raise VirtfreezeError(f"another block job (type {job}) runs on this disk", domain=name,
+                                  disk=disk.target, hint="wait for it, or end it with `virsh blockjob --abort`")
         else:
-            log.info("domain %r disk %s: live commit of %s into %s", domain.name, disk.target,
-                     _live_source(hv, domain, disk.target), disk.base)
-            try:
-                hv.block_commit(domain.uuid, domain.name, disk.target, disk.base, active=True)
-            except VirtfreezeError as e:
-                raise MergeRefused(e.message, domain=e.domain, disk=e.disk, path=e.path, hint=e.hint) from None
+            log.info("domain %r disk %s: live commit of %s into %s", name, disk.target,
+                     (merge.at_start.live or {}).get(disk.target), disk.base)
+            merge.start_commit(disk)  # MergeRefused when libvirt refuses: the caller may go offline
         failpoint("thaw-commit-started")
-        _wait_ready(hv, domain, disk.target, events, config.commit_ready_timeout)
+        watch.wait([disk], "ready")
         try:
-            _pivot(hv, domain, disk, events, config)
+            _pivot(merge, disk, watch)
         except VirtfreezeError:
-            _cancel_quietly(hv, domain, disk.target)
+            _cancel_quietly(merge, disk)
             raise
-    source = _live_source(hv, domain, disk.target)
+    source = merge.live_source(disk)
     if source != disk.base:
-        raise VirtfreezeError(f"after the pivot the disk is on {source!r}, not its base",
-                              domain=domain.name, disk=disk.target, path=disk.base)
-    log.info("domain %r disk %s: back on %s", domain.name, disk.target, disk.base)
+        raise VirtfreezeError(f"after the pivot the disk is on {source!r}, not its base", domain=name,
+                              disk=disk.target, path=disk.base)
+    log.info("domain %r disk %s: back on %s", name, disk.target, disk.base)
 
 
-def _cancel_quietly(hv, domain, target: str) -> None:
+def _cancel_quietly(merge, disk) -> None:
     try:
-        if hv.block_job(domain.uuid, domain.name, target):
-            hv.cancel_job(domain.uuid, domain.name, target)
+        if merge.job(disk):
+            merge.cancel(disk)
     except VirtfreezeError as e:
-        log.warning("domain %r disk %s: could not cancel the commit job: %s", domain.name, target, e.message)
+        log.warning("domain %r disk %s: could not cancel the commit job: %s", merge.domain.name, disk.target,
+                    e.message)
 
 
-def merge_running(hv, domain, disks, config) -> None:
+def merge_running(merge) -> None:
     """Active commit + pivot of every disk still on an overlay of ours."""
-    for disk in disks:
-        source = _live_source(hv, domain, disk.target)
+    live = merge.at_start.live or {}
+    for disk in merge.disks:
+        source = live.get(disk.target)
         if source == disk.base:
             continue
         if not disk.is_ours(source):
             raise VirtfreezeError(f"disk is on {source!r}, neither its overlay nor its base",
-                                  domain=domain.name, disk=disk.target,
+                                  domain=merge.domain.name, disk=disk.target,
                                   hint="somebody changed the chain; merge by hand")
-        commit_and_pivot(hv, domain, disk, config)
+        commit_and_pivot(merge, disk)
 
 
 @hookimpl
-def virtfreeze_merge(hv, domain, disks, config, strategy, journal):
-    if strategy != "live" or hv.state(domain.uuid) not in (RUNNING, PAUSED):
+def virtfreeze_merge(merge):
+    if merge.strategy != "live" or merge.state() not in (RUNNING, PAUSED):
         return None
-    merge_running(hv, domain, disks, config)
+    merge_running(merge)
     return MergeResult("live")

@@ -7,8 +7,10 @@
   XML and the persistent definition are pointed at the bases, and the guest
   is started again from its saved state, running or paused as it was.
 
-A crash at any point leaves the guest shut off with its managed save image;
-the next thaw finishes the commit, fixes the saved XML and brings it back.
+A crash at any point leaves the guest shut off with its managed save image
+and the mark ``saved_by_virtfreeze`` in the journal; the next thaw finishes
+the commit, fixes the saved XML and brings it back (`virtfreeze_merge_recover`).
+Uses only the public merge API (`virtfreeze.merge_api`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ import logging
 import os
 import time
 
-from virtfreeze import qemu_img
-from virtfreeze.domain_xml import BaseImage, parse_disks, repoint_disks
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.journal import failpoint
-from virtfreeze.libvirt_boundary import MISSING, PAUSED, RUNNING, SHUTOFF
+from virtfreeze.merge_api import MISSING, PAUSED, RUNNING, SHUTOFF
 from virtfreeze.model import MergeResult
 
 log = logging.getLogger(__name__)
@@ -37,90 +37,70 @@ def _top_of(disk, sources: list[str | None]) -> str | None:
     return on_disk[-1] if on_disk else None
 
 
-def commit_stopped(hv, domain, disks, journal) -> int:
+def commit_stopped(merge) -> int:
     """Commit every disk of a stopped (or vanished) domain; fix its saved state's XML. Returns bytes."""
-    state = hv.state(domain.uuid)
-    xmls = []
-    saved = state == SHUTOFF and hv.has_managed_save(domain.uuid, domain.name)
-    if state != MISSING:
-        xmls.append(hv.xml(domain.uuid, domain.name, inactive=True))
-        if saved:
-            xmls.append(hv.managed_save_xml(domain.uuid, domain.name))
-    sources = [{d.target: d.source for d in parse_disks(x)} for x in xmls]
+    defs = merge.definitions()
+    sources = [s for s in (defs.persistent, defs.saved) if s is not None]
     merged = 0
-    for disk in disks:
+    for disk in merge.disks:
         top = _top_of(disk, [s.get(disk.target) for s in sources])
         if top is None:
             continue
         if sources and not any(disk.is_ours(s.get(disk.target)) for s in sources):
             continue  # committed and re-pointed by an earlier run; the overlays are spent
-        merged += os.stat(top).st_blocks * 512
-        log.info("domain %r disk %s: offline commit of %s into %s", domain.name, disk.target, top, disk.base)
-        qemu_img.commit(top, disk.base, domain=domain.name, disk=disk.target)
+        merged += merge.commit_offline(disk, top)
         failpoint("thaw-offline-committed")
-    if saved:
-        xml, changed = _repointed(hv.managed_save_xml(domain.uuid, domain.name), disks)
-        if changed:
-            hv.managed_save_define(domain.uuid, domain.name, xml)
-            log.info("domain %r: saved state now points at the base of %s", domain.name, ", ".join(changed))
+    if defs.saved is not None:
+        merge.repoint_saved()
     return merged
 
 
-def _repointed(xml: str, disks) -> tuple[str, list[str]]:
-    """`xml` with every disk that is on one of our overlays pointed back at its base."""
-    current = {d.target: d.source for d in parse_disks(xml)}
-    bases = {d.target: BaseImage(d.base, d.base_format, d.base_type) for d in disks}
-    return repoint_disks(xml, bases, only_if_source={
-        d.target: current.get(d.target) for d in disks if d.is_ours(current.get(d.target))})
-
-
-def repoint_persistent(hv, domain, disks) -> None:
-    """Point the persistent definition back at the bases (a no-op when it already is)."""
-    xml, changed = _repointed(hv.xml(domain.uuid, domain.name, inactive=True), disks)
-    if changed:
-        log.info("domain %r: persistent definition of %s pointed back at the base", domain.name, ", ".join(changed))
-        hv.define(xml, domain.name)
-
-
-def save_commit_restore(hv, domain, disks, journal) -> tuple[int, float]:
+def save_commit_restore(merge) -> tuple[int, float]:
     """Stop a running or paused guest into its managed save, merge, and bring it back as it was."""
-    info = hv.info(domain.uuid)
-    if info is None or not info.persistent:
+    defs = merge.definitions()
+    if not defs.persistent_domain:
         raise VirtfreezeError("the offline merge of a running guest needs a persistent domain (managed save)",
-                              domain=domain.name, hint="use --strategy live, or define the domain")
-    paused = info.state == PAUSED
-    journal.note(saved_by_virtfreeze="paused" if paused else "running")
+                              domain=merge.domain.name, hint="use --strategy live, or define the domain")
+    paused = defs.state == PAUSED
+    merge.note(saved_by_virtfreeze="paused" if paused else "running")
     t0 = time.monotonic()
-    log.info("domain %r: saving its state to merge offline", domain.name)
-    hv.managed_save(domain.uuid, domain.name, paused)
+    log.info("domain %r: saving its state to merge offline", merge.domain.name)
+    merge.save(paused)
     failpoint("offline-saved")
-    merged = commit_stopped(hv, domain, disks, journal)
-    repoint_persistent(hv, domain, disks)
+    merged = commit_stopped(merge)
+    merge.repoint_persistent()
     failpoint("offline-before-restore")
-    resume_saved(hv, domain, journal)
+    resume_saved(merge)
     stopped = time.monotonic() - t0
-    log.info("domain %r: merged %d bytes offline; the guest was stopped %.2fs", domain.name, merged, stopped)
+    log.info("domain %r: merged %d bytes offline; the guest was stopped %.2fs", merge.domain.name, merged, stopped)
     return merged, stopped
 
 
-def resume_saved(hv, domain, journal) -> None:
-    """Start a guest virtfreeze saved, from its saved state (a no-op otherwise)."""
-    if journal.get("saved_by_virtfreeze") and hv.state(domain.uuid) == SHUTOFF:
-        log.info("domain %r: restoring it from its saved state (%s)", domain.name,
-                 journal.get("saved_by_virtfreeze"))
-        hv.start(domain.uuid, domain.name)
-    journal.note(saved_by_virtfreeze=None)
+def resume_saved(merge) -> None:
+    """Start a guest this plugin saved, from its saved state (a no-op otherwise)."""
+    how = merge.record.saved_by_virtfreeze
+    if not how:
+        return
+    if merge.state() == SHUTOFF:
+        log.info("domain %r: restoring it from its saved state (%s)", merge.domain.name, how)
+        merge.start()
+    merge.note(saved_by_virtfreeze=None)
 
 
 @hookimpl(trylast=True)
-def virtfreeze_merge(hv, domain, disks, config, strategy, journal):
-    state = hv.state(domain.uuid)
+def virtfreeze_merge(merge):
+    state = merge.state()
     if state in (SHUTOFF, MISSING):
-        merged = commit_stopped(hv, domain, disks, journal)
+        merged = commit_stopped(merge)
         if state == SHUTOFF:
-            repoint_persistent(hv, domain, disks)
+            merge.repoint_persistent()
         return MergeResult("offline", offline_bytes=merged)
-    if strategy != "offline" or state not in (RUNNING, PAUSED):
+    if merge.strategy != "offline" or state not in (RUNNING, PAUSED):
         return None
-    merged, stopped = save_commit_restore(hv, domain, disks, journal)
+    merged, stopped = save_commit_restore(merge)
     return MergeResult("offline", offline_bytes=merged, stopped_seconds=stopped)
+
+
+@hookimpl
+def virtfreeze_merge_recover(merge):
+    resume_saved(merge)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 from virtfreeze.libvirt_boundary import MISSING, PAUSED, RUNNING, SHUTOFF
-from virtfreeze.model import DiskPlan
+from virtfreeze.merge_api import read_definitions
 from virtfreeze.runtime import Runtime
-from virtfreeze.thaw import discover, frozen_domains, on_overlay
+from virtfreeze.thaw import discover, frozen_domains
 
 
 def planned_strategy(rt: Runtime, name: str, state: str) -> tuple[str, str]:
@@ -36,30 +36,29 @@ def _size(path: str | None) -> int | None:
 def collect(rt: Runtime, names: list[str] | None = None) -> list[dict]:
     """One row per frozen domain (only those named, when names are given)."""
     out = []
-    for ref in frozen_domains(rt):
-        if names and ref.name not in names:
+    for found in frozen_domains(rt):
+        if names and found.name not in names:
             continue
-        journaled = rt.journal.load(ref.uuid)
-        record = journaled or discover(rt, ref.uuid, ref.name) or {}
-        disks = [DiskPlan.from_json(d) for d in record.get("disks", [])]
-        pending = {d.target for d in on_overlay(rt, ref, disks)}
-        state = rt.hv.state(ref.uuid)
-        strategy, why = planned_strategy(rt, ref.name, state)
+        journaled = found.phase != "discovered"
+        defs = read_definitions(rt.hv, found.ref)
+        record = found if journaled else (discover(rt, found.ref, defs) or found)
+        pending = {d.target for d in defs.on_overlay(record.disks)}
+        strategy, why = planned_strategy(rt, record.name, defs.state)
         out.append({
-            "domain": ref.name,
-            "uuid": ref.uuid,
-            "state": state,
+            "domain": record.name,
+            "uuid": record.uuid,
+            "state": defs.state,
             "strategy": strategy,
             "strategy_reason": why,
-            "phase": record.get("phase"),
-            "since": record.get("frozen_at") or record.get("started"),
-            "consistency": record.get("consistency"),
-            "journal": journaled is not None,
+            "phase": record.phase,
+            "since": record.frozen_at or record.started,
+            "consistency": record.consistency,
+            "journal": journaled,
             "on_overlay": bool(pending),
             "disks": [{"target": d.target, "base": d.base, "overlay": d.overlay,
-                       "overlay_bytes": _size(d.overlay), "on_overlay": d.target in pending} for d in disks],
-            "memory_file": record.get("memory_file"),
-            "memory_bytes": _size(record.get("memory_file")),
-            "export_dir": record.get("export_dir"),
+                       "overlay_bytes": _size(d.overlay), "on_overlay": d.target in pending} for d in record.disks],
+            "memory_file": record.memory_file,
+            "memory_bytes": _size(record.memory_file),
+            "export_dir": record.export_dir,
         })
     return out

@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -98,3 +99,19 @@ def assert_archive_holds_disks(g, export: Path, t_before: float) -> None:
 def _size(path: Path) -> int:
     with open(path, "rb") as fh:
         return fh.seek(0, os.SEEK_END)
+
+
+def install_plugin(tmp_path: Path, dist: str, entry_point: str, source: str) -> Path:
+    """Install a plugin as its own distribution (entry point group `virtfreeze`); return its site dir."""
+    module = dist.replace("-", "_")
+    src = tmp_path / dist
+    (src / module).mkdir(parents=True)
+    (src / module / "__init__.py").write_text(source)
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "{dist}"\nversion = "1.0"\n'
+        f'[project.entry-points.virtfreeze]\n{entry_point} = "{module}"\n')
+    site = tmp_path / f"site-{dist}"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(src)], check=True, capture_output=True)
+    return site

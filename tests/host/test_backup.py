@@ -7,12 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tests.host.conftest import VIRTFREEZE
-from tests.host.helpers import assert_all_acked_present, assert_archive_holds_disks, assert_back_on_base
+from tests.host.helpers import (
+    assert_all_acked_present, assert_archive_holds_disks, assert_back_on_base, install_plugin,
+)
 from tests.rig.guest import DiskSpec
 
 from virtfreeze.export_view import image_size, is_block_device
@@ -128,22 +129,6 @@ def virtfreeze_after_thaw(domain, strategy, overlay_bytes):
 def virtfreeze_domain_failed(domain, phase, error):
     _mark(f"failed {domain.name} {phase} {error.exit_code}")
 '''
-
-
-def install_plugin(tmp_path: Path, dist: str, entry_point: str, source: str) -> Path:
-    """Install a plugin as its own distribution (entry point group `virtfreeze`); return its site dir."""
-    module = dist.replace("-", "_")
-    src = tmp_path / dist
-    (src / module).mkdir(parents=True)
-    (src / module / "__init__.py").write_text(source)
-    (src / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
-        f'[project]\nname = "{dist}"\nversion = "1.0"\n'
-        f'[project.entry-points.virtfreeze]\n{entry_point} = "{module}"\n')
-    site = tmp_path / f"site-{dist}"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(src)], check=True, capture_output=True)
-    return site
 
 
 def test_third_party_plugin_from_its_own_distribution(guest_factory, vf, tmp_path):

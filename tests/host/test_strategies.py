@@ -102,3 +102,74 @@ def test_killed_in_a_phase_then_thaw_recovers(guest_factory, vf, strategy, final
     assert_resumed(g, before)
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)
+
+
+MERGE_PLUGIN = '''
+"""A third party's merge, written from virtfreeze.merge_api and hookspecs alone: a live
+commit that pauses the guest while it pivots, and notes its own mark in the journal."""
+import os
+
+from virtfreeze.hookspecs import hookimpl
+from virtfreeze.merge_api import PAUSED, RUNNING
+from virtfreeze.model import MergeResult
+
+
+def _say(line):
+    with open(os.environ["MERGE_MARKER"], "a") as fh:
+        fh.write(line + "\\n")
+
+
+@hookimpl(tryfirst=True)
+def virtfreeze_merge(merge):
+    if merge.strategy != "live" or merge.state() != RUNNING:
+        return None
+    merge.note(plugin_marks={"careful": "paused"})
+    for disk in merge.disks:
+        with merge.watch_jobs() as jobs:
+            merge.start_commit(disk)
+            jobs.wait([disk], "ready")
+            merge.pause()
+            merge.pivot(disk)
+            merge.resume()
+        _say(f"merged {merge.domain.name} {disk.target} now on {merge.live_source(disk) == disk.base}")
+    if os.environ.get("MERGE_CRASH"):
+        merge.pause()
+        os.kill(os.getpid(), 9)  # as a crash: the guest stays paused, the mark says so
+    return MergeResult("careful-live")
+
+
+@hookimpl
+def virtfreeze_merge_recover(merge):
+    if merge.record.plugin_marks.get("careful") == "paused":
+        if merge.state() == PAUSED:
+            merge.resume()
+            _say(f"resumed {merge.domain.name}")
+        merge.note(plugin_marks={})
+'''
+
+
+def test_a_third_party_merge_plugin_from_its_own_distribution(guest_factory, vf, tmp_path):
+    from tests.host.helpers import install_plugin
+
+    site = install_plugin(tmp_path, "vf-careful-merge", "careful", MERGE_PLUGIN)
+    marker = tmp_path / "marker"
+    env = vf.env(PYTHONPATH=str(site), MERGE_MARKER=str(marker))
+    env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")
+    g = guest_factory(DISKS)
+    vf("freeze", g.name, env=env)
+    g.watcher.wait_acks(20)
+    out = json.loads(vf("--json", "thaw", g.name, env=env).stdout)
+    assert out["thawed"][0]["strategy"] == "careful-live"
+    assert marker.read_text().splitlines() == [f"merged {g.name} vda now on True", f"merged {g.name} vdb now on True"]
+    assert_back_on_base(g, vf)
+    # Killed with the guest paused: the next thaw's recover hook (the plugin's own) resumes it.
+    vf("freeze", g.name, env=env)
+    vf("thaw", g.name, env=dict(env, MERGE_CRASH="1"), expect=-signal.SIGKILL)
+    assert g.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    assert json.loads(vf.journal(g.uuid).read_text())["plugin_marks"] == {"careful": "paused"}
+    vf("thaw", g.name, env=env)
+    assert marker.read_text().splitlines()[-1] == f"resumed {g.name}"
+    assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    g.watcher.wait_acks(20, after=time.monotonic())
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)

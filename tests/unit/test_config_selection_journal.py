@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from virtfreeze import config
-from virtfreeze.errors import ConfigError, DomainBusy, DomainNotFound, UsageError
+from virtfreeze.errors import ConfigError, DomainBusy, DomainNotFound, UsageError, VirtfreezeError
 from virtfreeze.export_view import domain_dir_name
-from virtfreeze.journal import Journal, domain_lock, write_atomic
+from virtfreeze.journal import FrozenDomain, Journal, domain_lock, write_atomic
+from virtfreeze.model import DiskPlan
 from virtfreeze.libvirt_boundary import DomainInfo
 from virtfreeze.selection import select
 
@@ -98,15 +99,50 @@ def test_selection_errors():
 
 def test_journal_roundtrip_and_mode(tmp_path):
     j = Journal(tmp_path)
-    j.write({"uuid": "u1", "name": "web", "phase": "freezing"})
-    assert j.load("u1")["phase"] == "freezing" and j.load("u1")["version"] == 1
+    plan = DiskPlan("vda", "/v/a.qcow2", "qcow2", "file", "/v/a.qcow2.virtfreeze.qcow2", (("/t.qcow2", "qcow2"),))
+    j.write(FrozenDomain("u1", "web", "freezing", disks=[plan], skipped={"hdc": "device is a cdrom"}))
+    loaded = j.load("u1")
+    assert loaded == FrozenDomain("u1", "web", "freezing", disks=[plan], skipped={"hdc": "device is a cdrom"})
+    assert json.loads(j.path("u1").read_text())["version"] == 2
     assert stat.S_IMODE(os.stat(j.path("u1")).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(j.dir).st_mode) == 0o700
-    assert [r["uuid"] for r in j.all()] == ["u1"]
+    assert [r.uuid for r in j.all()] == ["u1"]
     j.remove("u1")
     j.remove("u1")  # idempotent
     assert j.load("u1") is None and j.all() == []
     assert [p.name for p in j.dir.iterdir()] == []  # no temp files left
+
+
+def test_journal_note_writes_only_changes(tmp_path):
+    j = Journal(tmp_path)
+    rec = FrozenDomain("u1", "web", "frozen")
+    j.write(rec)
+    before = os.stat(j.path("u1")).st_ino
+    j.note(rec, paused_by_virtfreeze=None, phase="frozen")  # nothing changes: nothing written
+    assert os.stat(j.path("u1")).st_ino == before
+    j.note(rec, paused_by_virtfreeze=True)
+    assert os.stat(j.path("u1")).st_ino != before and j.load("u1").paused_by_virtfreeze is True
+    with pytest.raises(TypeError):
+        j.note(rec, paused_by_virtfrezee=True)  # a typo is a bug, not a silent new key
+
+
+def test_journal_of_version_1_is_migrated_and_a_newer_one_refused(tmp_path):
+    j = Journal(tmp_path)
+    j.dir.mkdir(parents=True)
+    old = {"uuid": "u1", "name": "web", "phase": "thawing", "version": 1, "started": "2026-01-01T00:00:00+00:00",
+           "disks": [{"target": "vda", "base": "/v/a.raw", "base_format": "raw", "base_type": "file",
+                      "overlay": "/v/a.raw.virtfreeze.qcow2"}],
+           "saved_by_virtfreeze": "running", "iterative_empty": None, "some_old_key": 1}
+    j.path("u1").write_text(json.dumps(old))
+    rec = j.load("u1")
+    assert rec.phase == "thawing" and rec.disks[0].overlay == "/v/a.raw.virtfreeze.qcow2"
+    assert rec.saved_by_virtfreeze == "running" and rec.iterative_empty == {} and rec.disks[0].backing == ()
+    j.path("u1").write_text(json.dumps(dict(old, version=99)))
+    with pytest.raises(VirtfreezeError, match="newer virtfreeze"):
+        j.load("u1")
+    j.path("u1").write_text(json.dumps(dict(old, disks=[{"target": "vda"}])))
+    with pytest.raises(VirtfreezeError, match="damaged"):
+        j.load("u1")
 
 
 def test_write_atomic_never_leaves_a_partial_file(tmp_path):
