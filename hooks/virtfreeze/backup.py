@@ -19,7 +19,7 @@ from virtfreeze.libvirt_boundary import DomainInfo
 from virtfreeze.model import DomainRef
 from virtfreeze.plugins import report_failure
 from virtfreeze.runtime import Runtime
-from virtfreeze.targets import ArchiveResult, Target, describe_shortfall, short_of_data
+from virtfreeze.targets import ArchiveResult, StorageTarget, describe_shortfall, short_of_data
 from virtfreeze.thaw import thaw_domain
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,13 @@ class BackupResult:
         return d
 
 
-def _check_contents(rt: Runtime, ref: DomainRef, target: Target, archive: str, manifest: dict) -> bool:
+def _check_contents(ref: DomainRef, target: StorageTarget, archive: str, manifest: dict) -> bool:
     """Compare the target's own listing of a new archive with the frozen files' sizes.
 
     Raises when a data file is missing or short: an archive without a disk's
     data is a failure, never a success. False when the target cannot list.
     """
-    contents = rt.pm.hook.virtfreeze_archive_contents(target=target, archive=archive)
+    contents = target.contents(archive)
     if contents is None:
         log.warning("domain %r: target %s (type %s) cannot list an archive's contents; %s not verified",
                     ref.name, target.name, target.type, archive)
@@ -68,7 +68,7 @@ def _check_contents(rt: Runtime, ref: DomainRef, target: Target, archive: str, m
     return True
 
 
-def backup_domain(rt: Runtime, info: DomainInfo, targets: list[Target], *, memory: bool | None = None,
+def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *, memory: bool | None = None,
                   quiesce: str | None = None, strategy: str | None = None) -> BackupResult:
     """Freeze, archive to each target, thaw; memory/quiesce/strategy None: not given on the command line."""
     ref = DomainRef(info.name, info.uuid)
@@ -80,12 +80,9 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[Target], *, memor
         manifest = json.loads((export_dir / "manifest.json").read_text())
         for target in targets:
             try:
-                archived = rt.pm.hook.virtfreeze_archive(target=target, domain=ref, export_dir=export_dir,
-                                                         manifest=manifest)
-                if archived is None:
-                    raise VirtfreezeError(f"no plugin archives targets of type {target.type!r}")
+                archived = target.archive(ref, export_dir, manifest)
                 result.archives.append(archived)
-                archived.verified = _check_contents(rt, ref, target, archived.archive, manifest)
+                archived.verified = _check_contents(ref, target, archived.archive, manifest)
                 log.info("domain %r: archived to %s as %s (%d bytes, %.1fs)", info.name, target.name,
                          archived.archive, archived.bytes, archived.seconds)
             except Exception as e:  # noqa: BLE001 - a plugin's bug must not skip the other targets or the thaw

@@ -116,68 +116,19 @@ def virtfreeze_after_thaw(domain, strategy, overlay_bytes):
 
 
 @hookspec
-def virtfreeze_target_types():
-    """Declare the storage target types this plugin provides.
+def virtfreeze_register_targets(register):
+    """Register the storage target types this plugin provides.
 
-    Called when the configuration is validated and by `virtfreeze plugins`.
-    Not firstresult: every implementation runs. Return a dict mapping each
-    type name (``borg``, ``restic``, ...) to the JSON schema of its settings
-    (an object schema; every property with a ``description`` and an
-    ``example``; unknown keys rejected), or None when it provides none.
-    """
-
-
-@hookspec(firstresult=True)
-def virtfreeze_archive(target, domain, export_dir, manifest):
-    """Archive one frozen domain's export view into one storage target.
-
-    Runs during `virtfreeze backup`, once per domain and target, after the
-    domain is frozen and before it is thawed (the thaw runs whatever happens
-    here). ``target`` is a `virtfreeze.targets.Target` (name, type,
-    settings), ``domain`` a `DomainRef`, ``export_dir`` the domain's
-    export directory (a `pathlib.Path`), ``manifest`` the dict of its
-    manifest.json.
-
-    firstresult: the implementation for ``target.type`` returns a
-    `virtfreeze.targets.ArchiveResult`; every other returns None. Raise
-    `VirtfreezeError` when archiving failed.
-    """
-
-
-@hookspec(firstresult=True)
-def virtfreeze_list_archives(target, domain):
-    """List the archives of one domain in one storage target, oldest first.
-
-    Used by restore and by `virtfreeze backup --json` consumers. firstresult:
-    the implementation for ``target.type`` returns a list of archive names
-    (empty when there are none); every other returns None.
-    """
-
-
-@hookspec(firstresult=True)
-def virtfreeze_archive_contents(target, archive):
-    """What one archive of a storage target holds, from the target's own listing.
-
-    Runs during `virtfreeze backup` right after each `virtfreeze_archive`,
-    so that an archive that lacks a frozen disk's data (a device node
-    stored instead of its content, a truncated file) is a failure, not a
-    success. firstresult: the implementation for ``target.type`` returns a
-    dict mapping each path, relative to the domain's export directory
-    (``disks/vda.raw``, ``memory.save``, ...), to the bytes the archive
-    holds for it (0 for anything that is not a regular file); every other
-    returns None. When no plugin answers, the archive is reported as not
-    verified. Raise `VirtfreezeError` when the listing failed.
-    """
-
-
-@hookspec(firstresult=True)
-def virtfreeze_extract(target, archive, destination):
-    """Extract one archive of a storage target into ``destination`` (a new directory).
-
-    The archive's content is laid out as the export view was (domain.xml,
-    disks/, manifest.json, ...), and nothing is written outside
-    ``destination``. firstresult: the implementation for ``target.type``
-    returns ``destination``; every other returns None.
+    Called when the configuration is validated (`config check`, `backup`,
+    restore) and by `virtfreeze plugins`. Call ``register(cls)`` once per
+    type, with a subclass of `virtfreeze.targets.StorageTarget`: its
+    ``type`` names it in the config, its ``schema`` validates the settings,
+    and each configured target becomes one instance that archives
+    (``archive``), lists what an archive holds (``contents``, checked after
+    every archive), lists a domain's archives (``list_archives``) and
+    extracts one (``extract``). Two plugins registering the same type is a
+    configuration error. Not firstresult: every implementation runs; return
+    None (return values are ignored).
     """
 
 

@@ -48,7 +48,10 @@ def describe_plugins(pm: pluggy.PluginManager | None = None) -> list[dict]:
         if plugin is None:
             continue
         hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or [])
-        types = sorted(getattr(plugin, "virtfreeze_target_types", lambda: {})() or {})
+        registered: list = []
+        if hasattr(plugin, "virtfreeze_register_targets"):
+            plugin.virtfreeze_register_targets(register=registered.append)
+        types = sorted(cls.type for cls in registered)
         source = "built-in" if name in BUILTIN_PLUGINS else f"entry point of {dists.get(id(plugin), '?')}"
         rows.append({"name": name, "source": source, "module": getattr(plugin, "__file__", None),
                      "hooks": hooks, "target_types": types})

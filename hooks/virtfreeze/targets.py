@@ -1,24 +1,24 @@
-"""Named storage targets from the config, validated against their plugin's schema."""
+"""Storage targets: the object each target type is, and the named targets of the config.
+
+A plugin registers a `StorageTarget` subclass per type through the
+`virtfreeze_register_targets` hook, into a table the core owns; each
+configured target is validated against its type's schema and becomes one
+instance, which the core asks to archive, list, check and extract.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import jsonschema
 
 from virtfreeze import runner
 from virtfreeze.errors import ConfigError, VirtfreezeError
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    type: str
-    settings: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 @dataclass
@@ -34,15 +34,63 @@ class ArchiveResult:
         return dict(self.__dict__)
 
 
-def target_types(pm) -> dict[str, dict]:
-    types: dict[str, dict] = {}
-    for declared in pm.hook.virtfreeze_target_types():
-        types.update(declared or {})
+class StorageTarget:
+    """One configured storage target. Subclass it per type and register the class.
+
+    Class attributes: ``type`` (the name used in the config's ``type:``) and
+    ``schema`` (a JSON schema of the settings: an object, every property with
+    a ``description`` and an ``example``, ``additionalProperties: false``).
+    An instance has ``name`` (the config's key) and ``settings`` (validated).
+    Every method raises `VirtfreezeError` on failure, naming the path.
+    """
+
+    type: ClassVar[str]
+    schema: ClassVar[dict]
+
+    def __init__(self, name: str, settings: dict[str, Any]):
+        self.name = name
+        self.settings = settings
+
+    def archive(self, domain, export_dir: Path, manifest: dict) -> ArchiveResult:
+        """Archive one frozen domain's export view (`domain` a `DomainRef`, `export_dir` its directory,
+        `manifest` the dict of its manifest.json), during `backup`, before the thaw."""
+        raise NotImplementedError
+
+    def contents(self, archive: str) -> dict[str, int] | None:
+        """What an archive holds, from the target's own listing: path relative to the export directory
+        -> bytes (0 for anything that is not a regular file). `backup` checks every new archive
+        against the frozen sizes with it. None: this target cannot list (the archive is reported
+        as not verified)."""
+        return None
+
+    def list_archives(self, domain) -> list[str]:
+        """The archives of one domain in this target, oldest first (empty when none)."""
+        raise NotImplementedError
+
+    def extract(self, archive: str, destination: Path) -> Path:
+        """Extract one archive into `destination` (a new directory), laid out as the export view was
+        (domain.xml, disks/, manifest.json, ...); nothing is written outside it. Returns it."""
+        raise NotImplementedError
+
+
+def target_types(pm) -> dict[str, type[StorageTarget]]:
+    """The table of target types: every plugin's `virtfreeze_register_targets` registers into it."""
+    types: dict[str, type[StorageTarget]] = {}
+
+    def register(cls: type[StorageTarget]) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, StorageTarget)):
+            raise ConfigError(f"a plugin registered {cls!r}, not a StorageTarget subclass")
+        if cls.type in types and types[cls.type] is not cls:
+            raise ConfigError(f"two plugins register the target type {cls.type!r}: {types[cls.type].__module__} "
+                              f"and {cls.__module__}", hint="block one with VIRTFREEZE_BLOCK_PLUGINS")
+        types[cls.type] = cls
+
+    pm.hook.virtfreeze_register_targets(register=register)
     return types
 
 
-def load_targets(raw: dict[str, Any], pm, source: str | None = None) -> dict[str, Target]:
-    """Check each configured target against its type's schema."""
+def load_targets(raw: dict[str, Any], pm, source: str | None = None) -> dict[str, StorageTarget]:
+    """Check each configured target against its type's schema; one object per target."""
     types = target_types(pm)
     out = {}
     for name, spec in (raw or {}).items():
@@ -51,21 +99,22 @@ def load_targets(raw: dict[str, Any], pm, source: str | None = None) -> dict[str
         if kind not in types:
             known = ", ".join(sorted(types)) or "none (is plugin autoload switched off?)"
             raise ConfigError(f"target {name!r}: unknown type {kind!r} (known: {known})", path=source)
-        errors = sorted(jsonschema.Draft202012Validator(types[kind]).iter_errors(spec), key=lambda e: e.path)
+        schema = types[kind].schema
+        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(spec), key=lambda e: e.path)
         if errors:
             e = errors[0]
             if e.validator == "additionalProperties":
                 extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
-                msg = f"unknown key {', '.join(map(repr, extra))} (allowed: {', '.join(sorted(types[kind]['properties']))})"
+                msg = f"unknown key {', '.join(map(repr, extra))} (allowed: {', '.join(sorted(schema['properties']))})"
             else:
                 msg = e.message
             raise ConfigError(f"target {name!r} ({kind}): {msg}", path=source)
         for prefix in {k.rsplit("_", 1)[0] for k in spec if k.endswith(("_file", "_env", "_command"))}:
             group = [f"{prefix}_{way}" for way in ("file", "env", "command")]  # see secret_settings()
             given = [k for k in group if k in spec]
-            if len(given) > 1 and all(k in types[kind]["properties"] for k in group):
+            if len(given) > 1 and all(k in schema["properties"] for k in group):
                 raise ConfigError(f"target {name!r} ({kind}): set only one of {', '.join(given)}", path=source)
-        out[name] = Target(name, kind, spec)
+        out[name] = types[kind](name, spec)
     return out
 
 

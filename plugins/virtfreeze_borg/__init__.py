@@ -16,7 +16,7 @@ import time
 from virtfreeze import runner
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.targets import (
-    ArchiveResult, archive_name, archive_prefix, secret_env, secret_settings,
+    ArchiveResult, StorageTarget, archive_name, archive_prefix, secret_env, secret_settings,
 )
 
 SCHEMA = {
@@ -34,65 +34,52 @@ SCHEMA = {
 }
 
 
-def _env(settings: dict) -> dict:
-    return dict(os.environ, BORG_EXIT_CODES="legacy", **secret_env(settings, "passphrase", "BORG_PASSPHRASE"))
+class BorgTarget(StorageTarget):
+    """One borg archive per domain and run, made inside the domain's export directory."""
 
+    type = "borg"
+    schema = SCHEMA
 
-def _run(settings: dict, args: list[str], what: str, **kw) -> subprocess.CompletedProcess:
-    # exit 1: warnings (e.g. a file changed while read)
-    return runner.run([settings.get("borg", "borg"), *args], what=f"borg {what}", path=settings["repository"],
-                      env=_env(settings), ok=(0, 1), **kw)
+    def _run(self, args: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+        s = self.settings
+        env = dict(os.environ, BORG_EXIT_CODES="legacy", **secret_env(s, "passphrase", "BORG_PASSPHRASE"))
+        # exit 1: warnings (e.g. a file changed while read)
+        return runner.run([s.get("borg", "borg"), *args], what=f"borg {what}", path=s["repository"], env=env,
+                          ok=(0, 1), **kw)
 
+    def archive(self, domain, export_dir, manifest):
+        s = self.settings
+        name = archive_name(domain.name)
+        comment = json.dumps({k: manifest.get(k) for k in ("domain", "uuid", "frozen_at", "consistency")})
+        comment = comment.replace("{", "{{").replace("}", "}}")  # borg expands {placeholders} in comments
+        args = ["create", "--json", "--comment", comment]
+        if s.get("compression"):
+            args += ["--compression", s["compression"]]
+        args += [*s.get("extra_args", []), f"{s['repository']}::{name}", "."]
+        t0 = time.monotonic()
+        proc = self._run(args, "create", cwd=export_dir)
+        stats = json.loads(proc.stdout)["archive"]["stats"]
+        return ArchiveResult(self.name, name, stats["original_size"], time.monotonic() - t0)
 
-@hookimpl
-def virtfreeze_target_types():
-    return {"borg": SCHEMA}
+    def list_archives(self, domain):
+        archives = json.loads(self._run(["list", "--json", self.settings["repository"]], "list").stdout)["archives"]
+        prefix = archive_prefix(domain.name)
+        return [a["name"] for a in archives if a["name"].startswith(prefix)]
 
+    def contents(self, archive):
+        out = self._run(["list", "--json-lines", f"{self.settings['repository']}::{archive}"], "list").stdout
+        items = [json.loads(line) for line in out.splitlines() if line.strip()]
+        # Paths are relative to the export directory (create ran there on "."); device nodes have size 0.
+        return {i["path"]: (i.get("size") or 0) if i.get("type") == "-" else 0 for i in items
+                if i.get("type") != "d"}
 
-@hookimpl
-def virtfreeze_archive(target, domain, export_dir, manifest):
-    if target.type != "borg":
-        return None
-    s = target.settings
-    name = archive_name(domain.name)
-    comment = json.dumps({k: manifest.get(k) for k in ("domain", "uuid", "frozen_at", "consistency")})
-    comment = comment.replace("{", "{{").replace("}", "}}")  # borg expands {placeholders} in comments
-    args = ["create", "--json", "--comment", comment]
-    if s.get("compression"):
-        args += ["--compression", s["compression"]]
-    args += [*s.get("extra_args", []), f"{s['repository']}::{name}", "."]
-    t0 = time.monotonic()
-    proc = _run(s, args, "create", cwd=export_dir)
-    stats = json.loads(proc.stdout)["archive"]["stats"]
-    return ArchiveResult(target.name, name, stats["original_size"], time.monotonic() - t0)
-
-
-@hookimpl
-def virtfreeze_list_archives(target, domain):
-    if target.type != "borg":
-        return None
-    s = target.settings
-    archives = json.loads(_run(s, ["list", "--json", s["repository"]], "list").stdout)["archives"]
-    prefix = archive_prefix(domain.name)
-    return [a["name"] for a in archives if a["name"].startswith(prefix)]
-
-
-@hookimpl
-def virtfreeze_archive_contents(target, archive):
-    if target.type != "borg":
-        return None
-    s = target.settings
-    out = _run(s, ["list", "--json-lines", f"{s['repository']}::{archive}"], "list").stdout
-    items = [json.loads(line) for line in out.splitlines() if line.strip()]
-    # Paths are relative to the export directory (create ran there on "."); device nodes have size 0.
-    return {i["path"]: (i.get("size") or 0) if i.get("type") == "-" else 0 for i in items if i.get("type") != "d"}
+    def extract(self, archive, destination):
+        os.makedirs(destination, mode=0o700)
+        self._run(["extract", "--sparse", f"{self.settings['repository']}::{archive}"], "extract",
+                  cwd=destination)  # borg never writes outside the working directory
+        return destination
 
 
 @hookimpl
-def virtfreeze_extract(target, archive, destination):
-    if target.type != "borg":
-        return None
-    os.makedirs(destination, mode=0o700)
-    _run(target.settings, ["extract", "--sparse", f"{target.settings['repository']}::{archive}"], "extract",
-         cwd=destination)  # borg never writes outside the working directory
-    return destination
+def virtfreeze_register_targets(register):
+    register(BorgTarget)

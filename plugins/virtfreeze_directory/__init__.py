@@ -13,7 +13,7 @@ from pathlib import Path
 
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
-from virtfreeze.targets import ArchiveResult, archive_name, archive_prefix
+from virtfreeze.targets import ArchiveResult, StorageTarget, archive_name, archive_prefix
 
 SCHEMA = {
     "type": "object",
@@ -59,71 +59,63 @@ def copy_tree(src: Path, dst: Path) -> tuple[int, dict[str, str]]:
     return total, sums
 
 
-@hookimpl
-def virtfreeze_target_types():
-    return {"directory": SCHEMA}
+class DirectoryTarget(StorageTarget):
+    """A plain sparse copy per domain and run, with SHA256SUMS, under its final name only once complete."""
+
+    type = "directory"
+    schema = SCHEMA
+
+    @property
+    def root(self) -> Path:
+        return Path(self.settings["path"])
+
+    def _archive_dir(self, archive: str) -> Path:
+        src = self.root / archive
+        if "/" in archive or archive.startswith(".") or not src.is_dir():
+            raise VirtfreezeError("no such archive", path=str(src))
+        return src
+
+    def archive(self, domain, export_dir, manifest):
+        if not self.root.is_dir():
+            raise VirtfreezeError("target directory does not exist", path=str(self.root), hint="create it first")
+        name = archive_name(domain.name)
+        partial = self.root / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        t0 = time.monotonic()
+        total, sums = copy_tree(Path(export_dir), partial)
+        (partial / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums.items())))
+        os.rename(partial, self.root / name)
+        return ArchiveResult(self.name, name, total, time.monotonic() - t0)
+
+    def list_archives(self, domain):
+        prefix = archive_prefix(domain.name)
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+
+    def contents(self, archive):
+        src = self._archive_dir(archive)
+        out = {}
+        for root, _dirs, files in os.walk(src):
+            for f in files:
+                p = Path(root) / f
+                rel = str(p.relative_to(src))
+                if rel != "SHA256SUMS":
+                    out[rel] = os.lstat(p).st_size if p.is_file() and not p.is_symlink() else 0
+        return out
+
+    def extract(self, archive, destination):
+        src = self._archive_dir(archive)
+        want = dict(line.split("  ", 1)[::-1] for line in (src / "SHA256SUMS").read_text().splitlines())
+        want = {k.strip(): v for k, v in want.items()}
+        Path(destination).mkdir(mode=0o700)
+        _total, sums = copy_tree(src, Path(destination))
+        sums.pop("SHA256SUMS", None)
+        os.unlink(Path(destination) / "SHA256SUMS")
+        bad = sorted(p for p in want if sums.get(p) != want[p])
+        if bad:
+            raise VirtfreezeError(f"checksum mismatch in {', '.join(bad)}", path=str(src))
+        return destination
 
 
 @hookimpl
-def virtfreeze_archive(target, domain, export_dir, manifest):
-    if target.type != "directory":
-        return None
-    root = Path(target.settings["path"])
-    if not root.is_dir():
-        raise VirtfreezeError("target directory does not exist", path=str(root), hint="create it first")
-    name = archive_name(domain.name)
-    partial = root / f".{name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    t0 = time.monotonic()
-    total, sums = copy_tree(Path(export_dir), partial)
-    (partial / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums.items())))
-    os.rename(partial, root / name)
-    return ArchiveResult(target.name, name, total, time.monotonic() - t0)
-
-
-@hookimpl
-def virtfreeze_list_archives(target, domain):
-    if target.type != "directory":
-        return None
-    prefix = archive_prefix(domain.name)
-    root = Path(target.settings["path"])
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
-
-
-@hookimpl
-def virtfreeze_archive_contents(target, archive):
-    if target.type != "directory":
-        return None
-    src = _archive_dir(target, archive)
-    out = {}
-    for root, _dirs, files in os.walk(src):
-        for f in files:
-            p = Path(root) / f
-            rel = str(p.relative_to(src))
-            if rel != "SHA256SUMS":
-                out[rel] = os.lstat(p).st_size if p.is_file() and not p.is_symlink() else 0
-    return out
-
-
-def _archive_dir(target, archive: str) -> Path:
-    src = Path(target.settings["path"]) / archive
-    if "/" in archive or archive.startswith(".") or not src.is_dir():
-        raise VirtfreezeError("no such archive", path=str(src))
-    return src
-
-
-@hookimpl
-def virtfreeze_extract(target, archive, destination):
-    if target.type != "directory":
-        return None
-    src = _archive_dir(target, archive)
-    want = dict(line.split("  ", 1)[::-1] for line in (src / "SHA256SUMS").read_text().splitlines())
-    want = {k.strip(): v for k, v in want.items()}
-    Path(destination).mkdir(mode=0o700)
-    _total, sums = copy_tree(src, Path(destination))
-    sums.pop("SHA256SUMS", None)
-    os.unlink(Path(destination) / "SHA256SUMS")
-    bad = sorted(p for p in want if sums.get(p) != want[p])
-    if bad:
-        raise VirtfreezeError(f"checksum mismatch in {', '.join(bad)}", path=str(src))
-    return destination
+def virtfreeze_register_targets(register):
+    register(DirectoryTarget)

@@ -70,10 +70,10 @@ def test_backup_two_domains_to_three_targets(guest_factory, vf, tmp_path):
         for g in guests:
             ref = DomainRef(g.name, g.uuid)
             for t in targets.values():
-                archives = pm.hook.virtfreeze_list_archives(target=t, domain=ref)
+                archives = t.list_archives(ref)
                 assert len(archives) == 1, (t.name, archives)
                 dest = tmp_path / f"extract-{t.name}-{g.name}"
-                pm.hook.virtfreeze_extract(target=t, archive=archives[0], destination=dest)
+                t.extract(archives[0], dest)
                 assert json.loads((dest / "manifest.json").read_text())["domain"] == g.name
                 assert_archive_holds_disks(g, dest, t_before)
     finally:
@@ -198,36 +198,31 @@ import shutil
 from pathlib import Path
 
 from virtfreeze.hookspecs import hookimpl
-from virtfreeze.targets import ArchiveResult, archive_name
-
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["path"],
-          "properties": {"path": {"type": "string", "description": "Where.", "example": "/srv"}}}
+from virtfreeze.targets import ArchiveResult, StorageTarget, archive_name
 
 
-@hookimpl
-def virtfreeze_target_types():
-    return {"metaonly": SCHEMA}
+class MetadataOnly(StorageTarget):
+    type = "metaonly"
+    schema = {"type": "object", "additionalProperties": False, "required": ["path"],
+              "properties": {"path": {"type": "string", "description": "Where.", "example": "/srv"}}}
 
+    def archive(self, domain, export_dir, manifest):
+        name = archive_name(domain.name)
+        dest = Path(self.settings["path"]) / name
+        dest.mkdir()
+        for f in ("domain.xml", "manifest.json"):
+            shutil.copyfile(Path(export_dir) / f, dest / f)
+        os.mknod(dest / "vda.raw")  # an empty file where the disk should be, as a tool storing a device node would
+        return ArchiveResult(self.name, name, 1, 0.0)
 
-@hookimpl
-def virtfreeze_archive(target, domain, export_dir, manifest):
-    if target.type != "metaonly":
-        return None
-    name = archive_name(domain.name)
-    dest = Path(target.settings["path"]) / name
-    dest.mkdir()
-    for f in ("domain.xml", "manifest.json"):
-        shutil.copyfile(Path(export_dir) / f, dest / f)
-    os.mknod(dest / "vda.raw")  # an empty file where the disk should be, as a tool storing a device node would
-    return ArchiveResult(target.name, name, 1, 0.0)
+    def contents(self, archive):
+        root = Path(self.settings["path"]) / archive
+        return {p.name: p.stat().st_size for p in root.iterdir()}
 
 
 @hookimpl
-def virtfreeze_archive_contents(target, archive):
-    if target.type != "metaonly":
-        return None
-    root = Path(target.settings["path"]) / archive
-    return {p.name: p.stat().st_size for p in root.iterdir()}
+def virtfreeze_register_targets(register):
+    register(MetadataOnly)
 
 
 @hookimpl

@@ -15,7 +15,7 @@ from pathlib import Path
 from tests.host.helpers import assert_all_acked_present, assert_archive_holds_disks, assert_back_on_base
 from tests.rig.guest import DiskSpec
 
-from virtfreeze.export_view import device_view_pids, image_size
+from virtfreeze.export_view import device_view_pids
 
 # A raw LV stand-in and a qcow2 file: the guest writes to both throughout.
 BLOCK_AND_FILE = [DiskSpec("vda", "raw", size_mib=32, block=True), DiskSpec("vdb", "qcow2")]

@@ -212,10 +212,56 @@ def test_every_target_setting_has_description_and_example(monkeypatch):
     monkeypatch.delenv("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     types = target_types(get_plugin_manager())
     assert set(types) >= {"borg", "restic", "directory"}
-    for name, schema in types.items():
+    for name, cls in types.items():
+        schema = cls.schema
         assert schema.get("additionalProperties") is False, f"{name}: unknown keys must be rejected"
         for key, sub in schema["properties"].items():
             assert sub.get("description") and "example" in sub, f"target type {name}: {key}"
+
+
+def test_target_types_are_objects_in_a_table_the_core_owns():
+    import pluggy
+
+    from virtfreeze import hookspecs
+    from virtfreeze.hookspecs import hookimpl
+    from virtfreeze.targets import StorageTarget, load_targets, target_types
+
+    class Tape(StorageTarget):
+        type = "tape"
+        schema = {"type": "object", "additionalProperties": False, "required": ["device"],
+                  "properties": {"device": {"type": "string", "description": "d", "example": "/dev/st0"}}}
+
+    class Plugin:
+        @hookimpl
+        def virtfreeze_register_targets(self, register):
+            register(Tape)
+
+    pm = pluggy.PluginManager("virtfreeze")
+    pm.add_hookspecs(hookspecs)
+    pm.register(Plugin(), name="tape")
+    assert target_types(pm) == {"tape": Tape}
+    t = load_targets({"nightly": {"type": "tape", "device": "/dev/st0"}}, pm)["nightly"]
+    assert isinstance(t, Tape) and (t.name, t.settings) == ("nightly", {"device": "/dev/st0"})
+    assert t.contents("any") is None  # a target that cannot list: reported as not verified
+
+    class Clash:
+        @hookimpl
+        def virtfreeze_register_targets(self, register):
+            register(type("OtherTape", (StorageTarget,), {"type": "tape", "schema": Tape.schema}))
+
+    pm.register(Clash(), name="clash")
+    with pytest.raises(ConfigError, match="two plugins register the target type 'tape'"):
+        target_types(pm)
+    pm.unregister(name="clash")
+
+    class NotATarget:
+        @hookimpl
+        def virtfreeze_register_targets(self, register):
+            register(dict)
+
+    pm.register(NotATarget(), name="bad")
+    with pytest.raises(ConfigError, match="not a StorageTarget"):
+        target_types(pm)
 
 
 def test_mountinfo_escapes_are_undone():
