@@ -26,3 +26,4 @@ bench: prepare
 	$(PY) bench/downtime.py
 	$(PY) bench/archive.py
 	$(PY) bench/block_view.py
+	$(PY) bench/libvirt_calls.py

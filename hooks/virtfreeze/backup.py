@@ -21,6 +21,7 @@ from virtfreeze.plugins import report_failure
 from virtfreeze.runtime import Runtime
 from virtfreeze.targets import ArchiveResult, StorageTarget, describe_shortfall, short_of_data
 from virtfreeze.thaw import thaw_domain
+from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ def _check_contents(ref: DomainRef, target: StorageTarget, archive: str, manifes
     """
     contents = target.contents(archive)
     if contents is None:
-        log.warning("domain %r: target %s (type %s) cannot list an archive's contents; %s not verified",
-                    ref.name, target.name, target.type, archive)
+        domain_log(log, ref.name).warning("target %s (type %s) cannot list an archive's contents; %s not verified",
+                    target.name, target.type, archive)
         return False
     short = short_of_data(manifest.get("sizes", {}), contents)
     if short:
@@ -80,17 +81,18 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *
         manifest = json.loads((export_dir / "manifest.json").read_text())
         for target in targets:
             try:
+                rt.progress.update(info.name, f"archiving to {target.name}")
                 archived = target.archive(ref, export_dir, manifest)
                 result.archives.append(archived)
                 archived.verified = _check_contents(ref, target, archived.archive, manifest)
-                log.info("domain %r: archived to %s as %s (%d bytes, %.1fs)", info.name, target.name,
+                domain_log(log, info.name).info("archived to %s as %s (%d bytes, %.1fs)", target.name,
                          archived.archive, archived.bytes, archived.seconds)
             except Exception as e:  # noqa: BLE001 - a plugin's bug must not skip the other targets or the thaw
                 if not isinstance(e, VirtfreezeError):
-                    log.debug("domain %r: target %s raised", info.name, target.name, exc_info=True)
+                    domain_log(log, info.name).debug("target %s raised", target.name, exc_info=True)
                     e = VirtfreezeError(f"target plugin for {target.type!r} raised {type(e).__name__}: {e}",
                                         domain=info.name)
-                log.error("domain %r: archive to %s failed: %s", info.name, target.name, e)
+                domain_log(log, info.name).error("archive to %s failed: %s", target.name, e)
                 result.errors.append(f"{target.name}: {e}")
                 report_failure(rt.pm, ref, "archive", e)
     finally:

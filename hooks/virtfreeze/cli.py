@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import click
 
 from virtfreeze import __version__, config as config_mod, errors
 from virtfreeze.errors import VirtfreezeError
+from virtfreeze.progress import SILENT, Progress
 from virtfreeze.signals import signals_to_main_thread, stop_gracefully, stopping
+from virtfreeze.logs import context_of, domain_log
 
 log = logging.getLogger("virtfreeze")
 
@@ -33,14 +36,84 @@ Exit codes:
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        text = f"virtfreeze: {record.levelname.lower()}: {record.getMessage()}"
+        text = f"virtfreeze: {record.levelname.lower()}: {context_of(record)}{record.getMessage()}"
         if record.exc_info:  # only debug records carry one (-v)
             text += "\n" + self.formatException(record.exc_info)
         return text
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time: the progress display puts its proxy there,
+    which prints log lines above the progress lines instead of through them."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+class TerminalProgress(Progress):
+    """The one progress display of a command: a line per domain on stderr, updated in place.
+
+    Only on a terminal (see `_progress_display`). Refreshed by the callers'
+    updates, not by a thread of its own: no thread the stop signals could
+    be delivered to.
+    """
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.live import Live
+
+        self._lines: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._live = Live(self._render(), console=Console(file=sys.stderr), auto_refresh=False, transient=True,
+                          redirect_stdout=False, redirect_stderr=True)
+
+    def _render(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        width = max((len(d) for d in self._lines), default=0)
+        return Group(*(Text(f"{d.ljust(width)}  {t}", no_wrap=True, overflow="ellipsis")
+                       for d, t in sorted(self._lines.items())))
+
+    def update(self, domain: str, text: str) -> None:
+        with self._lock:
+            self._lines[domain] = text
+            self._live.update(self._render(), refresh=True)
+
+    def finish(self, domain: str) -> None:
+        with self._lock:
+            if self._lines.pop(domain, None) is not None:
+                self._live.update(self._render(), refresh=True)
+
+    def __enter__(self):
+        self._live.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._live.stop()
+
+
+@contextlib.contextmanager
+def _progress_display(ctx: "Ctx", rt):
+    """Show progress while the block runs, when stderr is a terminal and -q was not given."""
+    if ctx.quiet or not sys.stderr.isatty():
+        yield
+        return
+    with TerminalProgress() as display:
+        rt.progress = display
+        try:
+            yield
+        finally:
+            rt.progress = SILENT
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_Formatter())
     root = logging.getLogger("virtfreeze")
     root.handlers[:] = [handler]
@@ -118,7 +191,7 @@ def _for_each(items, fn, jobs: int):
         except VirtfreezeError as e:
             return item, None, e
         except Exception as e:  # noqa: BLE001 - a bug: report it for this domain, go on with the others
-            log.debug("domain %r: internal error", item.name, exc_info=True)
+            domain_log(log, item.name).debug("internal error", exc_info=True)
             return item, None, errors.LeftOnOverlay(
                 f"internal error {type(e).__name__}: {e}", domain=item.name,
                 hint="a bug (-v shows the traceback); it may be left on an overlay: run `virtfreeze status`")
@@ -223,8 +296,9 @@ def freeze(ctx: Ctx, domains, all_, memory, quiesce):
         cfg = rt.config
         chosen, skipped = ask_plugins(rt.pm, select(rt.hv.domains(), list(domains), all_, cfg), cfg)
         try:
-            results, failures = _for_each(chosen, lambda d: freeze_domain(rt, d, memory=memory, quiesce=quiesce),
-                                          cfg.jobs)
+            with _progress_display(ctx, rt):
+                results, failures = _for_each(chosen, lambda d: freeze_domain(rt, d, memory=memory,
+                                                                              quiesce=quiesce), cfg.jobs)
         finally:
             export_view.write_index(cfg.export_directory)
         return _emit(ctx, "frozen", results, failures, lambda r: (
@@ -265,8 +339,9 @@ def thaw(ctx: Ctx, domains, all_, strategy):
         else:
             targets = [r.ref for r in frozen_domains(rt)]
         try:
-            results, failures = _for_each(targets, lambda r: thaw_domain(rt, DomainRef(r.name, r.uuid), strategy),
-                                          rt.config.jobs)
+            with _progress_display(ctx, rt):
+                results, failures = _for_each(targets, lambda r: thaw_domain(rt, DomainRef(r.name, r.uuid), strategy),
+                                              rt.config.jobs)
         finally:
             export_view.write_index(rt.config.export_directory)
         return _emit(ctx, "thawed", results, failures, lambda r: (
@@ -312,8 +387,9 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
             raise errors.UsageError(f"unknown target {unknown[0]!r} (configured: {', '.join(sorted(targets))})")
         chosen_targets = [targets[n] for n in (target_names or sorted(targets))]
         chosen, skipped = ask_plugins(rt.pm, select(rt.hv.domains(), list(domains), all_, cfg), cfg)
-        results, failures = _for_each(chosen, lambda d: backup_domain(
-            rt, d, chosen_targets, memory=memory, quiesce=quiesce, strategy=strategy), jobs or cfg.jobs)
+        with _progress_display(ctx, rt):
+            results, failures = _for_each(chosen, lambda d: backup_domain(
+                rt, d, chosen_targets, memory=memory, quiesce=quiesce, strategy=strategy), jobs or cfg.jobs)
         if ctx.as_json:
             code = _emit(ctx, "backups", results, failures, str, skipped)
         else:

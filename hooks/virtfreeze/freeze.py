@@ -28,6 +28,7 @@ from virtfreeze.plugins import report_failure
 from virtfreeze.runtime import Runtime
 from virtfreeze.merge_api import read_definitions
 from virtfreeze.thaw import thaw_locked
+from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def _plan(rt: Runtime, info: DomainInfo, live_xml: str) -> tuple[list, list[Disk
         reason = ineligible_reason(d, set(settings.exclude_disks))
         if reason:
             skipped[d.target] = reason
-            log.info("domain %r disk %s: left out (%s)", info.name, d.target, reason)
+            domain_log(log, info.name, d.target).info("left out (%s)", reason)
             continue
         overlay = overlay_path(d, info.uuid, rt.config.overlay_directory, rt.state_dir)
         chain = tuple(qemu_img.backing_chain(d.source, info.name, d.target))
@@ -84,7 +85,7 @@ def _check_overlay_dirs(info: DomainInfo, plan: list[DiskPlan], rt: Runtime) -> 
                              path=str(parent), hint="fix its permissions or choose another overlay_directory")
         if os.path.exists(p.overlay):
             # Leftovers were merged above, so nothing points at this file any more.
-            log.warning("domain %r disk %s: removing stale overlay %s", info.name, p.target, p.overlay)
+            domain_log(log, info.name, p.target).warning("removing stale overlay %s", p.overlay)
             os.unlink(p.overlay)
 
 
@@ -106,7 +107,7 @@ def _snapshot(rt: Runtime, info: DomainInfo, state: str, disks, plan, live_xml: 
         if quiesce == "require":
             raise UsageError("quiesce required, but the domain has no guest agent channel", domain=info.name,
                              hint="add an org.qemu.guest_agent.0 channel, or use --quiesce auto")
-        log.warning("domain %r: no guest agent channel; the snapshot is crash-consistent", info.name)
+        domain_log(log, info.name).warning("no guest agent channel; the snapshot is crash-consistent")
         rt.hv.snapshot(info.uuid, info.name, xml, memory=False, quiesce=False)
         return "crash"
     rt.hv.set_agent_timeout(info.uuid, info.name, rt.config.quiesce_timeout)
@@ -116,7 +117,7 @@ def _snapshot(rt: Runtime, info: DomainInfo, state: str, disks, plan, live_xml: 
     except VirtfreezeError as e:
         if quiesce == "require" or not is_quiesce_unavailable(e):
             raise
-        log.warning("domain %r: quiesce failed (%s); falling back to crash-consistent", info.name, e.message)
+        domain_log(log, info.name).warning("quiesce failed (%s); falling back to crash-consistent", e.message)
     rt.hv.snapshot(info.uuid, info.name, xml, memory=False, quiesce=False)
     return "crash"
 
@@ -143,10 +144,11 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
     """Freeze one domain (the caller holds its lock); `memory`/`quiesce` None: not given on the command line."""
     t0 = time.monotonic()
     ref = DomainRef(info.name, info.uuid)
+    rt.progress.update(info.name, "freezing")
     state, inactive_xml, live_xml = _look(rt, info)
     if rt.journal.load(info.uuid) or any(is_overlay(d.source) for x in (inactive_xml, live_xml)
                                          for d in parse_disks(x)):
-        log.warning("domain %r: leftovers of an earlier run; merging them first", info.name)
+        domain_log(log, info.name).warning("leftovers of an earlier run; merging them first")
         thaw_locked(rt, ref)
         state, inactive_xml, live_xml = _look(rt, info)
 
@@ -191,7 +193,7 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
                 rt.journal.remove(info.uuid)
             raise
     else:
-        log.warning("domain %r: no disk to snapshot; exporting its definition only", info.name)
+        domain_log(log, info.name).warning("no disk to snapshot; exporting its definition only")
     snapshot_seconds = time.monotonic() - t_snap
     failpoint("freeze-after-snapshot")
 
@@ -225,7 +227,7 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
                                 domain=info.name, hint="run `virtfreeze thaw` once the cause is fixed") from None
         raise
 
-    log.info("domain %r: frozen (%s) in %.2fs: %s", info.name, consistency, snapshot_seconds,
+    domain_log(log, info.name).info("frozen (%s) in %.2fs: %s", consistency, snapshot_seconds,
              ", ".join(f"{p.target}={p.base}" for p in plan) or "no disks")
     return FreezeResult(info.name, info.uuid, state, consistency, {p.target: p.base for p in plan}, skipped,
                         str(export_dir), str(memory_file) if memory_file else None, snapshot_seconds,
@@ -240,3 +242,5 @@ def freeze_domain(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
     except VirtfreezeError as e:
         report_failure(rt.pm, DomainRef(info.name, info.uuid), "freeze", e)
         raise
+    finally:
+        rt.progress.finish(info.name)

@@ -26,6 +26,7 @@ from virtfreeze.libvirt_boundary import (
     JOB_TYPE_ACTIVE_COMMIT, JOB_TYPE_COMMIT, MISSING, OTHER, PAUSED, RUNNING, SHUTOFF, Hypervisor, is_not_ready_error,
 )
 from virtfreeze.model import DiskPlan, DomainRef, MergeResult
+from virtfreeze.logs import domain_log
 
 # The domain states `DomainMerge.state()` and `Definitions.state` give, for plugins.
 __all__ = ["DomainMerge", "Definitions", "JobWatch", "read_definitions",
@@ -211,7 +212,7 @@ class DomainMerge:
         """`qemu-img commit` of `top` (and anything between) into `disk.base`, with nothing running on
         it; returns the bytes it held. Refuses a base that is not in `top`'s chain."""
         merged = os.stat(top).st_blocks * 512
-        log.info("domain %r disk %s: offline commit of %s into %s", self.domain.name, disk.target, top, disk.base)
+        domain_log(log, self.domain.name, disk.target).info("offline commit of %s into %s", top, disk.base)
         qemu_img.commit(top, disk.base, domain=self.domain.name, disk=disk.target)
         return merged
 
@@ -225,8 +226,8 @@ class DomainMerge:
                                   disks or self.disks)
         if changed:
             self._hv.define(xml, self.domain.name)
-            log.info("domain %r: persistent definition of %s pointed back at the base", self.domain.name,
-                     ", ".join(changed))
+            domain_log(log, self.domain.name).info("persistent definition of %s pointed back at the base",
+                                                   ", ".join(changed))
         return changed
 
     def repoint_saved(self, disks: list[DiskPlan] | None = None) -> list[str]:
@@ -235,7 +236,7 @@ class DomainMerge:
                                   disks or self.disks)
         if changed:
             self._hv.managed_save_define(self.domain.uuid, self.domain.name, xml)
-            log.info("domain %r: saved state now points at the base of %s", self.domain.name, ", ".join(changed))
+            domain_log(log, self.domain.name).info("saved state now points at the base of %s", ", ".join(changed))
         return changed
 
     # -- composing and reporting --------------------------------------------------------
@@ -248,9 +249,14 @@ class DomainMerge:
                             strategy, self._pm, self._progress_cb)  # definitions read anew: things changed
         return self._pm.hook.virtfreeze_merge(merge=other)
 
+    def progress(self, text: str) -> None:
+        """Say what the merge is doing now, for the progress display (e.g. "round 2: 3 MiB left")."""
+        if self._progress_cb is not None:
+            self._progress_cb.update(self.domain.name, text)
+
     def _progress(self, target: str, job: dict) -> None:
-        if self._progress_cb is not None and job.get("end"):
-            self._progress_cb(self.domain.name, target, job.get("cur", 0) / job["end"])
+        if job.get("end"):
+            self.progress(f"disk {target}: committing {100.0 * job.get('cur', 0) / job['end']:.0f}%")
 
 
 def _repointed(xml: str, disks: list[DiskPlan]) -> tuple[str, list[str]]:

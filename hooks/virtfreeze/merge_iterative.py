@@ -34,6 +34,7 @@ from virtfreeze.hookspecs import hookimpl
 from virtfreeze.journal import failpoint
 from virtfreeze.merge_api import PAUSED, RUNNING
 from virtfreeze.model import MergeResult
+from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def one_round(merge, disks, tops: dict[str, str]) -> dict[str, str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale file of a crashed round: nothing points at it
     merge.note(iterative_round=n)
+    merge.progress(f"round {n - 1}: committing live")
     merge.new_overlays(new)
     empty = {t: _allocated(p) for t, p in new.items()}  # qcow2 metadata of a fresh overlay, not data
     merge.note(iterative_empty=empty)
@@ -91,6 +93,7 @@ def merge_paused(merge, disks) -> tuple[int, float]:
     t0 = time.monotonic()
     if pause:
         merge.note(paused_by_virtfreeze=True)
+        merge.progress(f"last {merged >> 20} MiB: guest paused")
         merge.pause()
     try:
         failpoint("iterative-paused")
@@ -99,7 +102,7 @@ def merge_paused(merge, disks) -> tuple[int, float]:
     finally:
         resume_paused(merge)
     stopped = time.monotonic() - t0 if pause else 0.0
-    log.info("domain %r: merged the last %d bytes with the guest paused %.3fs", merge.domain.name, merged, stopped)
+    domain_log(log, merge.domain.name).info("merged the last %d bytes with the guest paused %.3fs", merged, stopped)
     return merged, stopped
 
 
@@ -107,7 +110,7 @@ def resume_paused(merge) -> None:
     """Resume a guest this plugin paused (after a crash too); a no-op otherwise."""
     if merge.record.paused_by_virtfreeze:
         if merge.state() == PAUSED:
-            log.info("domain %r: resuming the guest virtfreeze paused", merge.domain.name)
+            domain_log(log, merge.domain.name).info("resuming the guest virtfreeze paused")
             merge.resume()
         merge.note(paused_by_virtfreeze=None)
 
@@ -136,7 +139,7 @@ def virtfreeze_merge(merge):
     disks = [d for d in merge.disks if d.is_ours(tops.get(d.target))]
     for d in disks:  # a round of an interrupted run: cancelling leaves a valid chain
         if merge.job(d) == "commit":
-            log.info("domain %r disk %s: cancelling the commit of an interrupted round", merge.domain.name, d.target)
+            domain_log(log, merge.domain.name, d.target).info("cancelling the commit of an interrupted round")
             with merge.watch_jobs() as watch:
                 merge.cancel(d)
                 watch.wait([d], "gone", timeout=60)
@@ -157,8 +160,9 @@ def virtfreeze_merge(merge):
             raise  # the first commit refused: the caller may fall back to the offline merge
         rounds += 1
         remaining = data_bytes(tops)
-        log.info("domain %r: round %d merged %d bytes live; %d bytes left on the new overlays",
-                 merge.domain.name, rounds, size, remaining)
+        merge.progress(f"round {rounds}: {size >> 20} MiB merged live, {remaining >> 20} MiB left")
+        domain_log(log, merge.domain.name).info("round %d merged %d bytes live; %d bytes left on the new overlays",
+                 rounds, size, remaining)
         if remaining * config.iterative_factor > size:
             size = remaining
             break  # not shrinking fast enough: more rounds would not pay

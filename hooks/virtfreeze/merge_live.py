@@ -16,6 +16,7 @@ from virtfreeze.hookspecs import hookimpl
 from virtfreeze.journal import failpoint
 from virtfreeze.merge_api import PAUSED, RUNNING
 from virtfreeze.model import MergeResult
+from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ def _pivot(merge, disk, watch) -> None:
                 raise VirtfreezeError(f"pivot failed {attempt} times: {e.message}", domain=merge.domain.name,
                                       disk=disk.target,
                                       hint="the domain stays on its overlay; run `virtfreeze thaw` again") from None
-            log.warning("domain %r disk %s: pivot attempt %d failed (%s); retrying in %.1fs",
-                        merge.domain.name, disk.target, attempt, e.message, delay)
+            domain_log(log, merge.domain.name, disk.target).warning("pivot attempt %d failed (%s); retrying in %.1fs",
+                        attempt, e.message, delay)
             if isinstance(e, NotReadyToPivot):
                 watch.wait([disk], "ready")
             else:
@@ -50,18 +51,18 @@ def commit_and_pivot(merge, disk) -> None:
         job = merge.job(disk)
         if job == "commit":
             # A round of an interrupted iterative merge: cancelling leaves a valid chain.
-            log.info("domain %r disk %s: cancelling the commit of an interrupted iterative merge", name, disk.target)
+            domain_log(log, name, disk.target).info("cancelling the commit of an interrupted iterative merge")
             merge.cancel(disk)
             watch.wait([disk], "gone", timeout=60)
             job = None
         if job == "active-commit":
-            log.info("domain %r disk %s: resuming the commit of an earlier run", name, disk.target)
+            domain_log(log, name, disk.target).info("resuming the commit of an earlier run")
         elif job is not None:
             raise VirtfreezeError(f"another block job (type {job}) runs on this disk", domain=name,
                                   disk=disk.target, hint="wait for it, or end it with `virsh blockjob --abort`")
         else:
-            log.info("domain %r disk %s: live commit of %s into %s", name, disk.target,
-                     (merge.at_start.live or {}).get(disk.target), disk.base)
+            domain_log(log, name, disk.target).info("live commit of %s into %s",
+                                                    (merge.at_start.live or {}).get(disk.target), disk.base)
             merge.start_commit(disk)  # MergeRefused when libvirt refuses: the caller may go offline
         failpoint("thaw-commit-started")
         watch.wait([disk], "ready")
@@ -74,7 +75,7 @@ def commit_and_pivot(merge, disk) -> None:
     if source != disk.base:
         raise VirtfreezeError(f"after the pivot the disk is on {source!r}, not its base", domain=name,
                               disk=disk.target, path=disk.base)
-    log.info("domain %r disk %s: back on %s", name, disk.target, disk.base)
+    domain_log(log, name, disk.target).info("back on %s", disk.base)
 
 
 def _cancel_quietly(merge, disk) -> None:
@@ -82,8 +83,7 @@ def _cancel_quietly(merge, disk) -> None:
         if merge.job(disk):
             merge.cancel(disk)
     except VirtfreezeError as e:
-        log.warning("domain %r disk %s: could not cancel the commit job: %s", merge.domain.name, disk.target,
-                    e.message)
+        domain_log(log, merge.domain.name, disk.target).warning("could not cancel the commit job: %s", e.message)
 
 
 def merge_running(merge) -> None:

@@ -24,6 +24,7 @@ from virtfreeze.hookspecs import hookimpl
 from virtfreeze.journal import failpoint
 from virtfreeze.merge_api import MISSING, PAUSED, RUNNING, SHUTOFF
 from virtfreeze.model import MergeResult
+from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def save_commit_restore(merge) -> tuple[int, float]:
     paused = defs.state == PAUSED
     merge.note(saved_by_virtfreeze="paused" if paused else "running")
     t0 = time.monotonic()
-    log.info("domain %r: saving its state to merge offline", merge.domain.name)
+    domain_log(log, merge.domain.name).info("saving its state to merge offline")
+    merge.progress("guest saved: committing offline")
     merge.save(paused)
     failpoint("offline-saved")
     merged = commit_stopped(merge)
@@ -72,7 +74,7 @@ def save_commit_restore(merge) -> tuple[int, float]:
     failpoint("offline-before-restore")
     resume_saved(merge)
     stopped = time.monotonic() - t0
-    log.info("domain %r: merged %d bytes offline; the guest was stopped %.2fs", merge.domain.name, merged, stopped)
+    domain_log(log, merge.domain.name).info("merged %d bytes offline; the guest was stopped %.2fs", merged, stopped)
     return merged, stopped
 
 
@@ -82,7 +84,7 @@ def resume_saved(merge) -> None:
     if not how:
         return
     if merge.state() == SHUTOFF:
-        log.info("domain %r: restoring it from its saved state (%s)", merge.domain.name, how)
+        domain_log(log, merge.domain.name).info("restoring it from its saved state (%s)", how)
         merge.start()
     merge.note(saved_by_virtfreeze=None)
 

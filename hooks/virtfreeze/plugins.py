@@ -13,6 +13,7 @@ import os
 import pluggy
 
 from virtfreeze import hookspecs
+from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
 
@@ -63,4 +64,4 @@ def report_failure(pm: pluggy.PluginManager, domain, phase: str, error: Exceptio
     try:
         pm.hook.virtfreeze_domain_failed(domain=domain, phase=phase, error=error)
     except Exception as e:  # noqa: BLE001 - any plugin bug
-        log.warning("domain %r: a virtfreeze_domain_failed hook raised %s: %s", domain.name, type(e).__name__, e)
+        domain_log(log, domain.name).warning("a virtfreeze_domain_failed hook raised %s: %s", type(e).__name__, e)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 
 from virtfreeze import runner
 from virtfreeze.errors import VirtfreezeError
@@ -13,9 +12,8 @@ from virtfreeze.errors import VirtfreezeError
 log = logging.getLogger(__name__)
 
 
-def _run(args: list[str], what: str, path: str, domain: str | None = None, disk: str | None = None,
-         capture: bool = True) -> str:
-    return runner.run(["qemu-img", *args], what=what, domain=domain, disk=disk, path=path, capture=capture,
+def _run(args: list[str], what: str, path: str, domain: str | None = None, disk: str | None = None) -> str:
+    return runner.run(["qemu-img", *args], what=what, domain=domain, disk=disk, path=path,
                       install_hint="install qemu-utils").stdout or ""
 
 
@@ -43,10 +41,7 @@ def commit(top: str, base: str, domain: str | None = None, disk: str | None = No
         raise VirtfreezeError("the recorded base is not in the overlay's backing chain",
                               domain=domain, disk=disk, path=top,
                               hint="refusing to commit into another image")
-    args = ["commit", "-f", "qcow2", "-b", base]
-    if sys.stderr.isatty():
-        args.append("-p")
-    _run(args + [top], "qemu-img commit", top, domain, disk, capture=not sys.stderr.isatty())
+    _run(["commit", "-f", "qcow2", "-b", base, top], "qemu-img commit", top, domain, disk)
     fd = os.open(base, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -40,19 +40,19 @@ def last_lines(text: str | None, n: int = STDERR_LINES) -> str:
 
 
 def run(argv: list[str], *, what: str | None = None, domain: str | None = None, disk: str | None = None,
-        path: str | None = None, ok: tuple[int, ...] = (0,), capture: bool = True, hint: str | None = None,
+        path: str | None = None, ok: tuple[int, ...] = (0,), hint: str | None = None,
         install_hint: str | None = None, **kw) -> subprocess.CompletedProcess:
     """Run `argv` (no shell) and return it; raise a VirtfreezeError when its exit code is not in `ok`.
 
     `what` names the command in messages (default: the program's name);
-    `capture=False` lets its output through (a progress display on a
-    terminal); `install_hint` is the hint when the program is missing.
+    its output is captured (only the CLI writes to the terminal);
+    `install_hint` is the hint when the program is missing.
     Other keyword arguments go to subprocess.run (env, cwd, input, ...).
     """
     what = what or argv[0]
     log.debug("running %s", argv)
     try:
-        proc = subprocess.run(argv, capture_output=capture, text=True, preexec_fn=_unblock_signals, **kw)
+        proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=_unblock_signals, **kw)
     except OSError as e:
         raise VirtfreezeError(f"{what}: cannot run {argv[0]}: {e.strerror}", domain=domain, disk=disk, path=path,
                               hint=install_hint or "install it, or check the program path") from None

@@ -11,6 +11,7 @@ from virtfreeze.config import Config
 from virtfreeze.journal import Journal
 from virtfreeze.libvirt_boundary import Hypervisor
 from virtfreeze.plugins import get_plugin_manager
+from virtfreeze.progress import SILENT, Progress
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Runtime:
     uri: str
     _hv: Hypervisor | None = None
     pm: pluggy.PluginManager = field(default_factory=get_plugin_manager)
+    progress: Progress = SILENT  # the CLI puts a terminal display here
 
     @property
     def hv(self) -> Hypervisor:

@@ -9,6 +9,7 @@ from virtfreeze.config import Config
 from virtfreeze.errors import DomainNotFound, UsageError
 from virtfreeze.libvirt_boundary import DomainInfo
 from virtfreeze.model import DomainRef
+from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def ask_plugins(pm, domains: list[DomainInfo], config: Config) -> tuple[list[Dom
         reason = pm.hook.virtfreeze_skip_domain(domain=DomainRef(d.name, d.uuid), state=d.state, config=config)
         if reason:
             skipped[d.name] = str(reason)
-            log.warning("domain %r: left out by a plugin: %s", d.name, reason)
+            domain_log(log, d.name).warning("left out by a plugin: %s", reason)
         else:
             kept.append(d)
     return kept, skipped

@@ -28,6 +28,7 @@ from virtfreeze.merge_api import Definitions, DomainMerge, read_definitions
 from virtfreeze.model import DiskPlan, DomainRef, MergeResult
 from virtfreeze.plugins import report_failure
 from virtfreeze.runtime import Runtime
+from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def _remove_overlays(disks: list[DiskPlan], ref: DomainRef) -> None:
         for path in d.overlays_on_disk():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-                log.info("domain %r disk %s: removed overlay %s", ref.name, d.target, path)
+                domain_log(log, ref.name, d.target).info("removed overlay %s", path)
 
 
 def _merge(rt: Runtime, merge: DomainMerge, strategy: str) -> MergeResult:
@@ -120,7 +121,7 @@ def _merge(rt: Runtime, merge: DomainMerge, strategy: str) -> MergeResult:
     return result
 
 
-def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None, progress=None) -> ThawResult:
+def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> ThawResult:
     """Thaw one domain; the caller holds its lock."""
     t0 = time.monotonic()
     record = rt.journal.load(ref.uuid)
@@ -129,8 +130,8 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None, progre
         record = discover(rt, ref, defs)
         if record is None:
             return ThawResult(ref.name, ref.uuid, None, 0, 0.0)
-        log.warning("domain %r: no journal, but disks %s are on virtfreeze overlays; merging them",
-                    ref.name, ", ".join(d.target for d in record.disks))
+        domain_log(log, ref.name).warning("no journal, but disks %s are on virtfreeze overlays; merging them",
+                    ", ".join(d.target for d in record.disks))
     if defs.state == MISSING:
         ref = record.ref  # undefined since the freeze: its name is in the journal
     record.name = ref.name
@@ -145,7 +146,7 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None, progre
         export_view.remove(Path(record.export_dir))
 
     def merge_of(pending: list[DiskPlan]) -> DomainMerge:
-        return DomainMerge(rt.hv, rt.journal, record, pending, rt.config, asked, rt.pm, progress, at_start=defs)
+        return DomainMerge(rt.hv, rt.journal, record, pending, rt.config, asked, rt.pm, rt.progress, at_start=defs)
 
     result = None
     try:
@@ -157,6 +158,7 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None, progre
                 raise VirtfreezeError("domain is crashed or suspended; cannot merge it now", domain=ref.name,
                                       hint="start or destroy it, then run `virtfreeze thaw` again")
             merge = merge_of(pending)
+            rt.progress.update(ref.name, f"merging ({asked}): {', '.join(d.target for d in pending)}")
             try:
                 result = _merge(rt, merge, wanted)
             except VirtfreezeError as e:
@@ -192,7 +194,7 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None, progre
     rt.journal.remove(ref.uuid)
     seconds = time.monotonic() - t0
     used = result.strategy if result else None
-    log.info("domain %r: thawed (%s, %d overlay bytes, %.2fs)", ref.name, used or "nothing to merge",
+    domain_log(log, ref.name).info("thawed (%s, %d overlay bytes, %.2fs)", used or "nothing to merge",
              overlay_bytes, seconds)
     rt.pm.hook.virtfreeze_after_thaw(domain=ref, strategy=used, overlay_bytes=overlay_bytes)
     return ThawResult(ref.name, ref.uuid, used, overlay_bytes, seconds,
@@ -200,10 +202,12 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None, progre
                       result.stopped_seconds if result else 0.0)
 
 
-def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None, progress=None) -> ThawResult:
+def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> ThawResult:
     try:
         with domain_lock(ref.uuid, ref.name):
-            return thaw_locked(rt, ref, strategy, progress)
+            return thaw_locked(rt, ref, strategy)
     except VirtfreezeError as e:
         report_failure(rt.pm, ref, "thaw", e)
         raise
+    finally:
+        rt.progress.finish(ref.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -253,3 +254,46 @@ def test_archive_without_the_disk_data_fails_the_domain(guest_factory, vf, tmp_p
     assert (tmp_path / "marker").read_text().splitlines() == [f"failed {g.name} archive 1"]
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_progress_on_a_terminal_one_line_per_domain(guest_factory, vf, tmp_path):
+    """`backup --jobs 2` under a pseudo-terminal: each progress line names one domain, never two."""
+    import pty
+
+    guests = [guest_factory([DiskSpec("vda")]) for _ in range(2)]
+    names = sorted(g.name for g in guests)
+    (tmp_path / "dir").mkdir()
+    vf.write_config(targets={"dir": {"type": "directory", "path": str(tmp_path / "dir")}})
+    env = vf.env(TERM="xterm-256color", COLUMNS="100", LINES="30")
+    env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*VIRTFREEZE, "--config", str(vf.config_path), "backup", "--jobs", "2", *names],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)  # blocks until output; EIO once the child closed the terminal
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, screen.decode(errors="replace")
+    text = screen.decode(errors="replace")
+    fragments = [f.strip() for f in re.split(r"[\r\n]", ANSI.sub("\n", text)) if f.strip()]
+    progress = [f for f in fragments if re.search(r"\b(freezing|archiving to|merging)\b", f)]
+    assert {n for n in names if any(f.startswith(n) for f in progress)} == set(names), fragments
+    for f in progress:
+        assert sum(n in f for n in names) == 1, f"a progress line mixes domains: {f!r}"
+        assert re.fullmatch(r"vft-\w+ +(freezing|archiving to dir|merging \(live\): vda|disk vda: committing \d+%)", f), f
+    # Without a terminal nothing is drawn: no control sequence, no progress line.
+    out = vf("backup", *names, env=dict(env, TERM="xterm-256color"))
+    assert "\x1b[" not in out.stderr + out.stdout and "archiving to dir" not in out.stderr
+    for g in guests:
+        assert_back_on_base(g, vf)
+        assert_all_acked_present(g)
