@@ -100,8 +100,7 @@ def main(args: list[str] | None = None) -> int:
     ap.add_argument("--ready-fd", type=int, required=True, help="written to and closed once mounted")
     opts = ap.parse_args(args)
     if not stat.S_ISBLK(os.stat(opts.device).st_mode):
-        print(f"{opts.device}: not a block device", file=sys.stderr)
-        return 2
+        raise SystemExit(f"{opts.device}: not a block device")  # on stderr, where start_daemon reads it
     # allow_other + default_permissions: the kernel applies the file's mode (0400, root), as for a
     # bind-mounted image; kernel_cache and long timeouts: nothing changes while it is mounted.
     _fuse_class()(_operations(opts.device, opts.ready_fd), opts.mountpoint, foreground=True, ro=True,
@@ -111,4 +110,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -78,7 +78,7 @@ def _helper(code: str):
 
 def test_start_daemon_returns_once_the_helper_is_ready():
     pid = runner.start_daemon(_helper(
-        "import os, sys, time; os.write(int(sys.argv[1]), b'ready'); os.close(int(sys.argv[1])); time.sleep(60)"),
+        "import os, signal, sys; os.write(int(sys.argv[1]), b'ready'); os.close(int(sys.argv[1])); signal.pause()"),
         what="helper")
     try:
         assert os.getsid(pid) == pid, "the helper runs in its own session"
@@ -95,5 +95,5 @@ def test_start_daemon_reports_a_helper_that_dies():
 
 def test_start_daemon_kills_a_helper_that_never_answers():
     with pytest.raises(VirtfreezeError) as e:
-        runner.start_daemon(_helper("import time; time.sleep(60)"), what="helper", timeout=0.2)
+        runner.start_daemon(_helper("import signal; signal.pause()"), what="helper", timeout=0.2)  # never ready
     assert "no answer within 0.2s" in str(e.value)
