@@ -302,7 +302,8 @@ def freeze(ctx: Ctx, domains, all_, memory, quiesce):
         finally:
             export_view.write_index(cfg.export_directory)
         return _emit(ctx, "frozen", results, failures, lambda r: (
-            f"frozen {r.name} ({r.consistency}): {', '.join(r.disks) or 'no disks'} -> {r.export_dir}"), skipped)
+            f"frozen {r.name} ({r.consistency}): {', '.join(r.disks) or 'no disks'} -> {r.export_dir}"
+            + (f" (shared with {'; '.join(r.shared_with)})" if r.shared_with else "")), skipped)
 
     _run_guarded(run, mutates=True)
 
@@ -312,13 +313,18 @@ def freeze(ctx: Ctx, domains, all_, memory, quiesce):
 @_all_opt
 @click.option("--strategy", type=click.Choice(["auto", "live", "iterative", "offline"]), default=None,
               help="How to merge running guests (default: config, else auto = live, offline if refused).")
+@click.option("--force", is_flag=True,
+              help="Merge even while another run still holds the freeze (its backup may then fail or lack data).")
 @_output_options
 @click.pass_obj
-def thaw(ctx: Ctx, domains, all_, strategy):
+def thaw(ctx: Ctx, domains, all_, strategy, force):
     """Merge overlays back into the base images and remove the export view.
 
     Without domains, thaws everything virtfreeze left frozen. Safe to run any
-    time: with nothing frozen it does nothing and exits 0.
+    time: with nothing frozen it does nothing and exits 0. A freeze belongs
+    to the run (process session) that made it: a domain another live run
+    still holds is left frozen, and merged by the last holder's thaw (or
+    with --force); a run that died holds nothing.
     """
 
     def run():
@@ -340,15 +346,16 @@ def thaw(ctx: Ctx, domains, all_, strategy):
             targets = [r.ref for r in frozen_domains(rt)]
         try:
             with _progress_display(ctx, rt):
-                results, failures = _for_each(targets, lambda r: thaw_domain(rt, DomainRef(r.name, r.uuid), strategy),
-                                              rt.config.jobs)
+                results, failures = _for_each(targets, lambda r: thaw_domain(
+                    rt, DomainRef(r.name, r.uuid), strategy, force=force), rt.config.jobs)
         finally:
             export_view.write_index(rt.config.export_directory)
         return _emit(ctx, "thawed", results, failures, lambda r: (
             f"thawed {r.name} ({r.strategy}, {r.overlay_bytes} overlay bytes, {r.seconds:.2f}s"
             + (f"; stopped {r.stopped_seconds:.2f}s for {r.offline_bytes} bytes" if r.stopped_seconds else "")
             + (f" after {r.rounds} live rounds" if r.rounds else "") + ")"
-            if r.strategy else f"{r.name}: nothing frozen"))
+            if r.strategy else f"left frozen {r.name}: still held by {'; '.join(r.held_by)}" if r.held_by
+            else f"{r.name}: nothing frozen"))
 
     _run_guarded(run, mutates=True)
 
@@ -484,6 +491,9 @@ def status(ctx: Ctx, domains):
                 since = f"since {r['since']} ({r['consistency']})" if r["journal"] else "no journal"
                 click.echo(f"{r['domain']}: {r['phase']} {since}, state {r['state']}, "
                            f"overlays: {sizes or 'none'}{mem}; thaw: {r['strategy']} ({r['strategy_reason']})")
+                for h in r["holders"]:
+                    click.echo(f"  held by session {h['sid']} ({h['command'] or '?'}) since {h['since']}"
+                               + ("" if h["alive"] else " — gone: holds nothing"))
         return errors.EXIT_ON_OVERLAY if any(r["on_overlay"] for r in rows) else errors.EXIT_OK
 
     _run_guarded(run)

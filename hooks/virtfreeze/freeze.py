@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from virtfreeze import __version__, export_view, qemu_img
+from virtfreeze import __version__, export_view, holders, qemu_img
 from virtfreeze.domain_xml import (
     has_agent_channel, has_swtpm, ineligible_reason, is_overlay, nvram_path, overlay_path, parse_disks, snapshot_xml,
 )
@@ -47,6 +47,7 @@ class FreezeResult:
     memory_file: str | None = None
     snapshot_seconds: float = 0.0
     seconds: float = 0.0
+    shared_with: list[str] = field(default_factory=list)  # other runs holding this same freeze (joined)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -139,15 +140,39 @@ def _look(rt: Runtime, info: DomainInfo) -> tuple[str, str, str]:
     return state, inactive_xml, live_xml
 
 
+def _join(rt: Runtime, record: FrozenDomain, me: holders.Holder, t0: float) -> FreezeResult | None:
+    """Share a complete freeze that another live run holds: no second snapshot, the same export
+    view; this run becomes a holder too, and the merge waits for the last one. None when there is
+    nothing to join (no other live holder, or the freeze is incomplete: leftovers to merge)."""
+    others = [h for h in record.holders if not h.same_run(me) and holders.alive(h)]
+    complete = record.phase == "frozen" and record.export_dir and (Path(record.export_dir) / "manifest.json").exists()
+    if not others or not complete:
+        return None
+    if record.disks and not read_definitions(rt.hv, record.ref).on_overlay(record.disks):
+        return None  # merged behind its back: what is left are leftovers
+    if not any(h.same_run(me) for h in record.holders):
+        rt.journal.note(record, holders=[*record.holders, me])
+    domain_log(log, record.name).info("frozen already by %s; this run shares that freeze (%s)",
+                                      "; ".join(h.describe() for h in others), record.frozen_at)
+    return FreezeResult(record.name, record.uuid, record.state_at_freeze or "?", record.consistency or "none",
+                        {d.target: d.base for d in record.disks}, record.skipped, record.export_dir,
+                        record.memory_file, 0.0, time.monotonic() - t0,
+                        shared_with=[h.describe() for h in others])
+
+
 def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
                   quiesce: str | None = None) -> FreezeResult:
     """Freeze one domain (the caller holds its lock); `memory`/`quiesce` None: not given on the command line."""
     t0 = time.monotonic()
     ref = DomainRef(info.name, info.uuid)
+    me = holders.current()
     rt.progress.update(info.name, "freezing")
+    previous = rt.journal.load(info.uuid)
+    joined = _join(rt, previous, me, t0) if previous else None
+    if joined:
+        return joined
     state, inactive_xml, live_xml = _look(rt, info)
-    if rt.journal.load(info.uuid) or any(is_overlay(d.source) for x in (inactive_xml, live_xml)
-                                         for d in parse_disks(x)):
+    if previous or any(is_overlay(d.source) for x in (inactive_xml, live_xml) for d in parse_disks(x)):
         domain_log(log, info.name).warning("leftovers of an earlier run; merging them first")
         thaw_locked(rt, ref)
         state, inactive_xml, live_xml = _look(rt, info)
@@ -173,7 +198,8 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
     export_dir = rt.config.export_directory / export_view.domain_dir_name(info.name, info.uuid)
     record = FrozenDomain(info.uuid, info.name, "freezing", disks=plan, started=_now(), state_at_freeze=state,
                           persistent=info.persistent, skipped=skipped,
-                          memory_file=str(memory_file) if memory_file else None, export_dir=str(export_dir))
+                          memory_file=str(memory_file) if memory_file else None, export_dir=str(export_dir),
+                          holders=[me])
     rt.journal.write(record)
     failpoint("freeze-before-snapshot")
 

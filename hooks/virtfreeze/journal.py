@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from virtfreeze.errors import DomainBusy, VirtfreezeError
+from virtfreeze.holders import Holder
 from virtfreeze.model import DiskPlan, DomainRef
 
 # 1: the untyped record of virtfreeze 0.x (the same keys, no plugin_marks). 2: FrozenDomain.
@@ -88,6 +89,7 @@ class FrozenDomain:
     skipped: dict[str, str] = field(default_factory=dict)  # disk target -> why it was left out
     memory_file: str | None = None
     export_dir: str | None = None
+    holders: list[Holder] = field(default_factory=list)  # the runs that hold it frozen (holders.py)
     # Marks of the built-in merges, so that a crash mid-merge is finished by the next thaw:
     saved_by_virtfreeze: str | None = None  # the offline merge saved the guest: "running" or "paused"
     paused_by_virtfreeze: bool | None = None  # the iterative merge paused the guest's vCPUs
@@ -115,6 +117,7 @@ class FrozenDomain:
         try:
             values = {k: v for k, v in data.items() if k in known}
             values["disks"] = [DiskPlan.from_json(d) for d in data.get("disks") or []]
+            values["holders"] = [Holder.from_json(h) for h in data.get("holders") or []]
             for key in ("skipped", "iterative_empty", "plugin_marks"):
                 values[key] = values.get(key) or {}
             return cls(**values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from virtfreeze.libvirt_boundary import MISSING, PAUSED, RUNNING, SHUTOFF
+from virtfreeze import holders
 from virtfreeze.merge_api import read_definitions
 from virtfreeze.runtime import Runtime
 from virtfreeze.thaw import discover, frozen_domains
@@ -60,5 +61,6 @@ def collect(rt: Runtime, names: list[str] | None = None) -> list[dict]:
             "memory_file": record.memory_file,
             "memory_bytes": _size(record.memory_file),
             "export_dir": record.export_dir,
+            "holders": [dict(h.to_json(), alive=holders.alive(h)) for h in record.holders],
         })
     return out

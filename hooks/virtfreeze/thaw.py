@@ -16,10 +16,10 @@ import os
 import shutil
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from virtfreeze import export_view, qemu_img
+from virtfreeze import export_view, holders, qemu_img
 from virtfreeze.domain_xml import is_overlay, parse_disks
 from virtfreeze.errors import DomainNotFound, LeftOnOverlay, MergeRefused, VirtfreezeError
 from virtfreeze.journal import FrozenDomain, domain_lock, failpoint
@@ -43,6 +43,7 @@ class ThawResult:
     offline_bytes: int = 0
     rounds: int = 0
     stopped_seconds: float = 0.0
+    held_by: list[str] = field(default_factory=list)  # left frozen: the other runs that still hold it
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -202,10 +203,30 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
                       result.stopped_seconds if result else 0.0)
 
 
-def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> ThawResult:
+def _release(rt: Runtime, ref: DomainRef) -> ThawResult | None:
+    """This run lets go of the domain. A ThawResult (nothing merged) when another live run still
+    holds it, so the merge waits for that one; None when this thaw should merge."""
+    record = rt.journal.load(ref.uuid)
+    if record is None or not record.holders:
+        return None
+    me = holders.current()
+    others = [h for h in record.holders if not h.same_run(me) and holders.alive(h)]
+    if not others:
+        return None  # the last holder, or only dead ones: they protect nothing
+    if any(h.same_run(me) for h in record.holders):
+        rt.journal.note(record, holders=[h for h in record.holders if not h.same_run(me)])
+    held = [h.describe() for h in others]
+    domain_log(log, ref.name).info("left frozen: still held by %s (`thaw --force` merges it anyway)",
+                                   "; ".join(held))
+    return ThawResult(ref.name, ref.uuid, None, 0, 0.0, held_by=held)
+
+
+def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None, force: bool = False) -> ThawResult:
+    """Thaw one domain, unless another live run still holds its freeze (`force`: merge anyway)."""
     try:
         with domain_lock(ref.uuid, ref.name):
-            return thaw_locked(rt, ref, strategy)
+            left = None if force else _release(rt, ref)
+            return left or thaw_locked(rt, ref, strategy)
     except VirtfreezeError as e:
         report_failure(rt.pm, ref, "thaw", e)
         raise

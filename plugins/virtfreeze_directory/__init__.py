@@ -79,6 +79,10 @@ class DirectoryTarget(StorageTarget):
         if not self.root.is_dir():
             raise VirtfreezeError("target directory does not exist", path=str(self.root), hint="create it first")
         name = archive_name(domain.name)
+        taken = 1
+        while (self.root / name).exists():  # two runs in the same second: the name has whole seconds
+            taken += 1
+            name = f"{archive_name(domain.name)}.{taken}"
         partial = self.root / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         t0 = time.monotonic()

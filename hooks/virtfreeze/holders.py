@@ -1,0 +1,93 @@
+"""Which run holds a freeze: the process session, identified by its leader's start time.
+
+A freeze belongs to the run that made it. The recipes call `freeze` and
+`thaw` as two processes, so a run is not a process: it is the session they
+share. borgmatic's or the restic wrapper's hooks run in the session of the
+job that started them; cron and systemd give every job its own session; an
+operator's commands share their terminal's. A session is identified by its
+id (the leader's pid), the leader's start time (so that a reused pid is
+another run) and the boot (a reboot ends every run).
+
+A holder whose session is gone protects nothing: the next `thaw`, freeze
+or boot-time service merges what it left.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One run that holds a domain frozen."""
+
+    sid: int  # the session id: its leader's pid
+    started: int  # the leader's start time, in clock ticks after boot (0: the leader had exited already)
+    boot: str  # /proc/sys/kernel/random/boot_id when it froze
+    since: str  # when it took hold, UTC
+    command: str  # the leader's command line, for people reading `status`
+
+    def same_run(self, other: "Holder") -> bool:
+        return (self.sid, self.started, self.boot) == (other.sid, other.started, other.boot)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Holder":
+        return cls(**data)
+
+    def describe(self) -> str:
+        return f"run of session {self.sid} ({self.command or '?'}) since {self.since}"
+
+
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (which may hold spaces and parentheses)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None  # field 22 of stat(5); the list starts at field 3
+
+
+def _session_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[3]) if fields else None  # field 6
+
+
+def _command(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return ""
+    return " ".join(a.decode(errors="replace") for a in argv if a)[:200]
+
+
+def current() -> Holder:
+    """The run this process belongs to."""
+    sid = os.getsid(0)
+    started = _start_time(sid) or 0
+    return Holder(sid, started, _boot_id(), datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  _command(sid) if started else "")
+
+
+def alive(holder: Holder) -> bool:
+    """Whether the run still exists: same boot, and its session leader (or, if it had exited
+    already, any process of that session) is there."""
+    if holder.boot != _boot_id():
+        return False
+    if holder.started:
+        return _start_time(holder.sid) == holder.started
+    return any(_session_of(int(p)) == holder.sid for p in os.listdir("/proc") if p.isdigit())
