@@ -124,6 +124,13 @@ SCHEMA: dict[str, Any] = {
                            "stops and starts again). auto: pause, and save when libvirt refuses the commit.",
             "example": "auto",
         },
+        "overlay_min_free": {
+            "type": "integer", "minimum": 0,
+            "description": "Bytes that must be free on each overlay's filesystem for a freeze to start: the guest "
+                           "writes into its overlay until the thaw, and a full filesystem pauses it with an I/O "
+                           "error.",
+            "example": 1073741824,
+        },
         "iterative_threshold": {
             "type": "integer", "minimum": 0,
             "description": "Iterative merge: stop the live rounds once the remaining overlays hold fewer bytes than this.",
@@ -190,6 +197,7 @@ class Config:
     iterative_factor: float = 2.0
     iterative_max_rounds: int = 5
     iterative_threshold: int = 1 << 20
+    overlay_min_free: int = 1 << 30
     iterative_final_step: str = "auto"
     targets: dict[str, dict] = field(default_factory=dict)
     domains: dict[str, DomainSettings] = field(default_factory=dict)

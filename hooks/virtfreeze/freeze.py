@@ -84,6 +84,12 @@ def _check_overlay_dirs(info: DomainInfo, plan: list[DiskPlan], rt: Runtime) -> 
         if not os.access(parent, os.W_OK):
             raise UsageError("overlay directory is not writable", domain=info.name, disk=p.target,
                              path=str(parent), hint="fix its permissions or choose another overlay_directory")
+        fs = os.statvfs(parent)
+        free, reserve = fs.f_bavail * fs.f_frsize, rt.config.overlay_min_free
+        if free < reserve:
+            raise VirtfreezeError(f"only {free >> 20} MiB free for the overlay, below the reserve of {reserve >> 20} "
+                                  "MiB (overlay_min_free)", domain=info.name, disk=p.target, path=str(parent),
+                                  hint="free space there, or set overlay_directory or overlay_min_free")
         if os.path.exists(p.overlay):
             # Leftovers were merged above, so nothing points at this file any more.
             domain_log(log, info.name, p.target).warning("removing stale overlay %s", p.overlay)

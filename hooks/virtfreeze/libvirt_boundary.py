@@ -76,6 +76,7 @@ class DomainInfo:
     uuid: str
     state: str
     persistent: bool
+    io_error: bool = False  # paused because a disk write failed (e.g. its overlay's filesystem is full)
 
 
 class Hypervisor:
@@ -182,7 +183,9 @@ class Hypervisor:
     # -- domains -------------------------------------------------------------
     @staticmethod
     def _info(d: libvirt.virDomain) -> DomainInfo:
-        return DomainInfo(d.name(), d.UUIDString(), _STATES.get(d.state()[0], OTHER), bool(d.isPersistent()))
+        state, reason = d.state()
+        return DomainInfo(d.name(), d.UUIDString(), _STATES.get(state, OTHER), bool(d.isPersistent()),
+                          state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR)
 
     def domains(self) -> list[DomainInfo]:
         def op(conn):

@@ -50,6 +50,7 @@ class Definitions:
     persistent: dict[str, str | None] | None
     saved: dict[str, str | None] | None
     backing: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # target -> (image below, format)
+    io_error: bool = False  # paused because a write failed (its overlay's filesystem full?)
 
     def all(self) -> list[dict[str, str | None]]:
         return [d for d in (self.live, self.persistent, self.saved) if d is not None]
@@ -82,7 +83,7 @@ def read_definitions(hv: Hypervisor, ref: DomainRef) -> Definitions:
     saved = None
     if info.persistent and info.state == SHUTOFF and hv.has_managed_save(ref.uuid, ref.name):
         saved = sources(hv.managed_save_xml(ref.uuid, ref.name))
-    return Definitions(info.state, info.persistent, live, persistent, saved, backing)
+    return Definitions(info.state, info.persistent, live, persistent, saved, backing, info.io_error)
 
 
 class JobWatch:

@@ -48,7 +48,7 @@ def collect(rt: Runtime, names: list[str] | None = None) -> list[dict]:
         out.append({
             "domain": record.name,
             "uuid": record.uuid,
-            "state": defs.state,
+            "state": "paused (I/O error)" if defs.io_error else defs.state,
             "strategy": strategy,
             "strategy_reason": why,
             "phase": record.phase,

@@ -23,7 +23,7 @@ from virtfreeze import export_view, holders, qemu_img
 from virtfreeze.domain_xml import is_overlay, parse_disks
 from virtfreeze.errors import DomainNotFound, LeftOnOverlay, MergeRefused, VirtfreezeError
 from virtfreeze.journal import FrozenDomain, domain_lock, failpoint
-from virtfreeze.libvirt_boundary import MISSING, OTHER, SHUTOFF
+from virtfreeze.libvirt_boundary import MISSING, OTHER, PAUSED, SHUTOFF
 from virtfreeze.merge_api import Definitions, DomainMerge, read_definitions
 from virtfreeze.model import DiskPlan, DomainRef, MergeResult
 from virtfreeze.plugins import report_failure
@@ -135,6 +135,9 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
                     ", ".join(d.target for d in record.disks))
     if defs.state == MISSING:
         ref = record.ref  # undefined since the freeze: its name is in the journal
+    io_error = defs.io_error
+    if io_error:
+        domain_log(log, ref.name).warning("paused on an I/O error; merging it, then resuming it")
     record.name = ref.name
     disks = record.disks
     rt.journal.note(record, phase="thawing")
@@ -177,6 +180,12 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
         marked = bool(record.saved_by_virtfreeze or record.paused_by_virtfreeze or record.plugin_marks)
         rt.pm.hook.virtfreeze_merge_recover(merge=merge_of(defs.on_overlay(disks)))
         if marked:
+            defs = read_definitions(rt.hv, ref)
+        if io_error and defs.state == PAUSED:
+            # Its overlay is merged away: the write that failed (ENOSPC) is retried on the base.
+            domain_log(log, ref.name).warning("resuming the guest, paused on an I/O error while frozen "
+                                              "(was its overlay's filesystem full?)")
+            rt.hv.resume(ref.uuid, ref.name)
             defs = read_definitions(rt.hv, ref)
         still = defs.on_overlay(disks)
         if still:
