@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virtfreeze import runner
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.freeze import freeze_domain
 from virtfreeze.libvirt_boundary import DomainInfo
@@ -82,7 +83,13 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *
         for target in targets:
             try:
                 rt.progress.update(info.name, f"archiving to {target.name}")
-                archived = target.archive(ref, export_dir, manifest)
+                why = "the domain paused on an I/O error (is its overlay's filesystem full?)"
+                with runner.cancel_scope() as scope, rt.hv.on_io_error(info.uuid, lambda: scope.cancel(why)):
+                    info_now = rt.hv.info(info.uuid)
+                    if info_now is not None and info_now.io_error:  # before we listened
+                        scope.cancel(why)
+                    archived = target.archive(ref, export_dir, manifest)
+                    scope.check(f"archive to {target.name}")
                 result.archives.append(archived)
                 archived.verified = _check_contents(ref, target, archived.archive, manifest)
                 domain_log(log, info.name).info("archived to %s as %s (%d bytes, %.1fs)", target.name,

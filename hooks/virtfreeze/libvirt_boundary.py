@@ -90,6 +90,7 @@ class Hypervisor:
         self._lock = threading.Lock()  # the watchers table (the event thread reads it)
         self._reconnecting = threading.Lock()  # one reconnect at a time; worker threads share the connection
         self._watchers: dict[str, list[queue.Queue]] = {}
+        self._io_error_watchers: dict[str, list[Callable[[], None]]] = {}
         self.generation = 0  # bumped on every reconnect: events in between were lost
         self._conn = self._open()
 
@@ -107,7 +108,27 @@ class Hypervisor:
         with contextlib.suppress(libvirt.libvirtError):
             conn.setKeepAlive(5, 3)
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
         return conn
+
+    def _on_lifecycle(self, conn, dom, event, detail, opaque) -> None:
+        if event != libvirt.VIR_DOMAIN_EVENT_SUSPENDED or detail != libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
+            return
+        with self._lock:
+            callbacks = list(self._io_error_watchers.get(dom.UUIDString(), []))
+        for callback in callbacks:
+            callback()
+
+    @contextlib.contextmanager
+    def on_io_error(self, uuid: str, callback: Callable[[], None]) -> Iterator[None]:
+        """Call `callback` (from libvirt's event thread) if the domain pauses on an I/O error meanwhile."""
+        with self._lock:
+            self._io_error_watchers.setdefault(uuid, []).append(callback)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._io_error_watchers[uuid].remove(callback)
 
     def _on_block_job(self, conn, dom, disk, job_type, status, opaque) -> None:
         uuid = dom.UUIDString()

@@ -7,13 +7,15 @@ concerned, the exit code and the last lines of its stderr.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import signal
 import subprocess
 import tempfile
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 from virtfreeze.errors import VirtfreezeError
 
@@ -39,23 +41,89 @@ def last_lines(text: str | None, n: int = STDERR_LINES) -> str:
     return " | ".join(lines[-n:])
 
 
+class CancelScope:
+    """Work that may be stopped from another thread (e.g. an archive whose domain paused on an I/O
+    error): `cancel` terminates the commands running in it, and later ones fail at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self.reason: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            self.reason = self.reason or reason
+            for proc in self._running:
+                proc.terminate()
+
+    def check(self, what: str = "work") -> None:
+        """Raise when the scope was cancelled (for work that runs no command, e.g. a copy loop)."""
+        if self.reason:
+            raise VirtfreezeError(f"{what} stopped: {self.reason}")
+
+    def _enter(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._running.add(proc)
+            if self.reason:
+                proc.terminate()
+
+    def _leave(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._running.discard(proc)
+
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def cancel_scope() -> Iterator[CancelScope]:
+    """Commands this thread runs inside the block can be stopped through the scope it yields."""
+    scope, previous = CancelScope(), getattr(_scope, "current", None)
+    _scope.current = scope
+    try:
+        yield scope
+    finally:
+        _scope.current = previous
+
+
+def check_cancelled(what: str = "work") -> None:
+    """Raise when this thread's cancel scope (if any) was cancelled."""
+    scope = getattr(_scope, "current", None)
+    if scope is not None:
+        scope.check(what)
+
+
 def run(argv: list[str], *, what: str | None = None, domain: str | None = None, disk: str | None = None,
         path: str | None = None, ok: tuple[int, ...] = (0,), hint: str | None = None,
-        install_hint: str | None = None, **kw) -> subprocess.CompletedProcess:
+        install_hint: str | None = None, input: str | None = None, **kw) -> subprocess.CompletedProcess:
     """Run `argv` (no shell) and return it; raise a VirtfreezeError when its exit code is not in `ok`.
 
     `what` names the command in messages (default: the program's name);
     its output is captured (only the CLI writes to the terminal);
-    `install_hint` is the hint when the program is missing.
-    Other keyword arguments go to subprocess.run (env, cwd, input, ...).
+    `install_hint` is the hint when the program is missing. Inside a
+    `cancel_scope`, cancelling terminates it. Other keyword arguments go to
+    subprocess.Popen (env, cwd, ...).
     """
     what = what or argv[0]
     log.debug("running %s", argv)
+    scope = getattr(_scope, "current", None)
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=_unblock_signals, **kw)
+        popen = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=_unblock_signals, **kw)
     except OSError as e:
         raise VirtfreezeError(f"{what}: cannot run {argv[0]}: {e.strerror}", domain=domain, disk=disk, path=path,
                               hint=install_hint or "install it, or check the program path") from None
+    if scope is not None:
+        scope._enter(popen)
+    try:
+        stdout, stderr = popen.communicate(input)
+    finally:
+        if scope is not None:
+            scope._leave(popen)
+    proc = subprocess.CompletedProcess(argv, popen.returncode, stdout, stderr)
+    if scope is not None and scope.reason:
+        raise VirtfreezeError(f"{what} stopped: {scope.reason}", domain=domain, disk=disk, path=path)
     if proc.returncode not in ok:
         said = last_lines(proc.stderr)  # never stdout: it may hold a secret (passphrase commands)
         raise VirtfreezeError(f"{what} failed (exit {proc.returncode})" + (f": {said}" if said else ""),

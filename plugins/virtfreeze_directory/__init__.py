@@ -11,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+from virtfreeze import runner
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.targets import ArchiveResult, StorageTarget, archive_name, archive_prefix
@@ -34,6 +35,7 @@ def sparse_copy(src: Path, dst: Path) -> tuple[str, int]:
     size = 0
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         while chunk := fi.read(CHUNK):
+            runner.check_cancelled(f"copy of {src}")  # e.g. the domain paused on an I/O error
             h.update(chunk)
             size += len(chunk)
             if chunk == zero[: len(chunk)]:

@@ -4,6 +4,7 @@ on an I/O error) is merged and resumed by thaw with nothing lost."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -56,5 +57,30 @@ def test_guest_fills_its_overlay_filesystem(guest_factory, vf, small_fs):
     assert "paused on an I/O error" in out.stderr and "resuming the guest" in out.stderr
     assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     g.watcher.wait_acks(20, after=time.monotonic())  # it writes again: the failed write was retried
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
+
+
+def test_backup_stops_the_archive_of_a_domain_that_fills_its_overlay(guest_factory, vf, small_fs, tmp_path):
+    """Driver mode: the archive (a borg create that would never end) is stopped at once when the guest
+    pauses on an I/O error; the domain is merged and resumed; the run reports the failure, no hang."""
+    g = guest_factory([DiskSpec("vda", "qcow2", size_mib=64)], stride=128)
+    never = tmp_path / "never.fifo"
+    os.mkfifo(never)
+    endless_borg = tmp_path / "borg-endless"
+    endless_borg.write_text(f'#!/bin/sh\ncase " $* " in\n  *" create "*) read x < {never} ;;\nesac\nexec borg "$@"\n')
+    endless_borg.chmod(0o755)
+    subprocess.run(["borg", "init", "-e", "none", str(tmp_path / "repo.borg")], check=True, capture_output=True)
+    vf.write_config(overlay_directory=str(small_fs), overlay_min_free=1 << 20, targets={
+        "slow": {"type": "borg", "repository": str(tmp_path / "repo.borg"), "borg": str(endless_borg)}})
+    env = vf.env()
+    env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")
+    out = vf("--json", "backup", g.name, env=env, expect=1, timeout=180)
+    result = json.loads(out.stdout)["backups"][0]
+    assert not result["ok"] and result["strategy"] == "live"
+    assert "stopped: the domain paused on an I/O error" in result["errors"][0], result["errors"]
+    assert "resuming the guest" in out.stderr
+    assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    g.watcher.wait_acks(20, after=time.monotonic())
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)
