@@ -353,7 +353,7 @@ def thaw(ctx: Ctx, domains, all_, strategy, force):
         return _emit(ctx, "thawed", results, failures, lambda r: (
             f"thawed {r.name} ({r.strategy}, {r.overlay_bytes} overlay bytes, {r.seconds:.2f}s"
             + (f"; stopped {r.stopped_seconds:.2f}s for {r.offline_bytes} bytes" if r.stopped_seconds else "")
-            + (f" after {r.rounds} live rounds" if r.rounds else "") + ")"
+            + (f" after {r.rounds} live rounds" if r.rounds else "") + (f"; {r.note}" if r.note else "") + ")"
             if r.strategy else f"left frozen {r.name}: still held by {'; '.join(r.held_by)}" if r.held_by
             else f"{r.name}: nothing frozen"))
 

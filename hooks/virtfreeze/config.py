@@ -96,6 +96,19 @@ SCHEMA: dict[str, Any] = {
             "description": "Seconds to wait for a live commit to become ready to pivot before giving up (the chain stays valid).",
             "example": 3600,
         },
+        "live_converge_timeout": {
+            "type": "number", "exclusiveMinimum": 0,
+            "description": "Strategy auto: seconds a live commit may take to catch up with the guest's writes; "
+                           "after that the rest is merged with the guest's vCPUs paused (milliseconds to seconds) "
+                           "instead of waiting up to commit_ready_timeout.",
+            "example": 600,
+        },
+        "commit_bandwidth": {
+            "type": "integer", "minimum": 0,
+            "description": "Limit of a live commit's copy rate in bytes per second (0: none), to spare the host's "
+                           "disks; a busy guest can then out-write it (see live_converge_timeout).",
+            "example": 0,
+        },
         "pivot_attempts": {
             "type": "integer", "minimum": 1,
             "description": "How often a pivot is tried (with backoff) before giving up.",
@@ -192,6 +205,8 @@ class Config:
     quiesce_timeout: float = 10.0
     jobs: int = 4
     commit_ready_timeout: float = 3600.0
+    live_converge_timeout: float = 600.0
+    commit_bandwidth: int = 0
     pivot_attempts: int = 5
     strategy: str = "auto"
     iterative_factor: float = 2.0

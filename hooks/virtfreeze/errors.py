@@ -81,6 +81,10 @@ class NotReadyToPivot(VirtfreezeError):
     """A pivot came before the commit was ready (libvirt: "not ready for pivot yet"); wait, then retry."""
 
 
+class CommitNotReady(VirtfreezeError):
+    """An active commit did not become ready to pivot in time: the guest writes faster than it copies."""
+
+
 class DomainBusy(VirtfreezeError):
     """Another virtfreeze run is working on this domain right now."""
 

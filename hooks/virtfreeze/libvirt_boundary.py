@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import libvirt
 
-from virtfreeze.errors import ConnectionFailed, DomainNotFound, MergeRefused, VirtfreezeError
+from virtfreeze.errors import CommitNotReady, ConnectionFailed, DomainNotFound, MergeRefused, VirtfreezeError
 from virtfreeze.signals import signals_to_main_thread
 
 log = logging.getLogger(__name__)
@@ -306,17 +306,23 @@ class Hypervisor:
                 self._watchers[uuid].remove(q)
 
     def block_commit(self, uuid: str, name: str, target: str, base: str, *, top: str | None = None,
-                     active: bool) -> None:
-        """Start a commit into `base`; MergeRefused when libvirt refuses (nothing has changed then)."""
-        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE if active else 0
+                     active: bool, bandwidth: int = 0) -> None:
+        """Start a commit into `base` (`bandwidth` bytes/s, 0: unlimited); MergeRefused when libvirt
+        refuses (nothing has changed then)."""
+        flags = (libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE if active else 0) | libvirt.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES
         try:
             self._call("start block commit",
-                       lambda c: c.lookupByUUIDString(uuid).blockCommit(target, base, top, 0, flags),
+                       lambda c: c.lookupByUUIDString(uuid).blockCommit(target, base, top, bandwidth, flags),
                        domain=name, disk=target, path=base)
         except DomainNotFound:
             raise
         except VirtfreezeError as e:
             raise MergeRefused(e.message, domain=e.domain, disk=e.disk, path=e.path, hint=e.hint) from None
+
+    def set_job_speed(self, uuid: str, name: str, target: str, bandwidth: int) -> None:
+        """Change a running block job's copy rate (bytes/s, 0: unlimited)."""
+        self._call("set block job speed", lambda c: c.lookupByUUIDString(uuid).blockJobSetSpeed(
+            target, bandwidth, libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES), domain=name, disk=target)
 
     def block_job(self, uuid: str, name: str, target: str) -> dict:
         """The running block job on a disk ({} when none): type, cur, end."""
@@ -393,9 +399,9 @@ class Hypervisor:
     def _wait_timeout(name: str, pending: set[str], until: str, timeout: float) -> VirtfreezeError:
         disk = ",".join(sorted(pending))
         if until == "ready":
-            return VirtfreezeError(f"commit not ready to pivot after {timeout:.0f}s", domain=name, disk=disk,
-                                   hint="the guest writes faster than the commit; raise commit_ready_timeout "
-                                        "or use another strategy")
+            return CommitNotReady(f"commit not ready to pivot after {timeout:g}s", domain=name, disk=disk,
+                                  hint="the guest writes faster than the commit; raise commit_ready_timeout "
+                                       "or use another strategy")
         if until == "completed":
             return VirtfreezeError(f"live commit round not finished after {timeout:.0f}s", domain=name, disk=disk)
         return VirtfreezeError("a cancelled block job did not end", domain=name, disk=disk)

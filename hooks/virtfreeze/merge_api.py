@@ -109,14 +109,16 @@ class DomainMerge:
 
     Fields: ``domain`` (`DomainRef`), ``disks`` (the `DiskPlan`s still on an
     overlay), ``config`` (`Config`), ``strategy`` (the strategy asked for:
-    live, iterative or offline), ``record`` (the domain's `FrozenDomain`
+    live, iterative or offline; ``auto_fallback`` says that it was chosen by
+    ``auto``, which allows falling back to a stop of the guest), ``record`` (the domain's `FrozenDomain`
     journal record: read it freely, change it only through `note`),
     ``at_start`` (the `Definitions` read just before the hook was called;
     `definitions()` reads them again).
     """
 
     def __init__(self, hv: Hypervisor, journal: Journal, record: FrozenDomain, disks: list[DiskPlan],
-                 config: Config, strategy: str, pm, progress=None, at_start: Definitions | None = None):
+                 config: Config, strategy: str, pm, progress=None, at_start: Definitions | None = None,
+                 auto_fallback: bool = False):
         self._hv = hv
         self._journal = journal
         self._pm = pm
@@ -126,6 +128,7 @@ class DomainMerge:
         self.disks = disks
         self.config = config
         self.strategy = strategy
+        self.auto_fallback = auto_fallback
         self.at_start = at_start or read_definitions(hv, record.ref)
 
     # -- reading ---------------------------------------------------------------
@@ -170,7 +173,11 @@ class DomainMerge:
         commit, ready to pivot once it caught up), or the layer `top` below the active one (it
         completes by itself). Raises `MergeRefused` when libvirt refuses to start it."""
         self._hv.block_commit(self.domain.uuid, self.domain.name, disk.target, disk.base, top=top,
-                              active=top is None)
+                              active=top is None, bandwidth=self.config.commit_bandwidth)
+
+    def set_speed(self, disk: DiskPlan, bandwidth: int) -> None:
+        """Change the copy rate of the disk's running job (bytes/s, 0: unlimited)."""
+        self._hv.set_job_speed(self.domain.uuid, self.domain.name, disk.target, bandwidth)
 
     def pivot(self, disk: DiskPlan) -> None:
         """Switch the guest to the base once an active commit is ready; ends the job. Raises
@@ -198,6 +205,20 @@ class DomainMerge:
 
     def resume(self) -> None:
         self._hv.resume(self.domain.uuid, self.domain.name)
+
+    @contextlib.contextmanager
+    def guest_paused(self) -> Iterator[bool]:
+        """Stop the guest's vCPUs for the block, noted in the journal first (a crash meanwhile: the next
+        thaw resumes it); yields whether this paused it (a guest paused already stays paused)."""
+        pause = self.state() == RUNNING
+        if pause:
+            self.note(paused_by_virtfreeze=True)
+            self.pause()
+        try:
+            yield pause
+        finally:
+            if pause:
+                resume_paused(self)
 
     def save(self, paused: bool) -> None:
         """Stop the guest into libvirt's managed save (state on disk); `start` brings it back,
@@ -258,6 +279,15 @@ class DomainMerge:
     def _progress(self, target: str, job: dict) -> None:
         if job.get("end"):
             self.progress(f"disk {target}: committing {100.0 * job.get('cur', 0) / job['end']:.0f}%")
+
+
+def resume_paused(merge: DomainMerge) -> None:
+    """Resume a guest a merge paused (`guest_paused`, also after a crash); a no-op otherwise."""
+    if merge.record.paused_by_virtfreeze:
+        if merge.state() == PAUSED:
+            domain_log(log, merge.domain.name).info("resuming the guest virtfreeze paused")
+            merge.resume()
+        merge.note(paused_by_virtfreeze=None)
 
 
 def _repointed(xml: str, disks: list[DiskPlan]) -> tuple[str, list[str]]:

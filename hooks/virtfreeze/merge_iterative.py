@@ -89,30 +89,15 @@ def merge_paused(merge, disks) -> tuple[int, float]:
                                                                          PAUSED_READY_TIMEOUT))
     live = merge.definitions().live or {}
     merged = sum(_allocated(live[d.target]) for d in disks if d.is_ours(live.get(d.target)))
-    pause = merge.state() == RUNNING
     t0 = time.monotonic()
-    if pause:
-        merge.note(paused_by_virtfreeze=True)
+    with merge.guest_paused() as paused:
         merge.progress(f"last {merged >> 20} MiB: guest paused")
-        merge.pause()
-    try:
         failpoint("iterative-paused")
         if merge.merge_with("live", disks, config=bounded) is None:
             raise VirtfreezeError("no merge plugin handles the live step", domain=merge.domain.name)
-    finally:
-        resume_paused(merge)
-    stopped = time.monotonic() - t0 if pause else 0.0
+    stopped = time.monotonic() - t0 if paused else 0.0
     domain_log(log, merge.domain.name).info("merged the last %d bytes with the guest paused %.3fs", merged, stopped)
     return merged, stopped
-
-
-def resume_paused(merge) -> None:
-    """Resume a guest this plugin paused (after a crash too); a no-op otherwise."""
-    if merge.record.paused_by_virtfreeze:
-        if merge.state() == PAUSED:
-            domain_log(log, merge.domain.name).info("resuming the guest virtfreeze paused")
-            merge.resume()
-        merge.note(paused_by_virtfreeze=None)
 
 
 def final_step(merge, disks) -> tuple[int, float]:
@@ -170,7 +155,3 @@ def virtfreeze_merge(merge):
     merged, stopped = final_step(merge, disks)
     return MergeResult("iterative", offline_bytes=merged, rounds=rounds, stopped_seconds=stopped)
 
-
-@hookimpl
-def virtfreeze_merge_recover(merge):
-    resume_paused(merge)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from virtfreeze.errors import NotReadyToPivot, VirtfreezeError
+from virtfreeze.errors import CommitNotReady, NotReadyToPivot, VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.journal import failpoint
 from virtfreeze.merge_api import PAUSED, RUNNING
@@ -44,8 +44,9 @@ def _pivot(merge, disk, watch) -> None:
                 delay *= 2
 
 
-def commit_and_pivot(merge, disk) -> None:
-    """Merge one disk's overlay into its recorded base while the guest runs."""
+def commit_and_pivot(merge, disk) -> float:
+    """Merge one disk's overlay into its recorded base while the guest runs; returns the seconds the
+    guest was paused for it (0 unless the commit did not converge under strategy auto)."""
     name = merge.domain.name
     with merge.watch_jobs() as watch:
         job = merge.job(disk)
@@ -65,17 +66,49 @@ def commit_and_pivot(merge, disk) -> None:
                                                     (merge.at_start.live or {}).get(disk.target), disk.base)
             merge.start_commit(disk)  # MergeRefused when libvirt refuses: the caller may go offline
         failpoint("thaw-commit-started")
-        watch.wait([disk], "ready")
+        stopped = 0.0
+        converge = merge.auto_fallback and merge.state() == RUNNING
         try:
-            _pivot(merge, disk, watch)
-        except VirtfreezeError:
-            _cancel_quietly(merge, disk)
-            raise
+            watch.wait([disk], "ready", timeout=min(merge.config.live_converge_timeout,
+                                                    merge.config.commit_ready_timeout) if converge else None)
+        except CommitNotReady:
+            if not converge:
+                raise
+            stopped = _finish_paused(merge, disk, watch)
+        else:
+            try:
+                _pivot(merge, disk, watch)
+            except VirtfreezeError:
+                _cancel_quietly(merge, disk)
+                raise
     source = merge.live_source(disk)
     if source != disk.base:
         raise VirtfreezeError(f"after the pivot the disk is on {source!r}, not its base", domain=name,
                               disk=disk.target, path=disk.base)
     domain_log(log, name, disk.target).info("back on %s", disk.base)
+    return stopped
+
+
+# Longest wait for the commit to become ready while the guest is paused; after it the
+# guest runs again and the commit goes on live (the next thaw pivots it).
+PAUSED_READY_TIMEOUT = 60.0
+
+
+def _finish_paused(merge, disk, watch) -> float:
+    """Strategy auto, a commit the guest out-writes: pause the vCPUs (nothing writes), lift any
+    bandwidth limit, pivot once ready, resume. Returns the seconds the guest was stopped."""
+    domain_log(log, merge.domain.name, disk.target).warning(
+        "the live commit did not catch up with the guest's writes in %gs; merging the rest with the guest "
+        "paused", min(merge.config.live_converge_timeout, merge.config.commit_ready_timeout))
+    t0 = time.monotonic()
+    with merge.guest_paused():
+        merge.progress(f"disk {disk.target}: guest paused for the rest of the commit")
+        merge.set_speed(disk, 0)
+        watch.wait([disk], "ready", timeout=PAUSED_READY_TIMEOUT)
+        _pivot(merge, disk, watch)
+    stopped = time.monotonic() - t0
+    domain_log(log, merge.domain.name, disk.target).info("pivoted with the guest paused %.3fs", stopped)
+    return stopped
 
 
 def _cancel_quietly(merge, disk) -> None:
@@ -86,8 +119,9 @@ def _cancel_quietly(merge, disk) -> None:
         domain_log(log, merge.domain.name, disk.target).warning("could not cancel the commit job: %s", e.message)
 
 
-def merge_running(merge) -> None:
-    """Active commit + pivot of every disk still on an overlay of ours."""
+def merge_running(merge) -> float:
+    """Active commit + pivot of every disk still on an overlay of ours; returns seconds paused."""
+    stopped = 0.0
     live = merge.at_start.live or {}
     for disk in merge.disks:
         source = live.get(disk.target)
@@ -97,12 +131,14 @@ def merge_running(merge) -> None:
             raise VirtfreezeError(f"disk is on {source!r}, neither its overlay nor its base",
                                   domain=merge.domain.name, disk=disk.target,
                                   hint="somebody changed the chain; merge by hand")
-        commit_and_pivot(merge, disk)
+        stopped += commit_and_pivot(merge, disk)
+    return stopped
 
 
 @hookimpl
 def virtfreeze_merge(merge):
     if merge.strategy != "live" or merge.state() not in (RUNNING, PAUSED):
         return None
-    merge_running(merge)
-    return MergeResult("live")
+    stopped = merge_running(merge)
+    note = f"did not converge: the rest merged with the guest paused {stopped:.3f}s" if stopped else None
+    return MergeResult("live", stopped_seconds=stopped, note=note)

@@ -66,3 +66,4 @@ class MergeResult:
     offline_bytes: int = 0  # overlay bytes merged while the guest was stopped
     rounds: int = 0  # live rounds of an iterative merge
     stopped_seconds: float = 0.0  # how long virtfreeze kept the guest from running
+    note: str | None = None  # what else a person should know (e.g. a live commit that did not converge)

@@ -20,7 +20,8 @@ def planned_strategy(rt: Runtime, name: str, state: str) -> tuple[str, str]:
     if state not in (RUNNING, PAUSED):
         return "none", f"the domain is {state}: start or destroy it first"
     if asked == "auto":
-        return "live", f"auto ({source}): live commit; offline if libvirt refuses it"
+        return "live", (f"auto ({source}): live commit; the rest with the guest paused if it has not caught up "
+                        f"in {rt.config.live_converge_timeout:g}s; offline if libvirt refuses it")
     if asked == "iterative":
         return asked, f"{source} says iterative; last overlay: {rt.config.iterative_final_step} " \
                       f"({'guest saved' if rt.config.iterative_final_step == 'save' else 'guest paused'})"

@@ -24,7 +24,7 @@ from virtfreeze.domain_xml import is_overlay, parse_disks
 from virtfreeze.errors import DomainNotFound, LeftOnOverlay, MergeRefused, VirtfreezeError
 from virtfreeze.journal import FrozenDomain, domain_lock, failpoint
 from virtfreeze.libvirt_boundary import MISSING, OTHER, PAUSED, SHUTOFF
-from virtfreeze.merge_api import Definitions, DomainMerge, read_definitions
+from virtfreeze.merge_api import Definitions, DomainMerge, read_definitions, resume_paused
 from virtfreeze.model import DiskPlan, DomainRef, MergeResult
 from virtfreeze.plugins import report_failure
 from virtfreeze.runtime import Runtime
@@ -44,6 +44,7 @@ class ThawResult:
     rounds: int = 0
     stopped_seconds: float = 0.0
     held_by: list[str] = field(default_factory=list)  # left frozen: the other runs that still hold it
+    note: str | None = None
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -150,7 +151,8 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
         export_view.remove(Path(record.export_dir))
 
     def merge_of(pending: list[DiskPlan]) -> DomainMerge:
-        return DomainMerge(rt.hv, rt.journal, record, pending, rt.config, asked, rt.pm, rt.progress, at_start=defs)
+        return DomainMerge(rt.hv, rt.journal, record, pending, rt.config, asked, rt.pm, rt.progress, at_start=defs,
+                           auto_fallback=wanted == "auto")
 
     result = None
     try:
@@ -178,7 +180,9 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
                 defs = read_definitions(rt.hv, ref)
         # A guest a merge stopped comes back, also after a crash (each plugin looks at its own marks).
         marked = bool(record.saved_by_virtfreeze or record.paused_by_virtfreeze or record.plugin_marks)
-        rt.pm.hook.virtfreeze_merge_recover(merge=merge_of(defs.on_overlay(disks)))
+        recovering = merge_of(defs.on_overlay(disks))
+        resume_paused(recovering)  # the API's own mark (DomainMerge.guest_paused)
+        rt.pm.hook.virtfreeze_merge_recover(merge=recovering)
         if marked:
             defs = read_definitions(rt.hv, ref)
         if io_error and defs.state == PAUSED:
@@ -209,7 +213,7 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
     rt.pm.hook.virtfreeze_after_thaw(domain=ref, strategy=used, overlay_bytes=overlay_bytes)
     return ThawResult(ref.name, ref.uuid, used, overlay_bytes, seconds,
                       result.offline_bytes if result else 0, result.rounds if result else 0,
-                      result.stopped_seconds if result else 0.0)
+                      result.stopped_seconds if result else 0.0, note=result.note if result else None)
 
 
 def _release(rt: Runtime, ref: DomainRef) -> ThawResult | None:

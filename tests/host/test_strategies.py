@@ -173,3 +173,21 @@ def test_a_third_party_merge_plugin_from_its_own_distribution(guest_factory, vf,
     g.watcher.wait_acks(20, after=time.monotonic())
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)
+
+
+def test_auto_live_commit_that_cannot_converge_pauses_the_guest_briefly(guest_factory, vf):
+    """Strategy auto: a commit held to 512 KiB/s against a guest that dirties a new 64 KiB cluster with
+    every write never becomes ready; after live_converge_timeout the rest is merged with the guest paused."""
+    g = guest_factory([DiskSpec("vda", "qcow2", size_mib=64)], stride=128)
+    vf.write_config(commit_bandwidth=512 << 10, live_converge_timeout=3)
+    vf("freeze", g.name)
+    g.watcher.wait_acks(30)
+    out = vf("--json", "thaw", g.name)
+    thawed = json.loads(out.stdout)["thawed"][0]
+    assert thawed["strategy"] == "live" and "did not converge" in (thawed["note"] or ""), thawed
+    assert thawed["stopped_seconds"] > 0
+    assert "did not catch up with the guest's writes in 3s" in out.stderr
+    assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    g.watcher.wait_acks(20, after=time.monotonic())
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)

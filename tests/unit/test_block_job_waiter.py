@@ -91,5 +91,5 @@ def test_a_ready_job_that_vanished_while_libvirtd_was_away_raises():
 
 def test_bounded():
     hv = StandIn(jobs={"vda": {"type": JOB_TYPE_ACTIVE_COMMIT, "cur": 1, "end": 2}})
-    with pytest.raises(VirtfreezeError, match="not ready to pivot after 0s"):
+    with pytest.raises(VirtfreezeError, match="not ready to pivot after 0.01s"):
         hv.wait_for_jobs("u", "web1", {"vda"}, events(), until="ready", timeout=0.01)
