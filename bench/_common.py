@@ -27,5 +27,15 @@ def thaw_everything(config: Path) -> None:
     subprocess.run([*VIRTFREEZE, "-q", "--config", str(config), "thaw"], check=False)
 
 
+def scratch(prefix: str) -> tuple[Path, Path]:
+    """A scratch directory on disk (not tmpfs) and a virtfreeze config keeping state and export in it."""
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    config = work / "virtfreeze.yaml"
+    config.write_text(f"state_directory: {work}/state\nexport_directory: {work}/export\n")
+    return work, config
+
+
 def med(xs) -> float:
     return statistics.median(xs)

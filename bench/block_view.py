@@ -22,13 +22,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import med, thaw_everything, vf  # noqa: E402
+from _common import med, scratch, thaw_everything, vf  # noqa: E402
 
 import libvirt  # noqa: E402
 
@@ -76,9 +75,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=512)
     args = ap.parse_args()
     conn = libvirt.open("qemu:///system")
-    work = Path(tempfile.mkdtemp(prefix="vf-bench-block-", dir="/var/tmp"))
-    config = work / "virtfreeze.yaml"
-    config.write_text(f"state_directory: {work}/state\nexport_directory: {work}/export\n")
+    work, config = scratch("vf-bench-block-")
     g = create_guest(conn, work / "guest", [DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw", args.size_mib, block=True)],
                      name="vf-bench-block", start=False)
     device = g.disks["vdb"]

@@ -18,12 +18,11 @@ import functools
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common  # noqa: E402,F401  (puts the repository on sys.path)
+from _common import scratch  # noqa: E402  (also puts the repository on sys.path)
 
 import libvirt  # noqa: E402
 
@@ -62,9 +61,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     conn = libvirt.open("qemu:///system")
-    work = Path(tempfile.mkdtemp(prefix="vf-bench-calls-", dir="/var/tmp"))
-    config = work / "virtfreeze.yaml"
-    config.write_text(f"state_directory: {work}/state\nexport_directory: {work}/export\n")
+    work, config = scratch("vf-bench-calls-")
     g = create_guest(conn, work / "guest", [DiskSpec("vda", "qcow2")], name="vf-bench-calls")
     _count(libvirt.virConnect)
     _count(libvirt.virDomain)
