@@ -58,7 +58,7 @@ def _check_contents(ref: DomainRef, target: StorageTarget, archive: str, manifes
     contents = target.contents(archive)
     if contents is None:
         domain_log(log, ref.name).warning("target %s (type %s) cannot list an archive's contents; %s not verified",
-                    target.name, target.type, archive)
+                                          target.name, target.type, archive)
         return False
     short = short_of_data(manifest.get("sizes", {}), contents)
     if short:
@@ -93,7 +93,7 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *
                 result.archives.append(archived)
                 archived.verified = _check_contents(ref, target, archived.archive, manifest)
                 domain_log(log, info.name).info("archived to %s as %s (%d bytes, %.1fs)", target.name,
-                         archived.archive, archived.bytes, archived.seconds)
+                                                archived.archive, archived.bytes, archived.seconds)
             except Exception as e:  # noqa: BLE001 - a plugin's bug must not skip the other targets or the thaw
                 if not isinstance(e, VirtfreezeError):
                     domain_log(log, info.name).debug("target %s raised", target.name, exc_info=True)

@@ -260,7 +260,7 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
         raise
 
     domain_log(log, info.name).info("frozen (%s) in %.2fs: %s", consistency, snapshot_seconds,
-             ", ".join(f"{p.target}={p.base}" for p in plan) or "no disks")
+                                    ", ".join(f"{p.target}={p.base}" for p in plan) or "no disks")
     return FreezeResult(info.name, info.uuid, state, consistency, {p.target: p.base for p in plan}, skipped,
                         str(export_dir), str(memory_file) if memory_file else None, snapshot_seconds,
                         time.monotonic() - t0)

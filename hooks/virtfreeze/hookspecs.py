@@ -57,8 +57,9 @@ def virtfreeze_merge_recover(merge):
     `virtfreeze.merge_api.DomainMerge`; ``merge.record`` holds the marks
     merges noted (``saved_by_virtfreeze``, a plugin's own ``plugin_marks``;
     a guest paused through ``merge.guest_paused()`` is resumed by the core
-    before this hook runs). Each implementation looks at its own marks only, undoes what they say (resume a paused guest, start a saved
-    one) and clears them with ``merge.note(...)``. Not firstresult: every
+    before this hook runs). Each implementation looks at its own marks
+    only, undoes what they say (e.g. start a guest it saved) and clears them
+    with ``merge.note(...)``. Not firstresult: every
     implementation runs; return None (return values are ignored). Raise
     `VirtfreezeError` when the guest cannot be brought back: the thaw fails
     and keeps the journal.

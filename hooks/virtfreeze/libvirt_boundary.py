@@ -309,7 +309,9 @@ class Hypervisor:
                      active: bool, bandwidth: int = 0) -> None:
         """Start a commit into `base` (`bandwidth` bytes/s, 0: unlimited); MergeRefused when libvirt
         refuses (nothing has changed then)."""
-        flags = (libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE if active else 0) | libvirt.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES
+        if active:
+            flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
         try:
             self._call("start block commit",
                        lambda c: c.lookupByUUIDString(uuid).blockCommit(target, base, top, bandwidth, flags),

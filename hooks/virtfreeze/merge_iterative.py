@@ -147,7 +147,7 @@ def virtfreeze_merge(merge):
         remaining = data_bytes(tops)
         merge.progress(f"round {rounds}: {size >> 20} MiB merged live, {remaining >> 20} MiB left")
         domain_log(log, merge.domain.name).info("round %d merged %d bytes live; %d bytes left on the new overlays",
-                 rounds, size, remaining)
+                                                rounds, size, remaining)
         if remaining * config.iterative_factor > size:
             size = remaining
             break  # not shrinking fast enough: more rounds would not pay

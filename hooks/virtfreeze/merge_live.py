@@ -36,7 +36,7 @@ def _pivot(merge, disk, watch) -> None:
                                       disk=disk.target,
                                       hint="the domain stays on its overlay; run `virtfreeze thaw` again") from None
             domain_log(log, merge.domain.name, disk.target).warning("pivot attempt %d failed (%s); retrying in %.1fs",
-                        attempt, e.message, delay)
+                                                                    attempt, e.message, delay)
             if isinstance(e, NotReadyToPivot):
                 watch.wait([disk], "ready")
             else:

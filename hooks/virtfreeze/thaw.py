@@ -133,7 +133,7 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
         if record is None:
             return ThawResult(ref.name, ref.uuid, None, 0, 0.0)
         domain_log(log, ref.name).warning("no journal, but disks %s are on virtfreeze overlays; merging them",
-                    ", ".join(d.target for d in record.disks))
+                                          ", ".join(d.target for d in record.disks))
     if defs.state == MISSING:
         ref = record.ref  # undefined since the freeze: its name is in the journal
     io_error = defs.io_error
@@ -209,7 +209,7 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
     seconds = time.monotonic() - t0
     used = result.strategy if result else None
     domain_log(log, ref.name).info("thawed (%s, %d overlay bytes, %.2fs)", used or "nothing to merge",
-             overlay_bytes, seconds)
+                                   overlay_bytes, seconds)
     rt.pm.hook.virtfreeze_after_thaw(domain=ref, strategy=used, overlay_bytes=overlay_bytes)
     return ThawResult(ref.name, ref.uuid, used, overlay_bytes, seconds,
                       result.offline_bytes if result else 0, result.rounds if result else 0,
