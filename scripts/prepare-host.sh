@@ -24,6 +24,7 @@ packages=(
   libfuse3-3                      # the export view of block-device disks (FUSE, through mfusepy)
   libvirt-dev pkg-config          # to build libvirt-python (PyPI has no wheels)
   busybox-static cpio xz-utils    # the writing test guest's initramfs
+  e2fsprogs                       # the agent test guest's ext4 filesystem (mkfs.ext4, debugfs, e2fsck)
   borgbackup restic borgmatic     # the demo's and the tests' backup tools
   systemd                         # systemd-analyze checks contrib/systemd (no systemd needs to run)
 )

@@ -9,6 +9,7 @@ call it even when a test fails.
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Guest:
     watcher: AckWatcher | None = None
     extra_watchers: list[AckWatcher] = field(default_factory=list)
     loops: list[str] = field(default_factory=list)  # loop devices to detach at removal
+    fs_file: str | None = None  # the agent guest: records go into this file of vdb's ext4 filesystem
 
     @property
     def dom(self) -> libvirt.virDomain:
@@ -90,7 +92,14 @@ class Guest:
               fmt: str | None = None) -> IntegrityReport:
         """Every write acknowledged on `target` (up to `until`) is in `image` (default: its base)."""
         image = image or self.disks[target]
-        return check_image(image, target, self.acked(until).get(target, []),
+        acked = self.acked(until).get(target, [])
+        if self.fs_file:  # the records are in a file of the image's filesystem: check that file
+            with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+                data = Path(tmp) / "data"
+                subprocess.run(["debugfs", "-R", f"dump {self.fs_file} {data}", str(image)], check=True,
+                               capture_output=True)
+                return check_image(data, target, acked, "raw", self.stride)
+        return check_image(image, target, acked,
                            fmt or (None if image != self.disks[target] else self.formats[target]), self.stride)
 
     def state(self) -> int:
@@ -135,8 +144,9 @@ def attach_loop(image: Path, attempts: int = 5) -> str:
 
 
 def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths: dict[str, Path],
-               sock: Path, memory_mib: int = 192, agent_channel: bool = False, stride: int = 1) -> str:
-    img = ensure_guest_image()
+               sock: Path, memory_mib: int = 192, agent_channel: bool = False, stride: int = 1,
+               agent: str | None = None) -> str:
+    img = ensure_guest_image(agent=agent is not None)
     writing = [d.target for d in disks if d.device == "disk" and d.writes]
     dom = ET.Element("domain", type="qemu")
     ET.SubElement(dom, "name").text = name
@@ -147,7 +157,8 @@ def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths
     ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
     ET.SubElement(os_, "kernel").text = str(img.kernel)
     ET.SubElement(os_, "initrd").text = str(img.initrd)
-    ET.SubElement(os_, "cmdline").text = f"console=ttyS0 panic=-1 vf.disks={','.join(writing)} vf.stride={stride}"
+    ET.SubElement(os_, "cmdline").text = (f"console=ttyS0 panic=-1 vf.disks={','.join(writing)} vf.stride={stride}"
+                                          + (f" vf.hook={agent}" if agent else ""))
     for ev in ("on_poweroff", "on_reboot", "on_crash"):
         ET.SubElement(dom, ev).text = "destroy"
     dev = ET.SubElement(dom, "devices")
@@ -177,7 +188,7 @@ def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths
     s1 = ET.SubElement(dev, "serial", type="unix")
     ET.SubElement(s1, "source", mode="bind", path=str(sock))
     ET.SubElement(s1, "target", port="1")
-    if agent_channel:  # the channel only: the test guest runs no agent behind it
+    if agent_channel or agent is not None:  # the writing guest has no agent behind it; the agent guest has
         ch = ET.SubElement(dev, "channel", type="unix")
         ET.SubElement(ch, "source", mode="bind")
         ET.SubElement(ch, "target", type="virtio", name="org.qemu.guest_agent.0")
@@ -233,4 +244,33 @@ def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] 
         except BaseException:
             guest.remove()  # a guest that did not boot is not left defined
             raise
+    return guest
+
+
+def create_agent_guest(conn: libvirt.virConnect, workdir: Path, hook: str = "none", data_mib: int = 8,
+                       name: str | None = None) -> Guest:
+    """A running guest with a real QEMU guest agent, writing records into /data of an ext4 filesystem on
+    vda (a raw image the host made); `hook="block"`: its fsfreeze hook never returns."""
+    uid = str(uuidlib.uuid4())
+    name = name or f"vfa-{uid[:8]}"
+    workdir = Path(workdir)
+    (workdir / "fs-src").mkdir(parents=True, exist_ok=True)
+    with open(workdir / "fs-src" / "data", "wb") as fh:
+        fh.write(b"\xff" * (data_mib << 20))  # not zeros: mke2fs -d would leave holes, and the guest's writes
+        # would then allocate blocks (metadata in the journal) instead of overwriting the file in place
+    image = workdir / "vda.raw"
+    subprocess.run(["truncate", "-s", f"{data_mib + 24}M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(workdir / "fs-src"), str(image)], check=True)
+    SOCKET_DIR.mkdir(parents=True, exist_ok=True)
+    sock = SOCKET_DIR / f"{uid[:13]}.sock"
+    spec = DiskSpec("vda", "raw")
+    xml = domain_xml(name, uid, workdir, [spec], {"vda": image}, sock, agent=hook)
+    guest = Guest(conn=conn, name=name, uuid=uid, workdir=workdir, disks={"vda": image}, formats={"vda": "raw"},
+                  writing=["vda"], persistent=True, sock=sock, xml=xml, fs_file="/data")
+    conn.defineXML(xml)
+    try:
+        guest.start()
+    except BaseException:
+        guest.remove()
+        raise
     return guest

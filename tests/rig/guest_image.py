@@ -72,6 +72,62 @@ done
 """
 
 
+# The agent guest: a real QEMU guest agent and an ext4 filesystem on vda (made by the host), whose
+# file /data receives the numbered records (tag "vda"), so that a quiesced freeze can be
+# told from a crash-consistent one by e2fsck on the archived image. vf.hook=block installs an
+# fsfreeze hook that never returns (an agent that hangs in its fsfreeze).
+AGENT_VERSION = "3"
+AGENT_MODULES = MODULES + ["drivers/char/virtio_console.ko"]
+
+AGENT_INIT_SCRIPT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console; do
+    insmod /lib/modules/$m.ko || echo "init: insmod $m failed"
+done
+hook=""
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in vf.hook=*) hook="${arg#vf.hook=}";; esac
+done
+exec 3<>/dev/ttyS1
+stty raw -echo <&3
+while [ ! -b /dev/vda ]; do usleep 10000; done
+mkdir -p /mnt /run /etc/qemu
+mount -t ext4 /dev/vda /mnt || echo "init: mount vda failed"
+port=""
+while [ -z "$port" ]; do
+    for p in /sys/class/virtio-ports/*; do
+        [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/$(basename $p)
+    done
+    [ -n "$port" ] || usleep 10000
+done
+hookopt=""
+if [ "$hook" = block ]; then
+    mkfifo /run/never
+    printf '#!/bin/sh\nread x < /run/never\n' > /etc/qemu/fsfreeze-hook
+    chmod 755 /etc/qemu/fsfreeze-hook
+    hookopt="-F/etc/qemu/fsfreeze-hook"
+fi
+/usr/sbin/qemu-ga -d -m virtio-serial -p $port -f /run/qga.pid -t /run $hookopt || echo "init: qemu-ga failed"
+n=$(( $(stat -c %s /mnt/data) / 512 ))
+echo "BOOTED vda" >&3
+until read -t 1 -r go <&3 && [ "${go%%[!A-Z]*}" = GO ]; do echo "BOOTED vda" >&3; done
+echo "init: writing to /mnt/data"
+i=0
+while :; do
+    printf 'VFREC %s %012d\n' vda "$i" > /tmp/rec
+    if dd if=/tmp/rec of=/mnt/data bs=512 seek=$((i % n)) count=1 conv=notrunc,sync,fsync 2>/dev/null; then
+        echo "ACK vda $i" >&3
+    else
+        echo "init: write $i failed"
+    fi
+    i=$((i + 1))
+done
+"""
+
+
 @dataclass(frozen=True)
 class GuestImage:
     kernel: Path
@@ -109,17 +165,37 @@ def _extract_kernel(dest: Path) -> tuple[Path, Path]:
     return vmlinuz, moddir
 
 
-def _build_initramfs(moddir: Path, out: Path) -> None:
+def _add_agent(root: Path, work: Path) -> None:
+    """qemu-ga from Debian's package, with the shared libraries it needs (as the host resolves them)."""
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        _run(["apt-get", "download", "qemu-guest-agent"], cwd=tmp)
+        deb = next(Path(tmp).glob("*.deb"))
+        _run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")])
+        qga = Path(tmp) / "x" / "usr" / "sbin" / "qemu-ga"
+        (root / "usr" / "sbin").mkdir(parents=True)
+        shutil.copy(qga, root / "usr" / "sbin" / "qemu-ga")
+        for line in _run(["ldd", str(qga)]).stdout.splitlines():
+            parts = line.split()
+            lib = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+            if lib.startswith("/"):
+                dst = root / lib.lstrip("/")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(os.path.realpath(lib), dst)
+
+
+def _build_initramfs(moddir: Path, out: Path, agent: bool = False) -> None:
     busybox = shutil.which("busybox") or "/bin/busybox"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for d in ("bin", "dev", "proc", "sys", "tmp", "lib/modules"):
             (root / d).mkdir(parents=True)
         shutil.copy(busybox, root / "bin" / "busybox")
-        for mod in MODULES:
+        for mod in AGENT_MODULES if agent else MODULES:
             shutil.copy(moddir / mod, root / "lib" / "modules" / Path(mod).name)
+        if agent:
+            _add_agent(root, out.parent)
         init = root / "init"
-        init.write_text(INIT_SCRIPT)
+        init.write_text(AGENT_INIT_SCRIPT if agent else INIT_SCRIPT)
         init.chmod(0o755)
         files = _run(["find", ".", "-print0"], cwd=root).stdout
         with open(out, "wb") as fh:
@@ -129,18 +205,18 @@ def _build_initramfs(moddir: Path, out: Path) -> None:
             )
 
 
-def ensure_guest_image() -> GuestImage:
-    """Return the cached kernel and initramfs, building them on first use."""
+def ensure_guest_image(agent: bool = False) -> GuestImage:
+    """Return the cached kernel and initramfs (the agent guest's with `agent`), building them on first use."""
     base = cache_dir()
     base.mkdir(parents=True, exist_ok=True)
     kernel = base / "vmlinuz"
-    initrd = base / f"initrd-{RIG_VERSION}.cpio"
+    initrd = base / (f"initrd-agent-{RIG_VERSION}.{AGENT_VERSION}.cpio" if agent else f"initrd-{RIG_VERSION}.cpio")
     with open(base / ".lock", "w") as lock:  # several pytest-xdist workers
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (kernel.exists() and initrd.exists()):
             vmlinuz, moddir = _extract_kernel(base)
             tmp = initrd.with_suffix(".tmp")
-            _build_initramfs(moddir, tmp)
+            _build_initramfs(moddir, tmp, agent)
             shutil.copy(vmlinuz, kernel.with_suffix(".tmp"))
             os.replace(kernel.with_suffix(".tmp"), kernel)
             os.replace(tmp, initrd)
