@@ -346,8 +346,8 @@ def thaw(ctx: Ctx, domains, all_, strategy, force):
             targets = [r.ref for r in frozen_domains(rt)]
         try:
             with _progress_display(ctx, rt):
-                results, failures = _for_each(targets, lambda r: thaw_domain(
-                    rt, DomainRef(r.name, r.uuid), strategy, force=force), rt.config.jobs)
+                results, failures = _for_each(targets, lambda ref: thaw_domain(rt, ref, strategy, force=force),
+                                              rt.config.jobs)
         finally:
             export_view.write_index(rt.config.export_directory)
         return _emit(ctx, "thawed", results, failures, lambda r: (

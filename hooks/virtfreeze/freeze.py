@@ -180,7 +180,7 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
     state, inactive_xml, live_xml = _look(rt, info)
     if previous or any(is_overlay(d.source) for x in (inactive_xml, live_xml) for d in parse_disks(x)):
         domain_log(log, info.name).warning("leftovers of an earlier run; merging them first")
-        thaw_locked(rt, ref)
+        thaw_locked(rt, ref, record=previous)
         state, inactive_xml, live_xml = _look(rt, info)
 
     if state not in (RUNNING, PAUSED, SHUTOFF):

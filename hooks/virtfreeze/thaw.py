@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import shutil
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,13 +49,6 @@ class ThawResult:
         return dict(self.__dict__)
 
 
-def _base_type(path: str) -> str:
-    with contextlib.suppress(OSError):
-        if stat.S_ISBLK(os.stat(path).st_mode):
-            return "block"
-    return "file"
-
-
 def discover(rt: Runtime, ref: DomainRef, defs: Definitions | None = None) -> FrozenDomain | None:
     """Rebuild a journal record from the definitions alone (journal lost); None when nothing is frozen."""
     defs = defs or read_definitions(rt.hv, ref)
@@ -74,7 +66,7 @@ def discover(rt: Runtime, ref: DomainRef, defs: Definitions | None = None) -> Fr
             if not backing:
                 raise LeftOnOverlay("disk is on a virtfreeze overlay with no backing file", domain=ref.name,
                                     disk=target, path=source, hint="merge it by hand")
-            disks[target] = DiskPlan(target, backing, fmt or "raw", _base_type(backing), source)
+            disks[target] = DiskPlan(target, backing, fmt or "raw", "block" if export_view.is_block_device(backing) else "file", source)
     if not disks:
         return None
     export_dir = rt.config.export_directory / export_view.domain_dir_name(ref.name, ref.uuid)
@@ -123,10 +115,11 @@ def _merge(rt: Runtime, merge: DomainMerge, strategy: str) -> MergeResult:
     return result
 
 
-def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> ThawResult:
-    """Thaw one domain; the caller holds its lock."""
+def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None,
+                record: FrozenDomain | None = None) -> ThawResult:
+    """Thaw one domain; the caller holds its lock (and may pass the journal record it read already)."""
     t0 = time.monotonic()
-    record = rt.journal.load(ref.uuid)
+    record = record or rt.journal.load(ref.uuid)
     defs = read_definitions(rt.hv, ref)
     if record is None:
         record = discover(rt, ref, defs)
@@ -216,10 +209,9 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None) -> Tha
                       result.stopped_seconds if result else 0.0, note=result.note if result else None)
 
 
-def _release(rt: Runtime, ref: DomainRef) -> ThawResult | None:
+def _release(rt: Runtime, ref: DomainRef, record: FrozenDomain | None) -> ThawResult | None:
     """This run lets go of the domain. A ThawResult (nothing merged) when another live run still
     holds it, so the merge waits for that one; None when this thaw should merge."""
-    record = rt.journal.load(ref.uuid)
     if record is None or not record.holders:
         return None
     me = holders.current()
@@ -238,8 +230,9 @@ def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None, force:
     """Thaw one domain, unless another live run still holds its freeze (`force`: merge anyway)."""
     try:
         with domain_lock(ref.uuid, ref.name):
-            left = None if force else _release(rt, ref)
-            return left or thaw_locked(rt, ref, strategy)
+            record = rt.journal.load(ref.uuid)
+            left = None if force else _release(rt, ref, record)
+            return left or thaw_locked(rt, ref, strategy, record)
     except VirtfreezeError as e:
         report_failure(rt.pm, ref, "thaw", e)
         raise

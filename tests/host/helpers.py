@@ -18,6 +18,8 @@ import libvirt
 from tests.rig.guest import Guest
 from tests.rig.integrity import check_image
 
+from virtfreeze.export_view import image_size
+
 
 def disk_sources(dom: libvirt.virDomain, inactive: bool = False) -> dict[str, str | None]:
     flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
@@ -88,17 +90,12 @@ def assert_archive_holds_disks(g, export: Path, t_before: float) -> None:
         st = os.lstat(image)
         assert stat.S_ISREG(st.st_mode), f"{image} is not a regular file in the archive"
         is_block = stat.S_ISBLK(os.stat(g.disks[t]).st_mode)
-        want = _size(g.disks[t]) if is_block else sizes[f"disks/{image.name}"]
+        want = image_size(g.disks[t]) if is_block else sizes[f"disks/{image.name}"]
         assert st.st_size == want > 0, (image, st.st_size, want)
         if g.formats[t] == "qcow2":
             subprocess.run(["qemu-img", "check", "-q", "-f", "qcow2", str(image)], check=True)
         report = check_image(image, t, g.acked(until=t_before)[t], g.formats[t])
         assert report.checked > 0 and report.ok, report
-
-
-def _size(path: Path) -> int:
-    with open(path, "rb") as fh:
-        return fh.seek(0, os.SEEK_END)
 
 
 def install_plugin(tmp_path: Path, dist: str, entry_point: str, source: str) -> Path:
