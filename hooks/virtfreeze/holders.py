@@ -8,6 +8,11 @@ operator's commands share their terminal's. A session is identified by its
 id (the leader's pid), the leader's start time (so that a reused pid is
 another run) and the boot (a reboot ends every run).
 
+A process whose session began outside its PID namespace (a container's
+processes often have session id 0) has no visible leader; its run is then
+the top-most ancestor it can see (the process whose parent is 0 or 1), the
+job the container's init started.
+
 A holder whose session is gone protects nothing: the next `thaw`, freeze
 or boot-time service merges what it left.
 """
@@ -24,7 +29,7 @@ from pathlib import Path
 class Holder:
     """One run that holds a domain frozen."""
 
-    sid: int  # the session id: its leader's pid
+    sid: int  # the run's leader: the session id, or the top-most ancestor where the session is not visible
     started: int  # the leader's start time, in clock ticks after boot (0: the leader had exited already)
     boot: str  # /proc/sys/kernel/random/boot_id when it froze
     since: str  # when it took hold, UTC
@@ -75,9 +80,24 @@ def _command(pid: int) -> str:
     return " ".join(a.decode(errors="replace") for a in argv if a)[:200]
 
 
+def _parent_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None  # field 4
+
+
+def _top_ancestor() -> int:
+    """The ancestor of this process whose parent is the namespace's init (1) or outside it (0)."""
+    pid = os.getpid()
+    while True:
+        parent = _parent_of(pid)
+        if parent is None or parent <= 1:
+            return pid
+        pid = parent
+
+
 def current() -> Holder:
     """The run this process belongs to."""
-    sid = os.getsid(0)
+    sid = os.getsid(0) or _top_ancestor()
     started = _start_time(sid) or 0
     return Holder(sid, started, _boot_id(), datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   _command(sid) if started else "")

@@ -9,10 +9,28 @@ import sys
 from virtfreeze import holders
 
 
+def _ancestors() -> list[int]:
+    pid, seen = os.getpid(), []
+    while pid > 0:
+        seen.append(pid)
+        pid = holders._parent_of(pid) or 0
+    return seen
+
+
 def test_this_run_is_alive_and_the_same_run_as_itself():
     me = holders.current()
-    assert me.sid == os.getsid(0) and me.started > 0 and holders.alive(me)
+    assert me.sid == (os.getsid(0) or _ancestors()[-2]) and me.started > 0 and holders.alive(me)
     assert me.same_run(holders.current())
+
+
+def test_a_session_outside_the_pid_namespace_is_the_top_visible_ancestor(monkeypatch):
+    # In a container the session id is often 0: its leader is not in this PID namespace. Every
+    # process would then be one run that never ends; the top-most visible ancestor is the job instead.
+    monkeypatch.setattr(os, "getsid", lambda pid: 0)
+    me = holders.current()
+    chain = _ancestors()
+    assert me.sid in chain and me.sid != 1 and holders._parent_of(me.sid) in (0, 1)
+    assert me.started > 0 and holders.alive(me) and me.same_run(holders.current())
 
 
 def test_a_reused_pid_another_boot_or_a_gone_session_holds_nothing():
