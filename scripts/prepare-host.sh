@@ -27,6 +27,7 @@ packages=(
   e2fsprogs                       # the agent test guest's ext4 filesystem (mkfs.ext4, debugfs, e2fsck)
   borgbackup restic borgmatic     # the demo's and the tests' backup tools
   systemd                         # systemd-analyze checks contrib/systemd (no systemd needs to run)
+  ovmf swtpm swtpm-tools          # UEFI and TPM guests: restore puts back their NVRAM and TPM state
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -419,6 +419,93 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
 
 
 @cli.command()
+@_domains_arg
+@click.option("--target", "target_names", multiple=True, metavar="NAME",
+              help="Only this configured target (repeatable; default: every target).")
+@_output_options
+@click.pass_obj
+def archives(ctx: Ctx, domains, target_names):
+    """List the restorable archives in the configured targets, newest first.
+
+    Domains are names or globs matched against the archived domain's name
+    (it need not exist any more).
+    """
+
+    def run():
+        from virtfreeze.restore import configured_targets, list_archives
+
+        found = list_archives(configured_targets(ctx.rt, target_names), list(domains))
+        if ctx.as_json:
+            click.echo(json.dumps({"archives": [a.to_json() for a in found]}, indent=2))
+        elif not found:
+            click.echo("no archives")
+        else:
+            rows = [("DOMAIN", "TARGET", "ARCHIVE", "TIME")] + [(a.domain, a.target, a.archive, a.time) for a in found]
+            widths = [max(len(r[i]) for r in rows) for i in range(3)]
+            for r in rows:
+                click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+        return errors.EXIT_OK
+
+    _run_guarded(run)
+
+
+@cli.command()
+@click.argument("domain", required=False, metavar="[DOMAIN]")
+@click.option("--target", "target_name", metavar="NAME", help="Restore from this configured target "
+              "(default: whichever holds the newest archive).")
+@click.option("--archive", metavar="NAME|latest", default="latest", show_default=True,
+              help="Which archive (as `virtfreeze archives` lists them).")
+@click.option("--from", "from_dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Restore from an extracted archive (e.g. `borgmatic extract`) or a domain's export view.")
+@click.option("--name", metavar="NEW", help="Restore as a new domain beside the original: new UUID, new MAC "
+              "addresses, files of its own.")
+@click.option("--disk-dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Write the disks here (default: where they were; block devices: /var/lib/libvirt/images).")
+@click.option("--replace", is_flag=True, help="Overwrite a shut-off domain of the same name and its own files.")
+@click.option("--start/--no-start", default=None,
+              help="Start the domain (default: the state it had when frozen: running, paused or shut off).")
+@click.option("--memory/--no-memory", default=None,
+              help="Resume from the archived memory state (default, when there is one) or cold-boot.")
+@_output_options
+@click.pass_obj
+def restore(ctx: Ctx, domain, target_name, archive, from_dir, name, disk_dir, replace, start, memory):
+    """Restore a domain from an archive: its disks, definition, NVRAM, TPM state and memory state.
+
+    \b
+    In place (default): same name, UUID and paths; refused (exit 2) when the
+    domain or any file exists, unless --replace and the domain is shut off.
+    With --name NEW: a new domain that runs beside the original. Files are
+    written only to --disk-dir, the storage pools' directories,
+    /var/lib/libvirt and the config's restore_directories.
+    """
+
+    def run():
+        from virtfreeze.restore import Source, choose_archive, configured_targets, restore as do_restore
+
+        if (domain is None) == (from_dir is None):
+            raise errors.UsageError("name the DOMAIN to restore from a target, or give --from DIR (not both)")
+        rt = ctx.rt
+        if from_dir is not None:
+            source = Source(directory=from_dir)
+        else:
+            source = choose_archive(configured_targets(rt, [target_name] if target_name else []), domain, archive)
+        with _progress_display(ctx, rt):
+            result = do_restore(rt, source, name=name, disk_dir=disk_dir, replace=replace, start=start,
+                                memory=memory)
+        if ctx.as_json:
+            click.echo(json.dumps({"restore": result.to_json()}, indent=2))
+        else:
+            how = "resumed from memory" if result.from_memory else {"shutoff": "defined, not started"}.get(
+                result.state, "cold-booted")
+            click.echo(f"restored {result.name}{' (new domain)' if result.new else ''} from {result.source}: "
+                       f"{result.state}, {how}; {len(result.files)} files, {result.bytes >> 20} MiB "
+                       f"in {result.seconds:.1f}s")
+        return errors.EXIT_OK
+
+    _run_guarded(run, mutates=True)
+
+
+@cli.command()
 @_output_options
 @click.pass_obj
 def plugins(ctx: Ctx):

@@ -149,6 +149,13 @@ SCHEMA: dict[str, Any] = {
             "description": "Iterative merge: stop the live rounds once the remaining overlays hold fewer bytes than this.",
             "example": 1048576,
         },
+        "restore_directories": {
+            "type": "array", "items": {"type": "string", "pattern": "^/"},
+            "description": "Directories a restore may write disks and other files of a domain into, besides "
+                           "--disk-dir, the storage pools' directories and /var/lib/libvirt (an archive naming any "
+                           "other place is refused).",
+            "example": ["/srv/vms"],
+        },
         "targets": {
             "type": "object",
             "description": "Named storage targets for `virtfreeze backup`; the other keys are the settings of that "
@@ -214,6 +221,7 @@ class Config:
     iterative_threshold: int = 1 << 20
     overlay_min_free: int = 1 << 30
     iterative_final_step: str = "auto"
+    restore_directories: list[str] = field(default_factory=list)
     targets: dict[str, dict] = field(default_factory=dict)
     domains: dict[str, DomainSettings] = field(default_factory=dict)
     source: Path | None = None

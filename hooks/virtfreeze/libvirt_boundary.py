@@ -241,6 +241,68 @@ class Hypervisor:
     def define(self, xml: str, name: str) -> None:
         self._call("redefine domain", lambda c: c.defineXML(xml), domain=name)
 
+    def info_by_name(self, name: str) -> DomainInfo | None:
+        def op(conn):
+            try:
+                return self._info(conn.lookupByName(name))
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+
+        return self._call("look up domain", op, read_only=True, domain=name)
+
+    def undefine(self, uuid: str, name: str, *, nvram: bool = False) -> None:
+        """Remove a shut-off domain's definition (with `nvram`, its NVRAM file too; never its disks)."""
+        flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                 | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                 | (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if nvram else libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM))
+        self._call("undefine domain", lambda c: c.lookupByUUIDString(uuid).undefineFlags(flags), domain=name)
+
+    def destroy(self, uuid: str, name: str) -> None:
+        self._call("stop domain", lambda c: c.lookupByUUIDString(uuid).destroy(), domain=name)
+
+    def restore_image(self, path: str, name: str, *, paused: bool) -> None:
+        """Resume a domain from a saved memory image, as the XML inside the image says (no other XML:
+        libvirt would check it against the image's and refuse a new UUID or MAC)."""
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
+        self._call("restore domain from memory", lambda c: c.restoreFlags(path, None, flags), domain=name,
+                   path=path)
+
+    def set_links_down(self, uuid: str, name: str) -> int:
+        """Take every network interface's link down in the running domain; return how many.
+
+        After a restore from memory QEMU infers the link state from the migrated device state,
+        so a `<link state='down'/>` in the restored XML is not enough: libvirt must tell QEMU."""
+        def op(conn):
+            dom = conn.lookupByUUIDString(uuid)
+            ifaces = ET.fromstring(dom.XMLDesc(0)).findall("devices/interface")
+            for iface in ifaces:
+                for link in iface.findall("link"):
+                    iface.remove(link)
+                if iface.find("mac") is None:
+                    continue
+                for state in ("up", "down"):  # libvirt skips QEMU when it believes the state is already set
+                    ET.SubElement(iface, "link", state=state)
+                    dom.updateDeviceFlags(ET.tostring(iface, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                    iface.remove(iface.find("link"))
+            return len(ifaces)
+
+        return self._call("set network links down", op, domain=name)
+
+    def pool_directories(self) -> list[str]:
+        """The target directories of the storage pools that have one (dir, fs, netfs, ...)."""
+        def op(conn):
+            out = []
+            for pool in conn.listAllStoragePools(0):
+                with contextlib.suppress(libvirt.libvirtError):
+                    path = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+                    if path and path.startswith("/") and not path.startswith("/dev"):
+                        out.append(path)
+            return out
+
+        return self._call("list storage pools", op, read_only=True)
+
     # -- lifecycle -------------------------------------------------------------
     def managed_save(self, uuid: str, name: str, paused: bool) -> None:
         """Save the guest's state (libvirt keeps the file) and stop it; `create` restores it."""
@@ -266,9 +328,10 @@ class Hypervisor:
     def resume(self, uuid: str, name: str) -> None:
         self._call("resume domain", lambda c: c.lookupByUUIDString(uuid).resume(), domain=name)
 
-    def start(self, uuid: str, name: str) -> None:
+    def start(self, uuid: str, name: str, *, paused: bool = False) -> None:
         """Start a defined domain (from its managed save image, when it has one)."""
-        self._call("start domain", lambda c: c.lookupByUUIDString(uuid).create(), domain=name)
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        self._call("start domain", lambda c: c.lookupByUUIDString(uuid).createWithFlags(flags), domain=name)
 
     # -- snapshots -----------------------------------------------------------
     def snapshot(self, uuid: str, name: str, xml: str, *, memory: bool, quiesce: bool) -> None:

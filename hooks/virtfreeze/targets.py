@@ -9,6 +9,7 @@ instance, which the core asks to archive, list, check and extract.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,6 +30,20 @@ class ArchiveResult:
     seconds: float
     verified: bool = False  # the target's own listing holds every data file at its full size
 
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ArchiveInfo:
+    """One virtfreeze archive in a target, as `StorageTarget.archives` lists it."""
+
+    target: str
+    archive: str  # what `extract` and `contents` take: the archive, snapshot (short id) or directory name
+    domain: str
+    time: str  # when it was made: ISO 8601 UTC, whole seconds (as in `archive_name`)
+    size: int | None = None  # bytes of the export view it holds, when the target's listing tells
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -63,13 +78,26 @@ class StorageTarget:
         as not verified)."""
         return None
 
-    def list_archives(self, domain) -> list[str]:
-        """The archives of one domain in this target, oldest first (empty when none)."""
+    def archives(self) -> list[ArchiveInfo]:
+        """Every virtfreeze archive in this target, of every domain, oldest first (empty when none);
+        anything else the target holds (another tool's archives) is left out. For the `archives`
+        and `restore` commands."""
         raise NotImplementedError
 
-    def extract(self, archive: str, destination: Path) -> Path:
+    def list_archives(self, domain) -> list[str]:
+        """The archives of one domain (a `DomainRef`) in this target, oldest first (empty when none).
+        By default picked from `archives`."""
+        names = {domain.name, safe_domain_name(domain.name)}  # names in archives are `archive_name`'s
+        return [a.archive for a in self.archives() if a.domain in names]
+
+    def extract(self, archive: str, destination: Path, paths: list[str] | None = None) -> Path:
         """Extract one archive into `destination` (a new directory), laid out as the export view was
-        (domain.xml, disks/, manifest.json, ...); nothing is written outside it. Returns it."""
+        (domain.xml, disks/, manifest.json, ...); nothing is written outside it. Returns it.
+
+        `paths` (relative to the export directory, e.g. ``["manifest.json", "domain.xml"]``; a
+        directory brings everything under it) extracts only those, so that a restore can read the
+        manifest without fetching the disks; one the archive lacks is simply absent, and an empty
+        list extracts nothing. None: the whole archive. Check them with `relative_paths`."""
         raise NotImplementedError
 
 
@@ -136,16 +164,55 @@ def describe_shortfall(path: str, want: int, got: int | None) -> str:
     return f"{path} holds {got} of {want} bytes{hint}"
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # UTC, whole seconds: archive names and `ArchiveInfo.time`
+ARCHIVE_NAME = re.compile(r"(?P<domain>.+)-(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)(?:\.(?P<n>[0-9]+))?")
+
+
+def safe_domain_name(domain: str) -> str:
+    """The domain's name as `archive_name` writes it (no '/' or NUL; libvirt allows neither anyway)."""
+    return re.sub(r"[/\0]", "_", domain)
+
+
 def archive_name(domain: str, when: datetime | None = None) -> str:
     """`{domain}-{UTC timestamp}`, safe as a borg archive or directory name."""
     when = when or datetime.now(timezone.utc)
-    safe = re.sub(r"[/\0]", "_", domain)
-    return f"{safe}-{when.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    return f"{safe_domain_name(domain)}-{when.strftime(TIME_FORMAT)}"
 
 
-def archive_prefix(domain: str) -> str:
-    """What every `archive_name` of this domain starts with."""
-    return archive_name(domain)[: -len("YYYY-MM-DDTHH:MM:SSZ")]
+def parse_archive_name(name: str) -> tuple[str, str, int] | None:
+    """An `archive_name` taken apart: (domain, UTC time as written, collision number), or None when
+    `name` is not one. The domain may hold '-' (the timestamp is the name's end); the directory
+    target's `.N` suffix (two archives in one second) is the number, 1 without it."""
+    m = ARCHIVE_NAME.fullmatch(name)
+    if m is None:
+        return None
+    try:
+        datetime.strptime(m["time"], TIME_FORMAT)
+    except ValueError:  # e.g. month 13: not a name virtfreeze made
+        return None
+    return m["domain"], m["time"], int(m["n"] or 1)
+
+
+def utc_time(when: datetime) -> str:
+    """A time as `ArchiveInfo.time` has it; a naive one is local time (as borg's listings give)."""
+    return when.astimezone(timezone.utc).strftime(TIME_FORMAT)
+
+
+def relative_paths(paths: list[str]) -> list[str]:
+    """`extract`'s `paths`, normalised (no "./", no trailing '/', each once, in order); one that is
+    absolute or leaves the export directory is an error, so an extract never writes outside its
+    destination."""
+    if isinstance(paths, str):
+        raise TypeError("paths is a list of paths, not one string")
+    out: list[str] = []
+    for path in paths:
+        norm = posixpath.normpath(path) if path else ""
+        if norm in ("", ".", "..") or norm.startswith(("/", "../")) or "\0" in norm:
+            raise VirtfreezeError(f"{path!r} is not a path inside an archive",
+                                  hint="give paths relative to the export directory, e.g. manifest.json")
+        if norm not in out:
+            out.append(norm)
+    return out
 
 
 def secret_settings(prefix: str, example_file: str, example_env: str, example_command: list[str]) -> dict:

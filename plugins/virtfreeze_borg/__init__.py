@@ -12,11 +12,13 @@ import json
 import os
 import subprocess
 import time
+from datetime import datetime, timezone
 
 from virtfreeze import runner
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.targets import (
-    ArchiveResult, StorageTarget, archive_name, archive_prefix, secret_env, secret_settings,
+    ArchiveInfo, ArchiveResult, StorageTarget, archive_name, parse_archive_name, relative_paths, secret_env,
+    secret_settings, utc_time,
 )
 
 SCHEMA = {
@@ -61,10 +63,17 @@ class BorgTarget(StorageTarget):
         stats = json.loads(proc.stdout)["archive"]["stats"]
         return ArchiveResult(self.name, name, stats["original_size"], time.monotonic() - t0)
 
-    def list_archives(self, domain):
-        archives = json.loads(self._run(["list", "--json", self.settings["repository"]], "list").stdout)["archives"]
-        prefix = archive_prefix(domain.name)
-        return [a["name"] for a in archives if a["name"].startswith(prefix)]
+    def archives(self):
+        listed = json.loads(self._run(["list", "--json", self.settings["repository"]], "list").stdout)["archives"]
+        rows = []
+        for a in listed:
+            parsed = parse_archive_name(a["name"])
+            if parsed is None:  # another tool's archive in the same repository
+                continue
+            domain, _named, n = parsed
+            made = datetime.fromisoformat(a["time"]).astimezone(timezone.utc)  # borg gives local time, no zone
+            rows.append(((made, n), ArchiveInfo(self.name, a["name"], domain, utc_time(made))))
+        return [info for _key, info in sorted(rows, key=lambda row: row[0])]
 
     def contents(self, archive):
         out = self._run(["list", "--json-lines", f"{self.settings['repository']}::{archive}"], "list").stdout
@@ -73,9 +82,14 @@ class BorgTarget(StorageTarget):
         return {i["path"]: (i.get("size") or 0) if i.get("type") == "-" else 0 for i in items
                 if i.get("type") != "d"}
 
-    def extract(self, archive, destination):
+    def extract(self, archive, destination, paths=None):
+        wanted = None if paths is None else relative_paths(paths)
         os.makedirs(destination, mode=0o700)
-        self._run(["extract", "--sparse", f"{self.settings['repository']}::{archive}"], "extract",
+        if wanted == []:
+            return destination  # no PATH would be the whole archive
+        # "pp:": each a path (and what is under it), never read as a pattern; one never matched is a warning
+        self._run(["extract", "--sparse", f"{self.settings['repository']}::{archive}",
+                   *(f"pp:{p}" for p in wanted or [])], "extract",
                   cwd=destination)  # borg never writes outside the working directory
         return destination
 

@@ -1,20 +1,24 @@
 """Storage target plugin: a plain copy per domain and run, for hosts with
 neither borg nor restic. Sparse files stay sparse; SHA256SUMS is written with
 the copy and checked on extract. A copy appears under its final name only
-once complete."""
+once complete. An archive is data: regular files and directories; a copy
+never follows a symlink, and an archive holding one is not extracted."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
 from virtfreeze import runner
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
-from virtfreeze.targets import ArchiveResult, StorageTarget, archive_name, archive_prefix
+from virtfreeze.targets import (
+    ArchiveInfo, ArchiveResult, StorageTarget, archive_name, parse_archive_name, relative_paths,
+)
 
 SCHEMA = {
     "type": "object",
@@ -29,11 +33,12 @@ CHUNK = 1 << 20
 
 
 def sparse_copy(src: Path, dst: Path) -> tuple[str, int]:
-    """Copy a file, seeking over all-zero chunks; return its sha256 and the bytes read."""
+    """Copy a file, seeking over all-zero chunks; return its sha256 and the bytes read.
+    `src` is never followed when it is a symlink (O_NOFOLLOW)."""
     h = hashlib.sha256()
     zero = bytes(CHUNK)
     size = 0
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
+    with open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fi, open(dst, "wb") as fo:
         while chunk := fi.read(CHUNK):
             runner.check_cancelled(f"copy of {src}")  # e.g. the domain paused on an I/O error
             h.update(chunk)
@@ -44,18 +49,46 @@ def sparse_copy(src: Path, dst: Path) -> tuple[str, int]:
                 fo.write(chunk)
         fo.truncate()
         fo.flush()
+        os.fchmod(fo.fileno(), stat.S_IMODE(os.fstat(fi.fileno()).st_mode))
         os.fsync(fo.fileno())
-    shutil.copymode(src, dst)
     return h.hexdigest(), size
 
 
+def _unreadable(e: OSError):
+    raise VirtfreezeError(f"cannot read: {e.strerror}", path=e.filename)
+
+
+def check_data_only(path: Path) -> None:
+    """Raise unless `path` (not followed) is a regular file or a directory: a copy that followed a
+    symlink would read whatever host file it names, and one of a device or pipe would read no data."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        raise VirtfreezeError("a symlink; refusing to copy it (a copy never follows one)", path=str(path),
+                              hint="an archive holds regular files and directories only: remove the link")
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise VirtfreezeError("neither a regular file nor a directory; refusing to copy it", path=str(path),
+                              hint="an archive holds regular files and directories only")
+
+
+def check_tree(top: Path) -> None:
+    """`check_data_only` for everything in the tree `top` (to run before any of it is copied)."""
+    for root, dirs, files in os.walk(top, onerror=_unreadable):
+        for name in dirs + files:
+            check_data_only(Path(root) / name)
+
+
 def copy_tree(src: Path, dst: Path) -> tuple[int, dict[str, str]]:
-    """Copy a tree; return the bytes actually read and each file's sha256 (by relative path)."""
+    """Copy a tree of regular files and directories (anything else, a symlink above all, is an
+    error: never followed); return the bytes actually read and each file's sha256 (by relative
+    path)."""
     total, sums = 0, {}
-    for root, dirs, files in os.walk(src):
+    for root, dirs, files in os.walk(src, onerror=_unreadable):
         rel = Path(root).relative_to(src)
         (dst / rel).mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name in dirs:  # os.walk lists a symlink to a directory here, and would skip it silently
+            check_data_only(Path(root) / name)
         for f in sorted(files):
+            check_data_only(Path(root) / f)
             sums[str(rel / f)], size = sparse_copy(Path(root) / f, dst / rel / f)
             total += size
     return total, sums
@@ -75,6 +108,9 @@ class DirectoryTarget(StorageTarget):
         src = self.root / archive
         if "/" in archive or archive.startswith(".") or not src.is_dir():
             raise VirtfreezeError("no such archive", path=str(src))
+        if src.is_symlink():
+            raise VirtfreezeError("the archive is a symlink; refusing to read it", path=str(src),
+                                  hint="an archive is a directory of its own in the target")
         return src
 
     def archive(self, domain, export_dir, manifest):
@@ -93,9 +129,20 @@ class DirectoryTarget(StorageTarget):
         os.rename(partial, self.root / name)
         return ArchiveResult(self.name, name, total, time.monotonic() - t0)
 
-    def list_archives(self, domain):
-        prefix = archive_prefix(domain.name)
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    def archives(self):
+        if not self.root.is_dir():
+            raise VirtfreezeError("target directory does not exist", path=str(self.root),
+                                  hint="check the target's path")
+        rows = []
+        for entry in os.scandir(self.root):
+            parsed = parse_archive_name(entry.name)
+            # not: unfinished copies (.<name>.partial), symlinks (see _archive_dir), anything else
+            if entry.name.startswith(".") or parsed is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            domain, made, n = parsed
+            size = sum(self.contents(entry.name).values())
+            rows.append(((made, n), ArchiveInfo(self.name, entry.name, domain, made, size)))
+        return [info for _key, info in sorted(rows, key=lambda row: row[0])]
 
     def contents(self, archive):
         src = self._archive_dir(archive)
@@ -108,15 +155,35 @@ class DirectoryTarget(StorageTarget):
                     out[rel] = os.lstat(p).st_size if p.is_file() and not p.is_symlink() else 0
         return out
 
-    def extract(self, archive, destination):
+    def extract(self, archive, destination, paths=None):
+        wanted = None if paths is None else relative_paths(paths)
         src = self._archive_dir(archive)
-        want = dict(line.split("  ", 1)[::-1] for line in (src / "SHA256SUMS").read_text().splitlines())
-        want = {k.strip(): v for k, v in want.items()}
-        Path(destination).mkdir(mode=0o700)
-        _total, sums = copy_tree(src, Path(destination))
-        sums.pop("SHA256SUMS", None)
-        os.unlink(Path(destination) / "SHA256SUMS")
-        bad = sorted(p for p in want if sums.get(p) != want[p])
+        check_tree(src)  # before anything is copied
+        try:
+            listed = (src / "SHA256SUMS").read_text().splitlines()
+        except OSError as e:
+            raise VirtfreezeError(f"cannot read the archive's checksums: {e.strerror}", path=str(src / "SHA256SUMS"),
+                                  hint="an archive without SHA256SUMS is not a finished one") from None
+        want = {path.strip(): digest for digest, path in (line.split("  ", 1) for line in listed)}
+        destination = Path(destination)
+        destination.mkdir(mode=0o700)
+        if wanted is None:
+            _total, sums = copy_tree(src, destination)
+            sums.pop("SHA256SUMS", None)
+            os.unlink(destination / "SHA256SUMS")
+        else:
+            sums = {}
+            for rel in wanted:
+                if rel == "SHA256SUMS" or not os.path.lexists(src / rel):  # not of the export view; absent
+                    continue
+                if (src / rel).is_dir():
+                    _total, got = copy_tree(src / rel, destination / rel)
+                    sums.update({f"{rel}/{p}": h for p, h in got.items()})
+                else:
+                    (destination / rel).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    sums[rel], _size = sparse_copy(src / rel, destination / rel)
+        chosen = [p for p in want if wanted is None or any(p == w or p.startswith(f"{w}/") for w in wanted)]
+        bad = sorted(p for p in chosen if sums.get(p) != want[p])
         if bad:
             raise VirtfreezeError(f"checksum mismatch in {', '.join(bad)}", path=str(src))
         return destination

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 from virtfreeze import runner
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
-from virtfreeze.targets import ArchiveResult, StorageTarget, secret_env, secret_settings
+from virtfreeze.targets import (
+    ArchiveInfo, ArchiveResult, StorageTarget, relative_paths, secret_env, secret_settings, utc_time,
+)
 
 SCHEMA = {
     "type": "object",
@@ -55,33 +59,58 @@ class ResticTarget(StorageTarget):
         return ArchiveResult(self.name, summary["snapshot_id"][:8], summary["total_bytes_processed"],
                              time.monotonic() - t0)
 
-    def list_archives(self, domain):
-        out = self._run(["snapshots", "--json", "--tag", f"domain={domain.name}"], "snapshots").stdout
-        return [s["short_id"] for s in sorted(json.loads(out) or [], key=lambda s: s["time"])]
+    def archives(self):
+        out = self._run(["snapshots", "--json", "--tag", "virtfreeze"], "snapshots").stdout
+        rows = []
+        for snap in json.loads(out) or []:
+            domain = next((t[len("domain="):] for t in snap.get("tags") or [] if t.startswith("domain=")), None)
+            if domain is None:  # tagged by hand, not made by virtfreeze
+                continue
+            made = datetime.fromisoformat(snap["time"])  # with its zone; nanoseconds are cut to micro
+            rows.append((made, ArchiveInfo(self.name, snap["short_id"], domain, utc_time(made))))
+        return [info for _made, info in sorted(rows, key=lambda row: row[0])]
 
-    def contents(self, archive):
+    def _listing(self, archive: str) -> tuple[str, list[dict]]:
+        """The export directory's absolute path in the snapshot (ending in '/'; restic keeps absolute
+        paths), found by its manifest.json, and the snapshot's nodes."""
         out = self._run(["ls", "--json", archive], "ls").stdout
         nodes = [n for n in map(json.loads, filter(str.strip, out.splitlines())) if n.get("struct_type") == "node"]
-        manifest = next((n["path"] for n in nodes if n.get("name") == "manifest.json" and n.get("type") == "file"),
-                        None)
-        if manifest is None:
+        manifests = [n["path"] for n in nodes if n.get("name") == "manifest.json" and n.get("type") == "file"]
+        if not manifests:
             raise VirtfreezeError("snapshot holds no manifest.json; not a virtfreeze snapshot", path=archive)
-        root = manifest[: -len("manifest.json")]  # restic keeps absolute paths: relative to the export directory
+        manifest = min(manifests, key=lambda p: p.count("/"))  # the export root's, not one deeper down
+        return manifest[: -len("manifest.json")], nodes
+
+    def contents(self, archive):
+        root, nodes = self._listing(archive)
         return {n["path"][len(root):]: (n.get("size") or 0) if n.get("type") == "file" else 0
                 for n in nodes if n["path"].startswith(root) and n.get("type") != "dir"}
 
-    def extract(self, archive, destination):
+    def extract(self, archive, destination, paths=None):
+        wanted = None if paths is None else relative_paths(paths)
+        root, nodes = self._listing(archive)
         destination = Path(destination)
         destination.mkdir(mode=0o700)
         staging = destination / ".restic-restore"
-        self._run(["restore", archive, "--target", str(staging)], "restore")
-        manifest = next(staging.rglob("manifest.json"), None)
-        if manifest is None:
-            raise VirtfreezeError("snapshot holds no manifest.json; not a virtfreeze snapshot", path=archive)
-        for item in manifest.parent.iterdir():  # lay it out as the export view was
+        includes = []
+        if wanted is not None:
+            # Only paths the snapshot holds, each under the export root, as a pattern that matches just
+            # itself (and what is under it); with none left, there is nothing to restore.
+            held = {n["path"] for n in nodes}
+            includes = [arg for p in wanted if root + p in held for arg in ("--include", glob_escape(root + p))]
+            if not includes:
+                return destination
+        self._run(["restore", archive, "--target", str(staging), *includes], "restore")
+        restored = staging / root.lstrip("/")
+        for item in restored.iterdir() if restored.is_dir() else ():  # lay it out as the export view was
             item.rename(destination / item.name)
         shutil.rmtree(staging)
         return destination
+
+
+def glob_escape(path: str) -> str:
+    """`path` as a restic pattern that matches only itself: its wildcard characters escaped."""
+    return re.sub(r"([\\*?\[])", r"\\\1", path)
 
 
 @hookimpl

@@ -1,0 +1,484 @@
+"""Restore: an archive back to a defined (and by default running) domain.
+
+The order makes a crash harmless. Everything is checked before anything is
+written (restore_plan); data is extracted into a staging directory on the
+destination filesystem and linked into place, each destination created
+exclusively; qcow2 chains are re-pointed and checked; only then is the
+domain defined, and last it is resumed from its memory image or started.
+A record under the state directory lists every file as it is created, so
+that after a crash the same command finishes the restore (the domain is
+already running) or removes what the interrupted one left and starts over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from virtfreeze import qemu_img, runner, save_image
+from virtfreeze.errors import UsageError, VirtfreezeError
+from virtfreeze.journal import domain_lock, failpoint, write_atomic
+from virtfreeze.libvirt_boundary import PAUSED, RUNNING, SHUTOFF
+from virtfreeze.logs import domain_log
+from virtfreeze.restore_plan import (
+    ALWAYS_ALLOWED, Archive, ArchiveIncomplete, Placement, RestorePlan, check_data, memory_complete, plan_restore,
+    read_archive, relocate_xml,
+)
+from virtfreeze.runtime import Runtime
+from virtfreeze.sparse_copy import copy_fd
+
+log = logging.getLogger(__name__)
+
+META_FILES = ["manifest.json", "domain.xml"]
+
+
+@dataclass
+class RestoreResult:
+    name: str
+    uuid: str
+    new: bool  # a new domain beside the original
+    source: str  # target:archive, or the directory
+    state: str  # running, paused or shutoff
+    from_memory: bool  # resumed from the archived memory state (no boot)
+    files: list[str]
+    bytes: int  # bytes written into place
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Source:
+    """Where the archive comes from: a configured target's archive, or a directory (`--from`)."""
+
+    directory: Path | None = None
+    target: object | None = None  # a StorageTarget
+    archive: str | None = None
+
+    def describe(self) -> str:
+        return str(self.directory) if self.directory else f"{self.target.name}:{self.archive}"
+
+
+def configured_targets(rt: Runtime, names: list[str] | tuple[str, ...] = ()) -> list:
+    """The configured targets, or those named (exit 2 naming an unknown one)."""
+    from virtfreeze.targets import load_targets
+
+    cfg = rt.config
+    targets = load_targets(cfg.targets, rt.pm, str(cfg.source) if cfg.source else None)
+    if not targets:
+        raise UsageError("no storage target configured", hint="add `targets:` to the config, or use --from DIR")
+    unknown = [n for n in names if n not in targets]
+    if unknown:
+        raise UsageError(f"unknown target {unknown[0]!r} (configured: {', '.join(sorted(targets))})")
+    return [targets[n] for n in (names or sorted(targets))]
+
+
+def list_archives(targets: list, patterns: list[str]) -> list:
+    """Every virtfreeze archive in the targets whose domain matches a name or glob, newest first."""
+    import fnmatch
+
+    found = [a for t in targets for a in t.archives()
+             if not patterns or any(fnmatch.fnmatchcase(a.domain, p) for p in patterns)]
+    return sorted(found, key=lambda a: (a.time, a.target, a.archive), reverse=True)
+
+
+def choose_archive(targets: list, domain: str, archive: str | None) -> Source:
+    """The archive to restore: the one named (in whichever target holds it), or the domain's newest."""
+    candidates = [a for a in list_archives(targets, [domain]) if a.domain == domain]
+    if archive and archive != "latest":
+        candidates = [a for a in candidates if a.archive == archive]
+    if not candidates:
+        where = ", ".join(t.name for t in targets)
+        what = f"archive {archive!r} of this domain" if archive and archive != "latest" else "archive of this domain"
+        raise UsageError(f"no {what} in {where}", domain=domain, hint="`virtfreeze archives` lists them")
+    chosen = candidates[0]
+    return Source(target=next(t for t in targets if t.name == chosen.target), archive=chosen.archive)
+
+
+# -- the record of a restore in progress ----------------------------------------------
+
+class RestoreRecord:
+    """What a restore has created so far, written before each creation (for crash recovery)."""
+
+    def __init__(self, state_dir: Path, name: str):
+        self.path = state_dir / "restores" / f"{name.replace('/', '_')}.json"
+        self.data: dict = {}
+
+    def load(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def save(self, **changes) -> None:
+        self.data.update(changes)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(self.path, json.dumps(self.data, indent=2).encode())
+
+    def add(self, key: str, path: Path) -> None:
+        self.save(**{key: [*self.data.get(key, []), str(path)]})
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _undo(rt: Runtime, data: dict) -> None:
+    """Remove what an unfinished restore created: its definition, files and staging. A domain it had
+    already started is complete: only the staging goes."""
+    hv = rt.hv
+    info = hv.info(data["uuid"]) if data.get("defined") else None
+    if info is not None and data.get("started"):
+        data = {"staging": data.get("staging")}
+    elif info is not None:
+        if info.state != SHUTOFF:  # it was being resumed when this restore failed
+            hv.destroy(info.uuid, info.name)
+        hv.undefine(info.uuid, info.name)
+    for path in reversed(data.get("files", [])):
+        p = Path(path)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    for path in reversed(data.get("dirs", [])):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)  # only if empty: someone else may have put files there meanwhile
+    if data.get("staging"):
+        shutil.rmtree(data["staging"], ignore_errors=True)
+
+
+def recover(rt: Runtime, name: str) -> str | None:
+    """Deal with an interrupted restore of `name`: "finished" when its domain runs (the restore had got
+    that far), "cleaned" when its leftovers were removed, None when there was none."""
+    record = RestoreRecord(rt.state_dir, name)
+    data = record.load()
+    if data is None:
+        return None
+    info = rt.hv.info(data["uuid"]) if data.get("defined") else None
+    if info is not None and info.state in (RUNNING, PAUSED):
+        if data.get("staging"):
+            shutil.rmtree(data["staging"], ignore_errors=True)
+        record.remove()
+        domain_log(log, name).warning("an interrupted restore had already started the domain; it is finished")
+        return "finished"
+    domain_log(log, name).warning("removing what an interrupted restore left (%d files)", len(data.get("files", [])))
+    _undo(rt, data)
+    record.remove()
+    return "cleaned"
+
+
+# -- the steps ----------------------------------------------------------------------------
+
+def allowed_places(rt: Runtime, disk_dir: Path | None) -> list[Path]:
+    roots = [*ALWAYS_ALLOWED, *(Path(p) for p in rt.config.restore_directories)]
+    with contextlib.suppress(VirtfreezeError):
+        roots += [Path(p) for p in rt.hv.pool_directories()]
+    if disk_dir is not None:
+        roots.append(disk_dir)
+    return roots
+
+
+def _existing(rt: Runtime, plan: RestorePlan, archive: Archive, replace: bool) -> object | None:
+    """The domain a `--replace` overwrites (or None); refuse (exit 2) anything else in the way."""
+    hv = rt.hv
+    by_name = hv.info_by_name(plan.name)
+    by_uuid = hv.info(plan.uuid)
+    if by_uuid is not None and by_uuid.name != plan.name:
+        raise UsageError(f"domain {by_uuid.name!r} already has the archived UUID {plan.uuid}", domain=plan.name,
+                         hint="restore as a new domain with --name NEW")
+    if by_name is not None:
+        if not replace:
+            raise UsageError("a domain of this name exists", domain=plan.name,
+                             hint="restore with --name NEW, or --replace to overwrite it when it is shut off")
+        if by_name.state != SHUTOFF:
+            raise UsageError(f"the domain is {by_name.state}; --replace overwrites only a shut-off domain",
+                             domain=plan.name, hint="shut it down first, or restore with --name NEW")
+    own: set[str] = set()
+    if by_name is not None:
+        from virtfreeze.domain_xml import nvram_path, parse_disks
+
+        xml = hv.xml(by_name.uuid, by_name.name, inactive=True)
+        own = {d.source for d in parse_disks(xml) if d.source}
+        own |= {p for d in parse_disks(xml) for p, _f in d.backing}
+        if nvram_path(xml):
+            own.add(nvram_path(xml))
+        own.add(str(Path("/var/lib/libvirt/swtpm") / by_name.uuid))
+    for p in plan.placements:
+        if os.path.lexists(p.dest):
+            if str(p.dest) in own:
+                continue
+            raise UsageError(f"{p.dest} exists" + (" and is not the replaced domain's" if replace else ""),
+                             domain=plan.name, path=str(p.dest),
+                             hint="move it away, restore with --name NEW or --disk-dir DIR"
+                                  + ("" if replace else ", or --replace for a shut-off domain's own files"))
+    return by_name
+
+
+def _make_dirs(directory: Path, record: RestoreRecord) -> None:
+    """Create `directory` and missing parents (0700 where new), recording each for clean-up."""
+    missing = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        record.add("dirs", d)
+        d.mkdir(mode=0o700)
+
+
+def _create_exclusive(dest: Path, record: RestoreRecord, mode: int = 0o600) -> int:
+    """A new file at `dest` (never through a symlink, never over an existing file): its fd."""
+    record.add("files", dest)
+    return os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def _place_file(src: Path, dest: Path, record: RestoreRecord, *, link: bool, replace: bool, progress) -> None:
+    """Put one data file at `dest`: linked from our staging directory when it is on the same
+    filesystem (no second copy), else a sparse copy into a partial file that is then linked."""
+    _make_dirs(dest.parent, record)
+    if replace and os.path.lexists(dest):
+        record.add("files", dest)
+        os.unlink(dest)  # the replaced domain's own file (checked); a symlink itself, never its target
+    if link and os.stat(src).st_dev == os.stat(dest.parent).st_dev:
+        record.add("files", dest)
+        try:
+            os.link(src, dest, follow_symlinks=False)
+        except FileExistsError:
+            raise VirtfreezeError("appeared meanwhile; not overwriting it", path=str(dest)) from None
+        os.chmod(dest, 0o600, follow_symlinks=False)
+        progress(os.stat(dest).st_size)
+        return
+    partial = dest.parent / f".{dest.name}.virtfreeze-partial"
+    fd = _create_exclusive(partial, record)
+    try:
+        src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            copy_fd(src_fd, fd, what=f"copy of {src}", on_bytes=progress)
+        finally:
+            os.close(src_fd)
+    finally:
+        os.close(fd)
+    record.add("files", dest)
+    try:
+        os.link(partial, dest)
+    except FileExistsError:
+        raise VirtfreezeError("appeared meanwhile; not overwriting it", path=str(dest)) from None
+    os.unlink(partial)
+
+
+def _place_tree(src: Path, dest: Path, record: RestoreRecord, replace: bool) -> None:
+    """Copy a small tree (TPM state): directories 0700, files 0600, nothing through a symlink."""
+    if replace and os.path.lexists(dest):
+        record.add("files", dest)
+        shutil.rmtree(dest)
+    _make_dirs(dest.parent, record)
+    record.add("files", dest)
+    os.mkdir(dest, 0o700)
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        for d in dirnames:
+            os.mkdir(dest / rel / d, 0o700)
+        for f in filenames:
+            fd = os.open(dest / rel / f, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                s_fd = os.open(Path(dirpath) / f, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    copy_fd(s_fd, fd, what="copy of TPM state")
+                finally:
+                    os.close(s_fd)
+            finally:
+                os.close(fd)
+
+
+def _check_images(plan: RestorePlan) -> None:
+    """Re-point each restored qcow2 at its restored backing file, then `qemu-img check` every qcow2."""
+    for p in plan.placements:
+        if p.kind not in ("disk", "backing") or p.format != "qcow2":
+            continue
+        if p.backing_dest is not None:
+            runner.run(["qemu-img", "rebase", "-u", "-b", str(p.backing_dest), "-F", p.backing_format or "raw",
+                        "-f", "qcow2", str(p.dest)], what="qemu-img rebase", domain=plan.name, disk=p.target,
+                       path=str(p.dest))
+        runner.run(["qemu-img", "check", "-q", "-f", "qcow2", str(p.dest)], what="qemu-img check",
+                   domain=plan.name, disk=p.target, path=str(p.dest),
+                   hint="the archived image is damaged: try an older archive")
+    for p in plan.placements:
+        if p.kind == "disk" and p.format == "qcow2" and p.backing_dest is None:
+            backing, _fmt = qemu_img.backing_of(str(p.dest), plan.name, p.target)
+            if backing:
+                raise ArchiveIncomplete(f"the image has the backing file {backing}, which the archive lacks",
+                                        domain=plan.name, disk=p.target, path=str(p.dest))
+
+
+def _extract(source: Source, destination: Path, paths: list[str] | None = None) -> Path:
+    return source.target.extract(source.archive, destination, paths=paths)
+
+
+def restore(rt: Runtime, source: Source, *, name: str | None = None, disk_dir: Path | None = None,
+            replace: bool = False, start: bool | None = None, memory: bool | None = None) -> RestoreResult:
+    """Restore one archive; see the module docstring for the order of the steps."""
+    t0 = time.monotonic()
+    if disk_dir is not None:
+        disk_dir = Path(os.path.abspath(disk_dir))
+    allowed = allowed_places(rt, disk_dir)
+    work = rt.state_dir / "restores"
+    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # 1. Read the definition and manifest; decide and check every destination before writing any.
+    peek = None
+    if source.directory is not None:
+        archive = read_archive(source.directory, data=True)
+    else:
+        peek = Path(tempfile.mkdtemp(prefix=".peek-", dir=work))
+        try:
+            archive = read_archive(_extract(source, peek / "a", META_FILES), data=False)
+        except BaseException:
+            shutil.rmtree(peek, ignore_errors=True)
+            raise
+    try:
+        plan = plan_restore(archive, name=name, disk_dir=disk_dir, allowed=allowed)
+    finally:
+        if peek is not None:
+            shutil.rmtree(peek, ignore_errors=True)
+    dlog = domain_log(log, plan.name)
+    use_memory = archive.memory is not None and memory is not False
+    if memory and archive.memory is None:
+        raise UsageError("the archive holds no memory state", domain=plan.name, hint="restore without --memory")
+    if start is None:  # the state it had when it was frozen
+        want_state = archive.state_at_freeze if archive.state_at_freeze in (RUNNING, PAUSED) else SHUTOFF
+    else:
+        want_state = RUNNING if start else SHUTOFF
+    use_memory = use_memory and want_state != SHUTOFF
+    links_down = use_memory and plan.new and bool(plan.relocation.macs)
+    if links_down:
+        plan.warnings.append("resumed from memory under a new name: its network links are down, because its memory "
+                             "still holds the original's MAC and IP addresses (until it reboots); change them in the "
+                             f"guest, then `virsh domif-setlink {plan.name} IFACE up`")
+
+    with domain_lock(f"restore-{plan.name}", plan.name):
+        if recover(rt, plan.name) == "finished":
+            info = rt.hv.info_by_name(plan.name)
+            return RestoreResult(plan.name, plan.uuid, plan.new, source.describe(), info.state if info else "?",
+                                 use_memory, [str(f) for f in plan.files()], 0, time.monotonic() - t0,
+                                 ["finished an interrupted restore"])
+        replaced = _existing(rt, plan, archive, replace)
+        record = RestoreRecord(rt.state_dir, plan.name)
+        record.save(name=plan.name, uuid=plan.uuid, defined=False, files=[], dirs=[], staging=None)
+        try:
+            return _restore_locked(rt, source, archive, plan, record, replaced, use_memory, want_state, links_down,
+                                   t0, dlog)
+        except BaseException:
+            data = record.load() or record.data
+            try:
+                _undo(rt, data)
+            finally:
+                record.remove()
+            raise
+
+
+def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, want_state, links_down, t0,
+                    dlog) -> RestoreResult:
+    hv = rt.hv
+    # 2. Stage: extract into a directory on the destination filesystem (or read the given directory).
+    first = plan.placements[0].dest.parent if plan.placements else rt.state_dir / "restores"
+    _make_dirs(first, record)
+    staging = Path(tempfile.mkdtemp(prefix=f".virtfreeze-restore-{plan.name}-", dir=first))
+    os.chmod(staging, 0o700)
+    record.save(staging=str(staging))
+    if source.directory is None:
+        rt.progress.update(plan.name, f"extracting {source.describe()}")
+        dlog.info("extracting %s into %s", source.describe(), staging)
+        root = _extract(source, staging / "archive")
+        staged = read_archive(root, data=True)
+        if (staged.name, staged.uuid, staged.xml) != (archive.name, archive.uuid, archive.xml):
+            raise VirtfreezeError("the archive changed between reading its definition and extracting it",
+                                  path=source.describe())
+        archive = staged
+    else:
+        check_data(archive)
+    failpoint("restore-after-extract")
+
+    # 3. Memory image: checked, and its XML relocated like the definition (in a private copy).
+    memory_file = None
+    if use_memory:
+        memory_complete(archive)
+        src = archive.root / archive.memory
+        if source.directory is not None:
+            memory_file = staging / "memory.save"
+            rt.progress.update(plan.name, "copying the memory image")
+            fd = _create_exclusive(memory_file, record)
+            try:
+                s_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    copy_fd(s_fd, fd, what="copy of the memory image")
+                finally:
+                    os.close(s_fd)
+            finally:
+                os.close(fd)
+        else:
+            memory_file = src
+            os.chmod(memory_file, 0o600)
+        image = save_image.read(memory_file)
+        save_image.rewrite_xml(memory_file, relocate_xml(image.xml, plan.relocation))
+
+    # 4. Files into place, each created exclusively.
+    written = 0
+    total = sum(os.stat(archive.root / p.source).st_size for p in plan.placements if p.kind != "tpm")
+    done = [0]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        rt.progress.update(plan.name, f"copying {100 * done[0] // max(total, 1)}% of {total >> 20} MiB")
+
+    replace = replaced is not None
+    if replaced is not None:
+        dlog.warning("replacing the shut-off domain and its files (--replace)")
+        record.save(replaced_uuid=replaced.uuid)
+        hv.undefine(replaced.uuid, replaced.name)
+    for p in plan.placements:
+        src = archive.root / p.source
+        if p.kind == "tpm":
+            _place_tree(src, p.dest, record, replace)
+        else:
+            _place_file(src, p.dest, record, link=source.directory is None, replace=replace, progress=progress)
+            written += os.stat(p.dest).st_size
+    failpoint("restore-after-place")
+    rt.progress.update(plan.name, "checking images")
+    _check_images(plan)
+
+    # 5. Define, then resume or start.
+    record.save(defined=True)
+    hv.define(plan.definition, plan.name)
+    failpoint("restore-after-define")
+    state = SHUTOFF
+    if use_memory:
+        rt.progress.update(plan.name, "resuming from memory")
+        hv.restore_image(str(memory_file), plan.name, paused=want_state == PAUSED or links_down)
+        record.save(started=True)
+        if links_down:  # before its vCPUs run a single instruction
+            hv.set_links_down(plan.uuid, plan.name)
+            if want_state == RUNNING:
+                hv.resume(plan.uuid, plan.name)
+        state = want_state
+    elif want_state in (RUNNING, PAUSED):
+        rt.progress.update(plan.name, "starting")
+        hv.start(plan.uuid, plan.name, paused=want_state == PAUSED)
+        record.save(started=True)
+        state = want_state
+    shutil.rmtree(staging, ignore_errors=True)
+    record.remove()
+    rt.progress.finish(plan.name)
+    for w in plan.warnings:
+        dlog.warning("%s", w)
+    return RestoreResult(plan.name, plan.uuid, plan.new, source.describe(), state, use_memory,
+                         [str(f) for f in plan.files()], written, time.monotonic() - t0, plan.warnings)

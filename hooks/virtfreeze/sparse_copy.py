@@ -1,0 +1,57 @@
+"""Copy an image sparsely: data regions only (SEEK_DATA), and all-zero chunks become holes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from typing import Callable
+
+from virtfreeze import runner
+
+CHUNK = 1 << 20
+_ZERO = bytes(CHUNK)
+
+
+def _data_regions(fd: int, size: int):
+    """(start, end) of the regions that may hold data; the whole file where SEEK_DATA is not supported."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos
+                return
+            yield pos, size  # e.g. a FUSE file without lseek support
+            return
+        yield start, min(end, size)
+        pos = end
+
+
+def copy_fd(src_fd: int, dst_fd: int, *, what: str, on_bytes: Callable[[int], None] | None = None,
+            digest: "hashlib._Hash | None" = None) -> int:
+    """Copy src to dst (an empty file), leaving holes for holes and zeros; fsync; return bytes read.
+
+    With `digest`, every byte of the source (holes as zeros) goes into it, in order.
+    """
+    size = os.fstat(src_fd).st_size
+    done = 0
+    for start, end in _data_regions(src_fd, size) if digest is None else [(0, size)]:
+        pos = start
+        while pos < end:
+            runner.check_cancelled(what)
+            chunk = os.pread(src_fd, min(CHUNK, end - pos), pos)
+            if not chunk:
+                break
+            if digest is not None:
+                digest.update(chunk)
+            if chunk != _ZERO[: len(chunk)]:
+                os.pwrite(dst_fd, chunk, pos)
+            pos += len(chunk)
+            done += len(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+    os.ftruncate(dst_fd, size)
+    os.fsync(dst_fd)
+    return done

@@ -1,0 +1,146 @@
+"""Restore planning: an archive is data; every destination is decided and checked before writing."""
+
+import json
+import os
+import random
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from virtfreeze.restore_plan import (
+    ArchiveIncomplete, ArchiveRefused, plan_restore, read_archive, relocate_xml, safe_relpath,
+)
+
+UUID = "0f5a1c6e-3b7d-4c1e-9a2b-5d6e7f8a9b0c"
+
+
+def domain_xml(tmp: Path, *, disk_type="file", nvram: str | None = None, loader: str | None = None) -> str:
+    src = f"<source dev='/dev/loop7'/>" if disk_type == "block" else f"<source file='{tmp}/vms/web1-vda.qcow2'/>"
+    fmt = "raw" if disk_type == "block" else "qcow2"
+    os_extra = ""
+    if loader:
+        os_extra += f"<loader readonly='yes' type='pflash'>{loader}</loader>"
+    if nvram:
+        os_extra += f"<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{nvram}</nvram>"
+    return f"""<domain type='qemu'><name>web1</name><uuid>{UUID}</uuid>
+  <os><type>hvm</type>{os_extra}</os>
+  <devices>
+    <disk type='{disk_type}' device='disk'><driver name='qemu' type='{fmt}'/>{src}<target dev='vda'/></disk>
+    <interface type='network'><mac address='52:54:00:aa:bb:cc'/><source network='default'/></interface>
+    <serial type='file'><source path='{tmp}/vms/web1-console.log' append='on'/><target port='0'/></serial>
+  </devices></domain>"""
+
+
+def make_archive(tmp: Path, *, xml: str | None = None, files: dict[str, bytes] | None = None,
+                 manifest: dict | None = None, disk_type: str = "file") -> Path:
+    root = tmp / "archive"
+    (root / "disks").mkdir(parents=True)
+    files = files if files is not None else {"disks/vda.qcow2": b"Q" * 100}
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    fmt = "raw" if disk_type == "block" else "qcow2"
+    base = "/dev/loop7" if disk_type == "block" else f"{tmp}/vms/web1-vda.qcow2"
+    m = {"domain": "web1", "uuid": UUID, "state_at_freeze": "running", "memory": False,
+         "disks": {"vda": {"base": base, "format": fmt, "type": disk_type, "file": f"disks/vda.{fmt}", "backing": []}},
+         "sizes": {rel: len(data) for rel, data in files.items()}}
+    m.update(manifest or {})
+    (root / "manifest.json").write_text(json.dumps(m))
+    (root / "domain.xml").write_text(xml or domain_xml(tmp, disk_type=disk_type))
+    return root
+
+
+def test_paths_from_an_archive_stay_inside_it():
+    assert str(safe_relpath("disks/vda.qcow2", "disk")) == "disks/vda.qcow2"
+    for bad in ("../etc/passwd", "/etc/passwd", "disks/../../x", "disks//x", "", "./x"):
+        with pytest.raises(ArchiveRefused):
+            safe_relpath(bad, "disk")
+
+
+def test_a_symlink_or_a_path_leading_out_is_refused(tmp_path):
+    root = make_archive(tmp_path)
+    os.symlink("/etc/shadow", root / "disks" / "vdb.raw")
+    with pytest.raises(ArchiveRefused, match="symlink"):
+        read_archive(root)
+
+    other = make_archive(tmp_path / "2", manifest={"disks": {"vda": {"file": "../../x", "format": "raw"}}})
+    with pytest.raises(ArchiveRefused, match="outside itself"):
+        read_archive(other)
+
+
+def test_a_missing_or_truncated_disk_is_incomplete(tmp_path):
+    root = make_archive(tmp_path)
+    (root / "disks" / "vda.qcow2").write_bytes(b"Q" * 10)
+    with pytest.raises(ArchiveIncomplete, match="10 of 100 bytes"):
+        read_archive(root)
+    (root / "disks" / "vda.qcow2").unlink()
+    with pytest.raises(ArchiveIncomplete, match="missing"):
+        read_archive(root)
+
+
+def test_in_place_restores_the_archived_paths_only_where_allowed(tmp_path):
+    archive = read_archive(make_archive(tmp_path))
+    with pytest.raises(ArchiveRefused) as e:
+        plan_restore(archive, name=None, disk_dir=None, allowed=[Path("/var/lib/libvirt")])
+    assert "--disk-dir" in str(e.value) and "restore_directories" in str(e.value)
+
+    plan = plan_restore(archive, name=None, disk_dir=None, allowed=[tmp_path / "vms"])
+    assert (plan.name, plan.uuid, plan.new) == ("web1", UUID, False)
+    assert plan.files() == [tmp_path / "vms" / "web1-vda.qcow2"]
+    root = ET.fromstring(plan.definition)
+    assert root.find("devices/interface/mac").get("address") == "52:54:00:aa:bb:cc"
+
+
+def test_a_new_domain_gets_its_own_uuid_macs_and_files(tmp_path):
+    archive = read_archive(make_archive(tmp_path, xml=domain_xml(tmp_path, nvram="/var/lib/libvirt/qemu/nvram/web1_VARS.fd",
+                                                                 loader="/usr/share/OVMF/OVMF_CODE_4M.fd"),
+                                        files={"disks/vda.qcow2": b"Q" * 100, "nvram.fd": b"N" * 10}))
+    plan = plan_restore(archive, name="web1-copy", disk_dir=None, allowed=[tmp_path / "vms", Path("/var/lib/libvirt")],
+                        rng=random.Random(1))
+    root = ET.fromstring(plan.definition)
+    assert plan.new and plan.uuid != UUID and root.findtext("uuid") == plan.uuid
+    assert root.findtext("name") == "web1-copy"
+    assert root.find("devices/interface/mac").get("address") not in ("52:54:00:aa:bb:cc", None)
+    assert root.find("devices/disk/source").get("file") == str(tmp_path / "vms" / "web1-copy-vda.qcow2")
+    assert root.find("devices/serial/source").get("path") == str(tmp_path / "vms" / "web1-copy-console.log")
+    assert root.findtext("os/nvram") == "/var/lib/libvirt/qemu/nvram/web1-copy_VARS.fd"
+    originals = {f"{tmp_path}/vms/web1-vda.qcow2", "/var/lib/libvirt/qemu/nvram/web1_VARS.fd"}
+    assert not originals & {str(p) for p in plan.files()}
+    # The memory image's XML gets the same relocation.
+    mem = ET.fromstring(relocate_xml(archive.xml, plan.relocation))
+    assert mem.findtext("uuid") == plan.uuid and mem.findtext("name") == "web1-copy"
+    assert mem.find("devices/interface/mac").get("address") == root.find("devices/interface/mac").get("address")
+
+
+def test_a_block_device_disk_comes_back_as_a_raw_file(tmp_path):
+    archive = read_archive(make_archive(tmp_path, files={"disks/vda.raw": b"R" * 64}, disk_type="block"))
+    plan = plan_restore(archive, name=None, disk_dir=tmp_path / "restored", allowed=[tmp_path])
+    assert plan.files() == [tmp_path / "restored" / "web1-vda.raw"]
+    disk = ET.fromstring(plan.definition).find("devices/disk")
+    assert disk.get("type") == "file" and disk.find("driver").get("type") == "raw"
+    assert disk.find("source").get("file") == str(tmp_path / "restored" / "web1-vda.raw")
+    assert any("block device /dev/loop7" in w for w in plan.warnings)
+
+
+def test_places_the_definition_names_outside_the_allowed_ones_are_refused(tmp_path):
+    evil = domain_xml(tmp_path).replace(f"{tmp_path}/vms/web1-console.log", "/etc/cron.d/evil")
+    archive = read_archive(make_archive(tmp_path, xml=evil))
+    with pytest.raises(ArchiveRefused, match="/etc/cron.d/evil"):
+        plan_restore(archive, name=None, disk_dir=None, allowed=[tmp_path / "vms"])
+
+    loader = domain_xml(tmp_path, loader=f"{tmp_path}/vms/evil-firmware.fd")
+    archive = read_archive(make_archive(tmp_path / "2", xml=loader))
+    with pytest.raises(ArchiveRefused, match="firmware"):
+        plan_restore(archive, name=None, disk_dir=None, allowed=[tmp_path / "vms", tmp_path / "2"])
+
+
+def test_a_symlinked_destination_directory_is_judged_where_it_leads(tmp_path):
+    (tmp_path / "vms").mkdir()
+    os.symlink("/etc", tmp_path / "vms" / "escape")
+    xml = domain_xml(tmp_path).replace(f"{tmp_path}/vms/web1-vda.qcow2", f"{tmp_path}/vms/escape/web1-vda.qcow2")
+    archive = read_archive(make_archive(tmp_path, xml=xml,
+                                        manifest={"disks": {"vda": {"base": f"{tmp_path}/vms/escape/web1-vda.qcow2",
+                                                                    "format": "qcow2", "type": "file",
+                                                                    "file": "disks/vda.qcow2", "backing": []}}}))
+    with pytest.raises(ArchiveRefused, match="outside the allowed places"):
+        plan_restore(archive, name=None, disk_dir=None, allowed=[tmp_path / "vms"])
