@@ -130,6 +130,8 @@ class RestoreRecord:
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        with contextlib.suppress(OSError):
+            self.path.parent.rmdir()  # when no other restore is in progress
 
 
 def _undo(rt: Runtime, data: dict) -> None:
@@ -331,14 +333,14 @@ def restore(rt: Runtime, source: Source, *, name: str | None = None, disk_dir: P
     if disk_dir is not None:
         disk_dir = Path(os.path.abspath(disk_dir))
     allowed = allowed_places(rt, disk_dir)
-    work = rt.state_dir / "restores"
-    work.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # 1. Read the definition and manifest; decide and check every destination before writing any.
     peek = None
     if source.directory is not None:
         archive = read_archive(source.directory, data=True)
     else:
+        work = rt.state_dir / "restores"
+        work.mkdir(parents=True, exist_ok=True, mode=0o700)
         peek = Path(tempfile.mkdtemp(prefix=".peek-", dir=work))
         try:
             archive = read_archive(_extract(source, peek / "a", META_FILES), data=False)

@@ -141,10 +141,17 @@ def read_archive(root: Path, *, data: bool = True) -> Archive:
 
     archive = Archive(root, manifest, xml, name, uuid, str(manifest.get("state_at_freeze") or "shut off"), disks,
                       PurePosixPath("memory.save") if manifest.get("memory") else None,
-                      present("nvram.fd"), PurePosixPath("tpm") if (root / "tpm").is_dir() else None)
+                      present("nvram.fd"),
+                      PurePosixPath("tpm") if (root / "tpm").is_dir() or _lists(manifest, "tpm") else None)
     if data:
         check_data(archive)
     return archive
+
+
+def _lists(manifest: dict, rel: str) -> bool:
+    """The manifest's `files` names `rel` (so an archive read from its metadata alone still knows of it)."""
+    files = manifest.get("files")
+    return isinstance(files, list) and rel in files
 
 
 def check_data(archive: Archive) -> None:
@@ -163,6 +170,8 @@ def check_data(archive: Archive) -> None:
             raise ArchiveIncomplete(f"{rel} is missing from the archive", path=str(root)) from None
         if got != want:
             raise ArchiveIncomplete(f"{rel} holds {got} of {want} bytes (truncated?)", path=str(p))
+    if archive.tpm is not None and not (root / archive.tpm).is_dir():
+        raise ArchiveIncomplete("the TPM state (tpm/) is missing from the archive", path=str(root))
     for disk in archive.disks:
         for img in (disk.image, *disk.backing):
             if not (root / img.file).is_file():
