@@ -126,8 +126,10 @@ def virtfreeze_register_targets(register):
     ``type`` names it in the config, its ``schema`` validates the settings,
     and each configured target becomes one instance that archives
     (``archive``), lists what an archive holds (``contents``, checked after
-    every archive), lists a domain's archives (``list_archives``) and
-    extracts one (``extract``). Two plugins registering the same type is a
+    every archive), lists every virtfreeze archive it holds (``archives``,
+    for `virtfreeze archives` and `restore`; ``list_archives`` is one
+    domain's) and extracts one, whole or some paths (``extract``, for
+    `restore`). Two plugins registering the same type is a
     configuration error. Not firstresult: every implementation runs; return
     None (return values are ignored).
     """

@@ -209,8 +209,11 @@ def test_hook_mode_borgmatic_archive_then_extract_then_restore_from_dir(guest_fa
 
     dest = tmp_path / "extracted"
     dest.mkdir()
-    borgmatic("2.x", config, "extract", "--archive", "latest", "--destination", str(dest))
-    [from_dir] = [p.parent for p in dest.rglob("domain.xml")]  # (borgmatic keeps a manifest.json of its own)
+    # As the README says: only the domain's directory, then restore from it.
+    inside = f"{str(vf.export).lstrip('/')}/{g.name}"
+    borgmatic("2.x", config, "extract", "--archive", "latest", "--path", inside, "--destination", str(dest))
+    from_dir = dest / inside
+    assert [p.parent for p in dest.rglob("domain.xml")] == [from_dir]
     watcher = watch(g.sock, tmp_path / "acks-hook.log")
     try:
         out = json.loads(vf("--json", "restore", "--from", str(from_dir)).stdout)["restore"]

@@ -4,10 +4,8 @@ its NVRAM and TPM state are archived and come back byte-identical, and the domai
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -99,6 +97,19 @@ def uefi_guest(libvirt_conn, tmp_path):
         remove_domain_and_state(libvirt_conn, name, uid)
 
 
+def swtpm_uses(state_dir: Path) -> bool:
+    """A running swtpm keeps its state in `state_dir` (`--tpmstate dir=<state_dir>/tpm2,...`)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        if args and Path(args[0].decode()).name == "swtpm" and any(
+                a.decode().startswith(f"dir={state_dir}/") for a in args):
+            return True
+    return False
+
+
 def test_uefi_guest_with_tpm_comes_back_with_identical_nvram_and_tpm_state(uefi_guest, vf, tmp_path, libvirt_conn):
     g = uefi_guest
     nvram, tpm_dir = NVRAM_DIR / f"{g.name}_VARS.fd", SWTPM_DIR / g.uuid
@@ -113,7 +124,7 @@ def test_uefi_guest_with_tpm_comes_back_with_identical_nvram_and_tpm_state(uefi_
     assert manifest["memory"] and manifest["state_at_freeze"] == "running"
     nvram_sum = sha256(archived / "nvram.fd")
     tpm_sums = tree_sums(archived / "tpm")
-    assert any(rel.startswith("tpm2/") for rel in tpm_sums), tpm_sums
+    assert "tpm2/tpm2-00.permall" in tpm_sums, tpm_sums
     assert nvram_sum == sha256(nvram)  # the guest's OS writes no EFI variables: the host's file is as archived
 
     # A lost host: no domain, no NVRAM, no TPM state, no disks.
@@ -135,6 +146,13 @@ def test_uefi_guest_with_tpm_comes_back_with_identical_nvram_and_tpm_state(uefi_
     assert tree_sums(tpm_dir) == tpm_sums
     assert_acked_in(g.disks, g.formats, acked)
 
+    # It cold-boots on exactly those files: OVMF from the restored NVRAM, swtpm on the restored state.
+    g.start(boot_timeout=60)
+    assert g.watcher.booted.is_set()
+    assert swtpm_uses(tpm_dir), f"no swtpm runs on {tpm_dir}"
+    g.watcher.close()
+    g.dom.destroy()
+
     # Over that shut-off domain and its own files, from memory: it resumes where it was frozen, no boot.
     watcher = watch(g.sock, tmp_path / "acks-restored.log")
     try:
@@ -145,9 +163,10 @@ def test_uefi_guest_with_tpm_comes_back_with_identical_nvram_and_tpm_state(uefi_
         watcher.wait_for(lambda acks: any(a.disk == "vda" and a.seq > last["vda"] for a in acks), 60,
                          "writes past the last record acknowledged before the freeze")
         assert not watcher.booted.is_set(), "the restored guest booted instead of resuming"
-        live = ET.fromstring(dom.XMLDesc(0))
-        assert live.find("devices/tpm/backend").get("type") == "emulator"
+        assert swtpm_uses(tpm_dir), f"no swtpm runs on {tpm_dir}"
+        # Resuming writes neither: the NVRAM and the TPM's permanent state are still the archived bytes.
         assert sha256(nvram) == nvram_sum
+        assert tree_sums(tpm_dir) == tpm_sums
         dom.destroy()
     finally:
         watcher.close()
