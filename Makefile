@@ -27,3 +27,4 @@ bench: prepare
 	$(PY) bench/archive.py
 	$(PY) bench/block_view.py
 	$(PY) bench/libvirt_calls.py
+	$(PY) bench/restore.py

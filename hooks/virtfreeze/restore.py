@@ -28,7 +28,7 @@ from virtfreeze.journal import domain_lock, failpoint, write_atomic
 from virtfreeze.libvirt_boundary import PAUSED, RUNNING, SHUTOFF
 from virtfreeze.logs import domain_log
 from virtfreeze.restore_plan import (
-    ALWAYS_ALLOWED, Archive, ArchiveIncomplete, Placement, RestorePlan, check_data, memory_complete, plan_restore,
+    ALWAYS_ALLOWED, Archive, ArchiveIncomplete, RestorePlan, check_data, memory_complete, plan_restore,
     read_archive, relocate_xml,
 )
 from virtfreeze.runtime import Runtime

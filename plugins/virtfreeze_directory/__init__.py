@@ -13,9 +13,9 @@ import stat
 import time
 from pathlib import Path
 
-from virtfreeze import runner
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
+from virtfreeze.sparse_copy import copy_fd
 from virtfreeze.targets import (
     ArchiveInfo, ArchiveResult, StorageTarget, archive_name, parse_archive_name, relative_paths,
 )
@@ -29,28 +29,22 @@ SCHEMA = {
                  "example": "/srv/backup/vms"},
     },
 }
-CHUNK = 1 << 20
 
 
 def sparse_copy(src: Path, dst: Path) -> tuple[str, int]:
-    """Copy a file, seeking over all-zero chunks; return its sha256 and the bytes read.
+    """Copy a file sparsely (all-zero chunks become holes); return its sha256 and the bytes read.
     `src` is never followed when it is a symlink (O_NOFOLLOW)."""
     h = hashlib.sha256()
-    zero = bytes(CHUNK)
-    size = 0
-    with open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fi, open(dst, "wb") as fo:
-        while chunk := fi.read(CHUNK):
-            runner.check_cancelled(f"copy of {src}")  # e.g. the domain paused on an I/O error
-            h.update(chunk)
-            size += len(chunk)
-            if chunk == zero[: len(chunk)]:
-                fo.seek(len(chunk), os.SEEK_CUR)
-            else:
-                fo.write(chunk)
-        fo.truncate()
-        fo.flush()
-        os.fchmod(fo.fileno(), stat.S_IMODE(os.fstat(fi.fileno()).st_mode))
-        os.fsync(fo.fileno())
+    fi = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            size = copy_fd(fi, fo, what=f"copy of {src}", digest=h)  # cancellable: e.g. an I/O-error pause
+            os.fchmod(fo, stat.S_IMODE(os.fstat(fi).st_mode))
+        finally:
+            os.close(fo)
+    finally:
+        os.close(fi)
     return h.hexdigest(), size
 
 

@@ -44,14 +44,12 @@ def back_up(vf, env, g: Guest, *args: str) -> tuple[float, dict[str, int]]:
     return t_before, last
 
 
-def delete_domain(g: Guest) -> dict[str, bytes]:
-    """Destroy and undefine the guest and delete its disks, as a lost host would; returns the disks'
-    contents when destroyed (what was acknowledged last is there)."""
+def delete_domain(g: Guest) -> None:
+    """Destroy and undefine the guest and delete its disks, as a lost host would."""
     g.dom.destroy()
     g.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
     for p in g.disks.values():
         p.unlink()
-    return {}
 
 
 def watch(sock: Path, log: Path) -> AckWatcher:
