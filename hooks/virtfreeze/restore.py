@@ -28,7 +28,7 @@ from virtfreeze.journal import domain_lock, failpoint, write_atomic
 from virtfreeze.libvirt_boundary import PAUSED, RUNNING, SHUTOFF
 from virtfreeze.logs import domain_log
 from virtfreeze.restore_plan import (
-    ALWAYS_ALLOWED, Archive, ArchiveIncomplete, RestorePlan, check_data, memory_complete, plan_restore,
+    ALWAYS_ALLOWED, SWTPM_DIR, Archive, ArchiveIncomplete, RestorePlan, check_data, memory_complete, plan_restore,
     read_archive, relocate_xml,
 )
 from virtfreeze.runtime import Runtime
@@ -235,7 +235,8 @@ def _make_dirs(directory: Path, record: RestoreRecord) -> None:
         d = d.parent
     for d in reversed(missing):
         record.add("dirs", d)
-        d.mkdir(mode=0o700)
+        d.mkdir(mode=0o711 if d == SWTPM_DIR else 0o700)  # as libvirt makes it: each domain's own is 0700
+        os.chmod(d, 0o711 if d == SWTPM_DIR else 0o700)
 
 
 def _create_exclusive(dest: Path, record: RestoreRecord, mode: int = 0o600) -> int:

@@ -86,6 +86,12 @@ class ResticTarget(StorageTarget):
         return {n["path"][len(root):]: (n.get("size") or 0) if n.get("type") == "file" else 0
                 for n in nodes if n["path"].startswith(root) and n.get("type") != "dir"}
 
+    def _supports_sparse(self) -> bool:
+        """`restore --sparse` exists since restic 0.15 (Debian 12 ships 0.14)."""
+        out = runner.run([self.settings.get("restic", "restic"), "version"], what="restic version").stdout
+        m = _VERSION_RE.search(out or "")
+        return bool(m) and (int(m.group(1)), int(m.group(2))) >= (0, 15)
+
     def extract(self, archive, destination, paths=None):
         wanted = None if paths is None else relative_paths(paths)
         root, nodes = self._listing(archive)
@@ -100,12 +106,21 @@ class ResticTarget(StorageTarget):
             includes = [arg for p in wanted if root + p in held for arg in ("--include", glob_escape(root + p))]
             if not includes:
                 return destination
-        self._run(["restore", archive, "--target", str(staging), *includes], "restore")
+        sparse = self._supports_sparse()
+        self._run(["restore", archive, "--target", str(staging), *includes, *(["--sparse"] if sparse else [])],
+                  "restore")
         restored = staging / root.lstrip("/")
+        if not sparse:  # restic < 0.15 writes holes as zeros: punch them again, in place (no copy)
+            for image in (p for p in restored.rglob("*") if p.is_file() and p.stat().st_size >= 1 << 20):
+                runner.run(["fallocate", "--dig-holes", str(image)], what="fallocate --dig-holes",
+                           path=str(image), install_hint="install util-linux")
         for item in restored.iterdir() if restored.is_dir() else ():  # lay it out as the export view was
             item.rename(destination / item.name)
         shutil.rmtree(staging)
         return destination
+
+
+_VERSION_RE = re.compile(r"restic (\d+)\.(\d+)")
 
 
 def glob_escape(path: str) -> str:
