@@ -40,6 +40,11 @@ if ((${#missing[@]})); then
 fi
 
 # --- libvirtd -------------------------------------------------------------
+# libvirt runs swtpm_setup as the user tss; a certificate authority state that a run as root left
+# behind (swtpm_localca's lock file) makes every new TPM fail: "Need read/write rights".
+if [ -d /var/lib/swtpm-localca ] && getent passwd tss >/dev/null; then
+  find /var/lib/swtpm-localca ! -user tss -exec chown tss {} + 2>/dev/null || true
+fi
 getent group kvm >/dev/null || groupadd -r kvm
 getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
 getent group libvirt >/dev/null || groupadd -r libvirt

@@ -303,6 +303,35 @@ def _place_tree(src: Path, dest: Path, record: RestoreRecord, replace: bool) -> 
                 os.close(fd)
 
 
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+
+
+def swtpm_owner(conf: Path = QEMU_CONF) -> tuple[int, int] | None:
+    """uid and gid libvirt runs swtpm as (qemu.conf's swtpm_user/swtpm_group, default tss), or None
+    when that user does not exist here."""
+    import grp
+    import pwd
+    import re
+
+    settings = {"swtpm_user": "tss", "swtpm_group": "tss"}
+    with contextlib.suppress(OSError):
+        for m in re.finditer(r'^\s*(swtpm_user|swtpm_group)\s*=\s*"([^"]*)"', conf.read_text(), re.M):
+            settings[m.group(1)] = m.group(2)
+    try:
+        uid = pwd.getpwnam(settings["swtpm_user"]).pw_uid
+        gid = grp.getgrnam(settings["swtpm_group"]).gr_gid
+    except KeyError:
+        return None
+    return uid, gid
+
+
+def _chown_tree(top: Path, owner: tuple[int, int]) -> None:
+    """TPM state belongs to the user swtpm runs as (libvirt does not change an existing state's owner)."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        for n in (".", *dirnames, *filenames):
+            os.chown(os.path.join(dirpath, n), *owner, follow_symlinks=False)
+
+
 def _check_images(plan: RestorePlan) -> None:
     """Re-point each restored qcow2 at its restored backing file, then `qemu-img check` every qcow2."""
     for p in plan.placements:
@@ -452,6 +481,9 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
         src = archive.root / p.source
         if p.kind == "tpm":
             _place_tree(src, p.dest, record, replace)
+            owner = swtpm_owner()
+            if owner is not None:
+                _chown_tree(p.dest, owner)
         else:
             _place_file(src, p.dest, record, link=source.directory is None, replace=replace, progress=progress)
             written += os.stat(p.dest).st_size

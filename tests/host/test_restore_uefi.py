@@ -126,6 +126,7 @@ def test_uefi_guest_with_tpm_comes_back_with_identical_nvram_and_tpm_state(uefi_
     tpm_sums = tree_sums(archived / "tpm")
     assert "tpm2/tpm2-00.permall" in tpm_sums, tpm_sums
     assert nvram_sum == sha256(nvram)  # the guest's OS writes no EFI variables: the host's file is as archived
+    owners = {str(p.relative_to(tpm_dir)): (p.stat().st_uid, p.stat().st_gid) for p in tpm_dir.rglob("*")}
 
     # A lost host: no domain, no NVRAM, no TPM state, no disks.
     g.watcher.close()
@@ -144,6 +145,8 @@ def test_uefi_guest_with_tpm_comes_back_with_identical_nvram_and_tpm_state(uefi_
     assert root.find("devices/tpm/backend").get("type") == "emulator"
     assert sha256(nvram) == nvram_sum
     assert tree_sums(tpm_dir) == tpm_sums
+    # Owned by the user swtpm runs as, as libvirt made it (it does not change an existing state's owner).
+    assert {str(p.relative_to(tpm_dir)): (p.stat().st_uid, p.stat().st_gid) for p in tpm_dir.rglob("*")} == owners
     assert_acked_in(g.disks, g.formats, acked)
 
     # It cold-boots on exactly those files: OVMF from the restored NVRAM, swtpm on the restored state.
