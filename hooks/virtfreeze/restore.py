@@ -63,6 +63,7 @@ class Source:
     directory: Path | None = None
     target: object | None = None  # a StorageTarget
     archive: str | None = None
+    domain: str | None = None  # the domain the archive must be of (restore DOMAIN)
 
     def describe(self) -> str:
         return str(self.directory) if self.directory else f"{self.target.name}:{self.archive}"
@@ -92,7 +93,10 @@ def list_archives(targets: list, patterns: list[str]) -> list:
 
 
 def choose_archive(targets: list, domain: str, archive: str | None) -> Source:
-    """The archive to restore: the one named (in whichever target holds it), or the domain's newest."""
+    """The archive to restore: the one named (in whichever target holds it), or the domain's newest.
+    A named archive in the one target given is taken as named (its extract says if it is not there)."""
+    if archive and archive != "latest" and len(targets) == 1:
+        return Source(target=targets[0], archive=archive, domain=domain)
     candidates = [a for a in list_archives(targets, [domain]) if a.domain == domain]
     if archive and archive != "latest":
         candidates = [a for a in candidates if a.archive == archive]
@@ -101,7 +105,7 @@ def choose_archive(targets: list, domain: str, archive: str | None) -> Source:
         what = f"archive {archive!r} of this domain" if archive and archive != "latest" else "archive of this domain"
         raise UsageError(f"no {what} in {where}", domain=domain, hint="`virtfreeze archives` lists them")
     chosen = candidates[0]
-    return Source(target=next(t for t in targets if t.name == chosen.target), archive=chosen.archive)
+    return Source(target=next(t for t in targets if t.name == chosen.target), archive=chosen.archive, domain=domain)
 
 
 # -- the record of a restore in progress ----------------------------------------------
@@ -352,6 +356,13 @@ def _check_images(plan: RestorePlan) -> None:
                                         domain=plan.name, disk=p.target, path=str(p.dest))
 
 
+def _drop_peek(peek: Path | None) -> None:
+    if peek is not None:
+        shutil.rmtree(peek, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            peek.parent.rmdir()  # state_dir/restores, when no restore is in progress
+
+
 def _extract(source: Source, destination: Path, paths: list[str] | None = None) -> Path:
     return source.target.extract(source.archive, destination, paths=paths)
 
@@ -375,13 +386,16 @@ def restore(rt: Runtime, source: Source, *, name: str | None = None, disk_dir: P
         try:
             archive = read_archive(_extract(source, peek / "a", META_FILES), data=False)
         except BaseException:
-            shutil.rmtree(peek, ignore_errors=True)
+            _drop_peek(peek)
             raise
+    if source.domain is not None and archive.name != source.domain:
+        _drop_peek(peek)
+        raise UsageError(f"{source.describe()} is an archive of domain {archive.name!r}", domain=source.domain,
+                         hint="`virtfreeze archives` lists each domain's archives")
     try:
         plan = plan_restore(archive, name=name, disk_dir=disk_dir, allowed=allowed)
     finally:
-        if peek is not None:
-            shutil.rmtree(peek, ignore_errors=True)
+        _drop_peek(peek)
     dlog = domain_log(log, plan.name)
     use_memory = archive.memory is not None and memory is not False
     if memory and archive.memory is None:

@@ -103,6 +103,10 @@ def test_an_archive_that_leads_out_is_refused_before_anything_is_written(archive
 
 def test_existing_domains_and_files_are_never_overwritten_unasked(archived, vf, tmp_path, libvirt_conn):
     g, env, archive, acked = archived
+    # Another domain's archive named for this one: refused, nothing written.
+    before = tree(tmp_path)
+    out = vf("restore", "web-other", "--target", "dir", "--archive", archive.name, env=env, expect=2)
+    assert f"archive of domain {g.name!r}" in out.stderr and tree(tmp_path) == before
     # A file in the way: exit 2, untouched.
     g.disks["vda"].write_bytes(b"someone else's file")
     before = tree(tmp_path)
