@@ -7,7 +7,8 @@ deleted. Then, per run, with the page cache dropped before each measurement
 and the order alternating:
 
 1. Throughput. `borg extract --sparse` of the whole archive alone into a
-   fresh directory on the same filesystem, against `virtfreeze restore
+   fresh directory on the same filesystem, then `sync` (the restore makes
+   its files durable before it defines the domain), against `virtfreeze restore
    --no-start --no-memory` of the same archive (extract into staging, link
    into place, `qemu-img check`, define). Medians of MB/s of the disk data
    and their ratio (goal >= 0.95: the restore costs little beyond the
@@ -18,7 +19,7 @@ and the order alternating:
    against `--no-memory` (a cold boot), each from the start of the command
    to the guest's first acknowledged write. Medians and their ratio.
 
-Usage: bench/restore.py [--runs 3] [--size-mib 512]
+Usage: bench/restore.py [--runs 3] [--size-mib 2048]
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def restore(config: Path, name: str, *args: str) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--size-mib", type=int, default=2048)
     args = ap.parse_args()
     libvirt.registerErrorHandler(lambda ctx, err: None, None)
     conn = libvirt.open("qemu:///system")
@@ -110,6 +111,7 @@ def main() -> int:
             drop_caches()
             t0 = time.monotonic()
             borg("extract", "--sparse", f"{repo}::{archive}", cwd=dest)
+            os.sync()  # on disk, as the restore makes sure before it defines the domain
             extract_s.append(time.monotonic() - t0)
             shutil.rmtree(dest)
 

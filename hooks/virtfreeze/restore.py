@@ -336,6 +336,26 @@ def _chown_tree(top: Path, owner: tuple[int, int]) -> None:
             os.chown(os.path.join(dirpath, n), *owner, follow_symlinks=False)
 
 
+def _sync(plan: RestorePlan) -> None:
+    """fsync every restored file and the directories that hold them (borg and restic do not)."""
+    dirs = set()
+    for p in plan.placements:
+        paths = [Path(d) / f for d, _dn, fs in os.walk(p.dest) for f in fs] if p.kind == "tpm" else [p.dest]
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dirs.add(path.parent)
+    for d in dirs:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _check_images(plan: RestorePlan) -> None:
     """Re-point each restored qcow2 at its restored backing file, then `qemu-img check` every qcow2."""
     for p in plan.placements:
@@ -501,6 +521,7 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
         else:
             _place_file(src, p.dest, record, link=source.directory is None, replace=replace, progress=progress)
             written += os.stat(p.dest).st_size
+    _sync(plan)  # on disk before the domain is defined: a power loss never leaves it on half-written files
     failpoint("restore-after-place")
     rt.progress.update(plan.name, "checking images")
     _check_images(plan)

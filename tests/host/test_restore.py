@@ -230,3 +230,35 @@ def test_hook_mode_borgmatic_archive_then_extract_then_restore_from_dir(guest_fa
         watcher.close()
     assert_acked_in(g.disks, g.formats, acked)
     assert (from_dir / "memory.save").exists(), "restore --from must not consume the user's extracted files"
+
+
+def test_a_clone_from_a_frozen_domains_export_view(guest_factory, vf, tmp_path, libvirt_conn):
+    """As the README shows: freeze --memory, restore --from the export view --name, thaw."""
+    g = guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw", size_mib=32, block=True)])
+    vf.write_config(restore_directories=[str(g.workdir), str(SOCKET_DIR), str(tmp_path / "clone")])
+    g.watcher.wait_acks(20)
+    t_before = time.monotonic()
+    frozen = json.loads(vf("--json", "freeze", "--memory", g.name).stdout)["frozen"][0]
+    clone = f"{g.name}-clone"
+    try:
+        out = json.loads(vf("--json", "restore", "--from", frozen["export_dir"], "--name", clone,
+                            "--disk-dir", str(tmp_path / "clone")).stdout)["restore"]
+        assert out["from_memory"] and out["state"] == "running" and out["new"]
+        watcher = watch(serial_socket(libvirt_conn, clone), tmp_path / "acks-clone.log")
+        try:
+            watcher.wait_acks(10)
+            assert not watcher.booted.is_set()
+        finally:
+            watcher.close()
+        libvirt_conn.lookupByName(clone).destroy()
+        files = {Path(f).name: Path(f) for f in out["files"]}
+        assert set(files) == {f"{g.name}-clone-vda.qcow2", f"{clone}-vdb.raw"}  # the block device: a raw file
+        assert_acked_in({"vda": files[f"{g.name}-clone-vda.qcow2"], "vdb": files[f"{clone}-vdb.raw"]},
+                        {"vda": "qcow2", "vdb": "raw"}, g.acked(until=t_before))
+    finally:
+        vf("thaw", g.name)
+        try:
+            libvirt_conn.lookupByName(clone).undefine()
+        except libvirt.libvirtError:
+            pass
+    g.watcher.wait_acks(5)  # the original, thawed, still writes
