@@ -149,6 +149,9 @@ class Ctx:
 
             cfg = config_mod.load(self.config_path)
             self._rt = Runtime(cfg, cfg.uri(self.connect))
+            from virtfreeze.verify import clean_leftovers
+
+            clean_leftovers(self._rt)  # what a killed verify left: no throwaway domain outlives its run
         return self._rt
 
 
@@ -370,9 +373,13 @@ def thaw(ctx: Ctx, domains, all_, strategy, force):
 @click.option("--quiesce", type=click.Choice(["auto", "require", "off"]), default=None, help="As for freeze.")
 @click.option("--strategy", type=click.Choice(["auto", "live", "iterative", "offline"]), default=None,
               help="As for thaw.")
+@click.option("--verify", "verify_after", is_flag=True,
+              help="Verify each new archive right after the domain's backup (as `virtfreeze verify`).")
+@click.option("--verify-seconds", type=click.FloatRange(min=0), default=30, show_default=True,
+              help="With --verify: how long each restored domain must run.")
 @_output_options
 @click.pass_obj
-def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strategy):
+def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strategy, verify_after, verify_seconds):
     """Per domain: freeze, archive to each storage target, thaw.
 
     Each domain's overlay lives only while its own archive is written. An
@@ -397,8 +404,16 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
         with _progress_display(ctx, rt):
             results, failures = _for_each(chosen, lambda d: backup_domain(
                 rt, d, chosen_targets, memory=memory, quiesce=quiesce, strategy=strategy), jobs or cfg.jobs)
+            verified = _verify_new_archives(rt, results, chosen_targets, verify_seconds) if verify_after else []
         if ctx.as_json:
-            code = _emit(ctx, "backups", results, failures, str, skipped)
+            click.echo(json.dumps({
+                "backups": [r.to_json() for r in results], "verified": [v.to_json() for v in verified],
+                "skipped": skipped or {},
+                "errors": [{"domain": e.domain or item.name, "message": str(e), "exit_code": e.exit_code}
+                           for item, e in failures]}, indent=2))
+            for _item, e in failures:
+                _fail(e)
+            code = _worst([e.exit_code for _i, e in failures])
         else:
             rows = [("DOMAIN", "CONSISTENCY", "TARGET", "ARCHIVE", "BYTES", "FREEZE", "ARCHIVE s", "THAW",
                      "OVERLAY", "RESULT")]
@@ -411,8 +426,11 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
             widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
             for row in rows:
                 click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+            for v in verified:
+                click.echo(f"verified {v.domain} from {v.source}: {'; '.join(v.checks)}" if v.ok
+                           else f"FAILED verify of {v.domain} from {v.source}: {v.error}")
             code = _emit(ctx, "backups", [], failures, str, skipped)
-        archive_failed = any(not r.ok for r in results)
+        archive_failed = any(not r.ok for r in results) or any(not v.ok for v in verified)
         return code or (errors.EXIT_FAILED if archive_failed else errors.EXIT_OK)
 
     _run_guarded(run, mutates=True)
@@ -503,6 +521,95 @@ def restore(ctx: Ctx, domain, target_name, archive, from_dir, name, disk_dir, re
         return errors.EXIT_OK
 
     _run_guarded(run, mutates=True)
+
+
+@cli.command()
+@_domains_arg
+@click.option("--target", "target_names", multiple=True, metavar="NAME",
+              help="Verify archives in this configured target (repeatable; default: every target).")
+@click.option("--archive", metavar="NAME|latest", default="latest", show_default=True,
+              help="Which archive of each domain (as `virtfreeze archives` lists them).")
+@click.option("--from", "from_dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Verify an extracted archive instead: one domain's directory, or an export root holding "
+                   "several (e.g. a borgmatic archive extracted).")
+@click.option("--seconds", type=click.FloatRange(min=0), default=30, show_default=True,
+              help="How long the restored domain must run without crashing, pausing or shutting off.")
+@click.option("--check-command", metavar="CMD", help="A command (split like a shell would, never run by one) "
+              "that decides, run once the domain ran: VIRTFREEZE_VERIFY_DOMAIN names the throwaway domain.")
+@click.option("--keep-on-failure", is_flag=True, help="Keep a failed verify's domain and files for inspection.")
+@_output_options
+@click.pass_obj
+def verify(ctx: Ctx, domains, target_names, archive, from_dir, seconds, check_command, keep_on_failure):
+    """Prove archives restore and run: each is restored as an isolated throwaway domain
+    (verify-DOMAIN-ID, no network), must run, and is removed.
+
+    Exit 0 when every archive verified, 1 when one failed, 2 for bad input.
+    The original domains are never touched.
+    """
+
+    def run():
+        import shlex
+
+        from virtfreeze.restore import Source, choose_archive, configured_targets, list_archives
+        from virtfreeze.verify import verify as verify_one
+
+        rt = ctx.rt
+        command = shlex.split(check_command) if check_command else None
+        if from_dir is not None:
+            if domains:
+                raise errors.UsageError("give DOMAINs to verify from targets, or --from DIR (not both)")
+            if (from_dir / "manifest.json").exists():
+                sources = [Source(directory=from_dir)]
+            else:  # an export root (e.g. a whole borgmatic archive, extracted): each domain in it
+                sources = [Source(directory=d) for d in sorted(from_dir.iterdir())
+                           if (d / "manifest.json").exists() and not d.is_symlink()]
+            if not sources:
+                raise errors.UsageError("no manifest.json in it or in its directories", path=str(from_dir),
+                                        hint="give an extracted archive, a domain's export view or an export root")
+        else:
+            targets = configured_targets(rt, target_names)
+            names = sorted({a.domain for a in list_archives(targets, list(domains))})
+            if not names:
+                raise errors.UsageError("no archive to verify" + (f" of {', '.join(domains)}" if domains else ""),
+                                        hint="`virtfreeze archives` lists them")
+            sources = [choose_archive(targets, n, archive) for n in names]
+        results = []
+        with _progress_display(ctx, rt):
+            for source in sources:
+                if stopping.is_set():
+                    break
+                results.append(verify_one(rt, source, seconds=seconds, check_command=command,
+                                          keep_on_failure=keep_on_failure))
+        if ctx.as_json:
+            click.echo(json.dumps({"verified": [r.to_json() for r in results]}, indent=2))
+        else:
+            for r in results:
+                if r.ok:
+                    click.echo(f"verified {r.domain} from {r.source}: {'; '.join(r.checks)}; network: {r.network}; "
+                               f"{r.seconds:.1f}s (restore {r.restore_seconds:.1f}s)")
+                else:
+                    click.echo(f"FAILED {r.domain} from {r.source}: {r.error}"
+                               + (f"; kept: {r.kept}" if r.kept else ""))
+        return errors.EXIT_OK if all(r.ok for r in results) and len(results) == len(sources) else errors.EXIT_FAILED
+
+    _run_guarded(run, mutates=True)
+
+
+def _verify_new_archives(rt, results, targets, seconds: float) -> list:
+    """`backup --verify`: each archive the run made, verified one after another (after every thaw)."""
+    from virtfreeze.restore import Source
+    from virtfreeze.verify import verify as verify_one
+
+    by_name = {t.name: t for t in targets}
+    out = []
+    for r in results:
+        for a in r.archives:
+            if stopping.is_set():
+                return out
+            if a.target in by_name:
+                out.append(verify_one(rt, Source(target=by_name[a.target], archive=a.archive, domain=r.name),
+                                      seconds=seconds))
+    return out
 
 
 @cli.command()

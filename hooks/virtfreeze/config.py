@@ -156,6 +156,12 @@ SCHEMA: dict[str, Any] = {
                            "other place is refused).",
             "example": ["/srv/vms"],
         },
+        "verify_directory": {
+            "type": ["string", "null"],
+            "description": "Scratch space of `verify` (on disk, not tmpfs: a restored archive's disks go there "
+                           "unless they are read in place). Unset: state_directory/verify.",
+            "example": "/var/lib/virtfreeze/verify",
+        },
         "targets": {
             "type": "object",
             "description": "Named storage targets for `virtfreeze backup`; the other keys are the settings of that "
@@ -222,6 +228,7 @@ class Config:
     overlay_min_free: int = 1 << 30
     iterative_final_step: str = "auto"
     restore_directories: list[str] = field(default_factory=list)
+    verify_directory: Path | None = None
     targets: dict[str, dict] = field(default_factory=dict)
     domains: dict[str, DomainSettings] = field(default_factory=dict)
     source: Path | None = None
@@ -283,7 +290,8 @@ def parse(data: Any, source: Path | None = None) -> Config:
     for key, value in data.items():
         if key == "domains":
             cfg.domains = {name: DomainSettings(**(s or {})) for name, s in value.items()}
-        elif key in ("export_directory", "state_directory") or (key == "overlay_directory" and value):
+        elif key in ("export_directory", "state_directory") or (key in ("overlay_directory", "verify_directory")
+                                                                 and value):
             setattr(cfg, key, Path(value))
         else:
             setattr(cfg, key, value)

@@ -62,6 +62,12 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2:].split()
 
 
+def start_time(pid: int) -> int | None:
+    """A process's start time in clock ticks after boot (None: no such process); with its pid it
+    names one process, whatever reuses the pid later."""
+    return _start_time(pid)
+
+
 def _start_time(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return int(fields[19]) if fields else None  # field 22 of stat(5); the list starts at field 3

@@ -141,9 +141,22 @@ def virtfreeze_domain_failed(domain, phase, error):
 
     Runs once per failure, after virtfreeze did what it could (a failed
     freeze is rolled back; a failed thaw keeps the journal), for alerting
-    and metrics. ``phase`` is ``freeze``, ``archive`` or ``thaw``; ``error``
+    and metrics. ``phase`` is ``freeze``, ``archive``, ``thaw`` or ``verify``; ``error``
     the `VirtfreezeError` (its ``exit_code`` 3 means the domain is still on
     an overlay). Not firstresult: every implementation runs; return None
     (return values are ignored). An exception raised here is logged and
     does not change the outcome.
+    """
+
+
+@hookspec
+def virtfreeze_verified(domain, result):
+    """An archive of ``domain`` (its name) was verified: restored as a throwaway domain, it ran.
+
+    Runs once per successful verify (`virtfreeze verify`, `backup --verify`),
+    after the throwaway domain is gone, for metrics and reports; a failed
+    verify calls `virtfreeze_domain_failed` with phase ``verify`` instead.
+    ``result`` is the `virtfreeze.verify.VerifyResult` (``source``,
+    ``how``, ``checks``, ``seconds``, ...). Not firstresult: every
+    implementation runs; return None (return values are ignored).
     """

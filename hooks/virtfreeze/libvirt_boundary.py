@@ -36,6 +36,14 @@ _STATES = {
     libvirt.VIR_DOMAIN_PMSUSPENDED: OTHER,
 }
 
+_EVENTS = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined", libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started", libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed", libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+}
+
 # Block job events (BLOCK_JOB_2 reports the disk target).
 JOB_COMPLETED = libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED
 JOB_FAILED = libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED
@@ -91,6 +99,7 @@ class Hypervisor:
         self._reconnecting = threading.Lock()  # one reconnect at a time; worker threads share the connection
         self._watchers: dict[str, list[queue.Queue]] = {}
         self._io_error_watchers: dict[str, list[Callable[[], None]]] = {}
+        self._lifecycle_watchers: dict[str, list[Callable[[str, int], None]]] = {}
         self.generation = 0  # bumped on every reconnect: events in between were lost
         self._conn = self._open()
 
@@ -112,6 +121,10 @@ class Hypervisor:
         return conn
 
     def _on_lifecycle(self, conn, dom, event, detail, opaque) -> None:
+        with self._lock:
+            watchers = list(self._lifecycle_watchers.get(dom.UUIDString(), []))
+        for callback in watchers:
+            callback(_EVENTS.get(event, str(event)), detail)
         if event != libvirt.VIR_DOMAIN_EVENT_SUSPENDED or detail != libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
             return
         with self._lock:
@@ -129,6 +142,25 @@ class Hypervisor:
         finally:
             with self._lock:
                 self._io_error_watchers[uuid].remove(callback)
+
+    @contextlib.contextmanager
+    def on_lifecycle(self, uuid: str, callback: Callable[[str, int], None]) -> Iterator[None]:
+        """Call `callback(event, detail)` (from libvirt's event thread) on each lifecycle event of the domain
+        meanwhile; `event` is one of started, suspended, resumed, stopped, shutdown, crashed, ..."""
+        with self._lock:
+            self._lifecycle_watchers.setdefault(uuid, []).append(callback)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._lifecycle_watchers[uuid].remove(callback)
+
+    def agent_ping(self, uuid: str, name: str, timeout: int) -> None:
+        """Ask the guest agent for a ping; raise when it does not answer within `timeout` seconds."""
+        import libvirt_qemu
+
+        self._call("ping the guest agent", lambda c: libvirt_qemu.qemuAgentCommand(
+            c.lookupByUUIDString(uuid), '{"execute": "guest-ping"}', timeout, 0), domain=name)
 
     def _on_block_job(self, conn, dom, disk, job_type, status, opaque) -> None:
         uuid = dom.UUIDString()
@@ -252,11 +284,14 @@ class Hypervisor:
 
         return self._call("look up domain", op, read_only=True, domain=name)
 
-    def undefine(self, uuid: str, name: str, *, nvram: bool = False) -> None:
-        """Remove a shut-off domain's definition (with `nvram`, its NVRAM file too; never its disks)."""
+    def undefine(self, uuid: str, name: str, *, nvram: bool = False, tpm: bool = False) -> None:
+        """Remove a shut-off domain's definition (with `nvram`/`tpm`, its NVRAM file and TPM state
+        too; never its disks)."""
         flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                  | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
                  | (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if nvram else libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM))
+        if tpm:
+            flags |= getattr(libvirt, "VIR_DOMAIN_UNDEFINE_TPM", 0)
         self._call("undefine domain", lambda c: c.lookupByUUIDString(uuid).undefineFlags(flags), domain=name)
 
     def destroy(self, uuid: str, name: str) -> None:

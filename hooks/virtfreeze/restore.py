@@ -28,8 +28,8 @@ from virtfreeze.journal import domain_lock, failpoint, write_atomic
 from virtfreeze.libvirt_boundary import PAUSED, RUNNING, SHUTOFF
 from virtfreeze.logs import domain_log
 from virtfreeze.restore_plan import (
-    ALWAYS_ALLOWED, SWTPM_DIR, Archive, ArchiveIncomplete, RestorePlan, check_data, memory_complete, plan_restore,
-    read_archive, relocate_xml,
+    ALWAYS_ALLOWED, SWTPM_DIR, Archive, ArchiveIncomplete, RestorePlan, check_data, memory_complete, passthrough,
+    plan_restore, read_archive, relocate_xml,
 )
 from virtfreeze.runtime import Runtime
 from virtfreeze.sparse_copy import copy_fd
@@ -359,9 +359,13 @@ def _sync(plan: RestorePlan) -> None:
 def _check_images(plan: RestorePlan) -> None:
     """Re-point each restored qcow2 at its restored backing file, then `qemu-img check` every qcow2."""
     for p in plan.placements:
-        if p.kind not in ("disk", "backing") or p.format != "qcow2":
+        if p.kind == "overlay" and p.backing_format == "qcow2":  # the archived image it reads in place
+            runner.run(["qemu-img", "check", "-q", "-U", "-f", "qcow2", str(p.backing_dest)], what="qemu-img check",
+                       domain=plan.name, disk=p.target, path=str(p.backing_dest),
+                       hint="the archived image is damaged: try an older archive")
+        if p.kind not in ("disk", "backing", "overlay") or p.format != "qcow2":
             continue
-        if p.backing_dest is not None:
+        if p.backing_dest is not None and p.kind != "overlay":
             runner.run(["qemu-img", "rebase", "-u", "-b", str(p.backing_dest), "-F", p.backing_format or "raw",
                         "-f", "qcow2", str(p.dest)], what="qemu-img rebase", domain=plan.name, disk=p.target,
                        path=str(p.dest))
@@ -388,8 +392,12 @@ def _extract(source: Source, destination: Path, paths: list[str] | None = None) 
 
 
 def restore(rt: Runtime, source: Source, *, name: str | None = None, disk_dir: Path | None = None,
-            replace: bool = False, start: bool | None = None, memory: bool | None = None) -> RestoreResult:
-    """Restore one archive; see the module docstring for the order of the steps."""
+            replace: bool = False, start: bool | None = None, memory: bool | None = None,
+            isolate: bool = False, file_dir: Path | None = None, overlay: bool = False) -> RestoreResult:
+    """Restore one archive; see the module docstring for the order of the steps.
+
+    `isolate`, `file_dir` and `overlay` are for a verify (see `plan_restore`); `overlay` needs a
+    source directory that stays in place."""
     t0 = time.monotonic()
     if disk_dir is not None:
         disk_dir = Path(os.path.abspath(disk_dir))
@@ -412,19 +420,24 @@ def restore(rt: Runtime, source: Source, *, name: str | None = None, disk_dir: P
         _drop_peek(peek)
         raise UsageError(f"{source.describe()} is an archive of domain {archive.name!r}", domain=source.domain,
                          hint="`virtfreeze archives` lists each domain's archives")
-    try:
-        plan = plan_restore(archive, name=name, disk_dir=disk_dir, allowed=allowed)
-    finally:
-        _drop_peek(peek)
-    dlog = domain_log(log, plan.name)
-    use_memory = archive.memory is not None and memory is not False
     if memory and archive.memory is None:
-        raise UsageError("the archive holds no memory state", domain=plan.name, hint="restore without --memory")
+        _drop_peek(peek)
+        raise UsageError("the archive holds no memory state", domain=name or archive.name,
+                         hint="restore without --memory")
     if start is None:  # the state it had when it was frozen
         want_state = archive.state_at_freeze if archive.state_at_freeze in (RUNNING, PAUSED) else SHUTOFF
     else:
         want_state = RUNNING if start else SHUTOFF
-    use_memory = use_memory and want_state != SHUTOFF
+    use_memory = archive.memory is not None and memory is not False and want_state != SHUTOFF
+    if use_memory and isolate and passthrough(archive.xml):  # a verify drops them: the memory state cannot resume
+        use_memory = False
+    try:
+        plan = plan_restore(archive, name=name, disk_dir=disk_dir, allowed=allowed, file_dir=file_dir,
+                            isolate=("memory" if use_memory else "cold") if isolate else None,
+                            overlay=overlay and source.directory is not None)
+    finally:
+        _drop_peek(peek)
+    dlog = domain_log(log, plan.name)
     links_down = use_memory and plan.new and bool(plan.relocation.macs)
     if links_down:
         plan.warnings.append("resumed from memory under a new name: its network links are down, because its memory "
@@ -513,6 +526,14 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
         hv.undefine(replaced.uuid, replaced.name)
     for p in plan.placements:
         src = archive.root / p.source
+        if p.kind == "overlay":  # read in place: a new qcow2 over the archived image
+            _make_dirs(p.dest.parent, record)
+            record.add("files", p.dest)
+            runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(p.backing_dest), "-F",
+                        p.backing_format, str(p.dest)], what="qemu-img create", domain=plan.name, disk=p.target,
+                       path=str(p.dest))
+            written += os.stat(p.dest).st_size
+            continue
         if p.kind == "tpm":
             _place_tree(src, p.dest, record, replace)
             owner = swtpm_owner()

@@ -241,6 +241,8 @@ class Relocation:
     nvram: Path | None = None
     macs: dict[str, str] = field(default_factory=dict)  # old MAC -> new MAC
     files: dict[str, str] = field(default_factory=dict)  # other per-domain files (serial logs, ...): old -> new
+    remove: list[str] = field(default_factory=list)  # device elements to drop (a verify's isolation)
+    free_graphics_ports: bool = False  # graphics take any free port (a fixed one is the original's)
 
 
 def new_mac(rng: random.Random) -> str:
@@ -272,9 +274,24 @@ def _domain_files(root: ET.Element) -> list[tuple[ET.Element, str]]:
     return out
 
 
+PASSTHROUGH = ("hostdev", "filesystem", "redirdev", "smartcard")  # host devices and shared directories
+
+
+def passthrough(xml: str) -> list[str]:
+    """The host devices and shared directories a definition uses (none survive a verify)."""
+    root = ET.fromstring(xml)
+    return [tag for tag in PASSTHROUGH if root.findall(f"devices/{tag}")]
+
+
 def plan_restore(archive: Archive, *, name: str | None, disk_dir: Path | None, allowed: list[Path],
-                 rng: random.Random | None = None) -> RestorePlan:
-    """Every destination of a restore and the definition to define; refuses places outside `allowed`."""
+                 rng: random.Random | None = None, isolate: str | None = None, file_dir: Path | None = None,
+                 overlay: bool = False) -> RestorePlan:
+    """Every destination of a restore and the definition to define; refuses places outside `allowed`.
+
+    For a verify: `isolate` ("memory": it resumes, so its NICs stay, their links taken down at
+    start; "cold": NICs removed) drops host devices and shared directories and lets graphics
+    pick free ports; `file_dir` takes its log files; with `overlay`, each disk without a backing
+    chain becomes a qcow2 overlay on the archived image, read in place (no copy)."""
     rng = rng or random.SystemRandom()
     new = name is not None and name != archive.name
     name = name or archive.name
@@ -301,6 +318,12 @@ def plan_restore(archive: Archive, *, name: str | None, disk_dir: Path | None, a
         else:
             dest = disk_dir / Path(disk.image.path).name if disk_dir else Path(disk.image.path)
         fmt = "raw" if block else disk.image.format
+        if overlay and not disk.backing:
+            dest = (disk_dir or dest.parent) / f"{name}-{disk.target}.qcow2"
+            placements.append(Placement(disk.image.file, dest, "overlay", "qcow2", disk.target,
+                                        archive.root / disk.image.file, disk.image.format))
+            reloc.disks[disk.target] = (dest, "qcow2")
+            continue
         chain_dests = []
         for depth, img in enumerate(disk.backing, 1):
             if new or not img.path:
@@ -335,7 +358,12 @@ def plan_restore(archive: Archive, *, name: str | None, disk_dir: Path | None, a
             if mac is not None and mac.get("address"):
                 reloc.macs[mac.get("address").lower()] = new_mac(rng)
         for el, attr in _domain_files(root):
-            reloc.files[el.get(attr)] = _renamed(el.get(attr), archive.name, name)
+            is_socket = el.tag == "source" and el.get("mode") is not None  # stays short: sun_path is 108 bytes
+            reloc.files[el.get(attr)] = _renamed(el.get(attr), archive.name, name,
+                                                 None if is_socket else file_dir)
+    if isolate:
+        reloc.remove = list(PASSTHROUGH) + (["interface"] if isolate == "cold" else [])
+        reloc.free_graphics_ports = True
 
     dests = [p.dest for p in placements]
     if len(set(dests)) != len(dests):
@@ -414,6 +442,15 @@ def relocate_xml(xml: str, reloc: Relocation) -> str:
     for el, attr in _domain_files(root):
         if el.get(attr) in reloc.files:
             el.set(attr, reloc.files[el.get(attr)])
+    devices = root.find("devices")
+    for tag in reloc.remove:
+        for el in devices.findall(tag) if devices is not None else []:
+            devices.remove(el)
+    if reloc.free_graphics_ports:
+        for g in root.findall("devices/graphics"):
+            for attr in ("port", "tlsPort", "websocket"):
+                g.attrib.pop(attr, None)
+            g.set("autoport", "yes")
     return ET.tostring(root, encoding="unicode")
 
 

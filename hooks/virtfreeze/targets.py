@@ -100,6 +100,12 @@ class StorageTarget:
         list extracts nothing. None: the whole archive. Check them with `relative_paths`."""
         raise NotImplementedError
 
+    def in_place(self, archive: str) -> Path | None:
+        """A directory laid out as the export view that holds this archive and may be read where it is
+        (its integrity checked first), for a verify that reads disks through overlays instead of a
+        copy; None (the default): extract it."""
+        return None
+
 
 def target_types(pm) -> dict[str, type[StorageTarget]]:
     """The table of target types: every plugin's `virtfreeze_register_targets` registers into it."""

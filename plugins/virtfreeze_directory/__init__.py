@@ -183,6 +183,31 @@ class DirectoryTarget(StorageTarget):
         return destination
 
 
+    def in_place(self, archive):
+        """The archive's own directory, once every file matches SHA256SUMS (read, not copied)."""
+        src = self._archive_dir(archive)
+        check_tree(src)
+        try:
+            listed = (src / "SHA256SUMS").read_text().splitlines()
+        except OSError as e:
+            raise VirtfreezeError(f"cannot read the archive's checksums: {e.strerror}", path=str(src / "SHA256SUMS"),
+                                  hint="an archive without SHA256SUMS is not a finished one") from None
+        bad = []
+        for digest, rel in (line.split("  ", 1) for line in listed):
+            h = hashlib.sha256()
+            fd = os.open(src / rel.strip(), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                while chunk := os.read(fd, 1 << 20):
+                    h.update(chunk)
+            finally:
+                os.close(fd)
+            if h.hexdigest() != digest:
+                bad.append(rel.strip())
+        if bad:
+            raise VirtfreezeError(f"checksum mismatch in {', '.join(sorted(bad))}", path=str(src))
+        return src
+
+
 @hookimpl
 def virtfreeze_register_targets(register):
     register(DirectoryTarget)

@@ -13,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import libvirt
 import pytest
 import yaml
 
 from tests.host.helpers import assert_all_acked_present, assert_archive_holds_disks, assert_back_on_base
-from tests.rig.guest import DiskSpec
+from tests.rig.guest import SOCKET_DIR, DiskSpec
 
 # A block device (an LVM volume's stand-in) and a qcow2 file: both must reach every archive as data.
 DISKS = [DiskSpec("vda", "raw", size_mib=32, block=True), DiskSpec("vdb", "qcow2")]
@@ -27,10 +28,16 @@ VIRTFREEZE_BIN = str(Path(sys.executable).parent / "virtfreeze")
 ENV = {"BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes", "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
 
 
-def retarget(cmd: str, vf, name: str) -> str:
-    """The contrib command for this test: its config, and this test's domain instead of --all."""
-    assert cmd.startswith("virtfreeze "), cmd
+def retarget(cmd: str, vf, name: str, paths: dict[str, str] | None = None) -> str:
+    """The contrib command for this test: its config, this test's domain instead of --all, and this
+    test's directories for the recipe's (`paths`: recipe path -> test path)."""
+    for recipe_path, test_path in (paths or {}).items():
+        cmd = cmd.replace(recipe_path, test_path)
+    if not cmd.startswith("virtfreeze "):
+        return cmd  # a shell command of the recipe (borgmatic runs them with a shell)
     args = cmd.split()[1:]
+    if args[0] == "verify":
+        args += ["--seconds", "2"]
     args = [name if a == "--all" else a for a in args]
     if args == ["thaw"]:
         args.append(name)
@@ -38,12 +45,16 @@ def retarget(cmd: str, vf, name: str) -> str:
 
 
 def borgmatic_config(version: str, vf, name: str, repo: Path, tmp_path: Path) -> Path:
+    # The verify step's throwaway domain has its serial socket beside the guest's.
+    vf.write_config(restore_directories=sorted({*vf.config.get("restore_directories", []), str(SOCKET_DIR)}))
     cfg = yaml.safe_load((CONTRIB / "borgmatic" / f"borgmatic-{version}.yaml").read_text())
     if version == "2.x":
         cfg["source_directories"] = [str(vf.export)]
         cfg["repositories"] = [{"path": str(repo), "label": "vms"}]
+        paths = {"/var/backups/vms.borg": str(repo), "/var/tmp/vms-verify": str(tmp_path / "vms-verify"),
+                 "/run/virtfreeze/export": str(vf.export)}
         for hook in cfg["commands"]:
-            hook["run"] = [retarget(c, vf, name) for c in hook["run"]]
+            hook["run"] = [retarget(c, vf, name, paths) for c in hook["run"]]
         cfg["user_runtime_directory"] = str(tmp_path / "borgmatic-run")
         cfg["borgmatic_source_directory"] = str(tmp_path / "borgmatic-src")
     else:
@@ -97,6 +108,10 @@ def test_borgmatic_create_freezes_and_thaws(guest_factory, vf, tmp_path, version
     out = borgmatic(version, config, "create")
     g.watcher.wait_acks(30, after=time.monotonic())
     assert_back_on_base(g, vf)
+    if version == "2.x":  # its recipe's verify step ran: the archive restored and ran, and nothing is left
+        assert f"verified {g.name} from " in out.stdout + out.stderr, out.stdout + out.stderr
+        assert not (tmp_path / "vms-verify").exists()
+        assert not [d for d in libvirt.open("qemu:///system").listAllDomains(0) if d.name().startswith("verify-")]
     check_archive(g, extract_latest(repo, tmp_path / "extracted"), t_before)
     assert_all_acked_present(g)
     del out

@@ -26,7 +26,7 @@ MODULES = [
 ]
 
 # Bump when INIT_SCRIPT changes so cached initramfs files are rebuilt.
-RIG_VERSION = "5"
+RIG_VERSION = "7"
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -50,6 +50,15 @@ stty raw -echo <&3
 for d in $disks; do
     while [ ! -b /dev/$d ]; do usleep 10000; done
     eval "size_$d=$(cat /sys/block/$d/size)"
+done
+# The guest's own check, as an fsck at boot: a disk whose first sector is neither empty nor a record
+# is corrupt, and init exits: the kernel panics and (panic=-1, on_reboot=destroy) the domain stops.
+for d in $disks; do
+    head=$(head -c 5 /dev/$d)
+    if [ -n "$head" ] && [ "$head" != VFREC ]; then
+        echo "init: /dev/$d is corrupt; stopping"
+        exit 1
+    fi
 done
 # Handshake: repeat BOOTED until the host answers GO (bytes sent before the
 # port was opened are lost, so the host answers each BOOTED it sees).

@@ -32,12 +32,13 @@ def test_systemd_analyze_verifies_the_units(tmp_path):
     for src in UNITS.iterdir():
         (tmp_path / src.name).write_text(src.read_text().replace(INSTALLED, program))
     units = sorted(str(p) for p in tmp_path.iterdir())
-    assert len(units) == 3
+    assert len(units) == 5
     proc = subprocess.run([analyze, "verify", "--man=no", *units], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
 
 
-@pytest.mark.parametrize("name", ["virtfreeze-backup.service", "virtfreeze-thaw-leftovers.service"])
+@pytest.mark.parametrize("name", ["virtfreeze-backup.service", "virtfreeze-thaw-leftovers.service",
+                                  "virtfreeze-verify.service"])
 def test_exec_start_is_a_valid_virtfreeze_command(name):
     argv = shlex.split(unit(name)["Service"]["ExecStart"])
     assert argv[0] == INSTALLED
@@ -52,4 +53,7 @@ def test_timer_starts_the_backup_and_catches_up():
     timer = unit("virtfreeze-backup.timer")
     assert timer["Timer"]["Unit"] == "virtfreeze-backup.service"
     assert timer["Timer"]["Persistent"] == "true"
+    verify = unit("virtfreeze-verify.timer")
+    assert verify["Timer"]["Unit"] == "virtfreeze-verify.service" and verify["Timer"]["Persistent"] == "true"
+    assert "virtfreeze-backup.service" in unit("virtfreeze-verify.service")["Unit"]["After"]
     assert unit("virtfreeze-thaw-leftovers.service")["Service"]["ExecStart"].split()[1:] == ["thaw"]

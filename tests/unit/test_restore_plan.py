@@ -144,3 +144,26 @@ def test_a_symlinked_destination_directory_is_judged_where_it_leads(tmp_path):
                                                                     "file": "disks/vda.qcow2", "backing": []}}}))
     with pytest.raises(ArchiveRefused, match="outside the allowed places"):
         plan_restore(archive, name=None, disk_dir=None, allowed=[tmp_path / "vms"])
+
+
+def test_a_verify_is_isolated_and_reads_disks_through_overlays(tmp_path):
+    xml = domain_xml(tmp_path).replace("</devices>", "<hostdev mode='subsystem' type='pci'/>"
+                                       "<graphics type='vnc' port='5901' autoport='no'/></devices>")
+    archive = read_archive(make_archive(tmp_path, xml=xml))
+    scratch = tmp_path / "scratch"
+    plan = plan_restore(archive, name="verify-web1-abc123", disk_dir=scratch, allowed=[tmp_path / "vms", scratch],
+                        isolate="cold", file_dir=scratch, overlay=True)
+    root = ET.fromstring(plan.definition)
+    assert root.findall("devices/interface") == [] and root.findall("devices/hostdev") == []
+    assert root.find("devices/graphics").get("autoport") == "yes" and root.find("devices/graphics").get("port") is None
+    [p] = plan.placements
+    assert (p.kind, p.format, p.dest.parent, p.backing_dest) == ("overlay", "qcow2", scratch,
+                                                                 archive.root / "disks" / "vda.qcow2")
+    disk = root.find("devices/disk")
+    assert disk.find("driver").get("type") == "qcow2" and disk.find("source").get("file") == str(p.dest)
+    assert root.find("devices/serial/source").get("path") == str(scratch / "verify-web1-abc123-console.log")
+
+    # Resumed from memory, the NICs stay (the memory state has them): their links go down at start.
+    plan = plan_restore(archive, name="verify-web1-abc123", disk_dir=scratch, allowed=[tmp_path / "vms", scratch],
+                        isolate="memory", file_dir=scratch, overlay=True)
+    assert len(ET.fromstring(plan.definition).findall("devices/interface")) == 1
