@@ -18,6 +18,10 @@ and the order alternating:
 2. Time to running. `virtfreeze restore` resumed from the memory state
    against `--no-memory` (a cold boot), each from the start of the command
    to the guest's first acknowledged write. Medians and their ratio.
+3. Verify. The wall time of `virtfreeze verify --seconds 0` of the same
+   archive (restore as a throwaway domain resumed from memory, checks,
+   removal), from borg (extracted) and from a directory target (read in
+   place through overlays, after its checksums), against the restore of 1.
 
 Usage: bench/restore.py [--runs 3] [--size-mib 2048]
 """
@@ -82,7 +86,9 @@ def main() -> int:
     config = work / "virtfreeze.yaml"
     config.write_text(f"state_directory: {work}/state\nexport_directory: {work}/export\n"
                       f"restore_directories: ['{work}', '{SOCKET_DIR}']\n"
-                      f"targets:\n  borg: {{type: borg, repository: '{repo}', compression: lz4}}\n")
+                      f"targets:\n  borg: {{type: borg, repository: '{repo}', compression: lz4}}\n"
+                      f"  dir: {{type: directory, path: '{work / 'dir-target'}'}}\n")
+    (work / "dir-target").mkdir()
     g = create_guest(conn, work / "vm", [DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw", args.size_mib)],
                      name="vf-bench-restore", start=False)
     try:
@@ -93,7 +99,7 @@ def main() -> int:
         g.watcher.wait_acks(50)
         borg("init", "--encryption=none", str(repo))
         subprocess.run([*VIRTFREEZE, "-q", "--config", str(config), "backup", "--memory", "--target", "borg",
-                        g.name], check=True, env=VF_ENV, capture_output=True)
+                        "--target", "dir", g.name], check=True, env=VF_ENV, capture_output=True)
         g.watcher.close()
         g.watcher = None
         archive = subprocess.run(["borg", "list", "--short", "--last", "1", str(repo)], check=True,
@@ -103,6 +109,14 @@ def main() -> int:
         delete(conn, g.name, files)
 
         extract_s, restore_s, memory_s, cold_s = [], [], [], []
+        verify_s: dict[str, list[float]] = {"borg": [], "dir": []}
+
+        def verify(target: str) -> None:
+            drop_caches()
+            t0 = time.monotonic()
+            subprocess.run([*VIRTFREEZE, "-q", "--config", str(config), "verify", g.name, "--target", target,
+                            "--seconds", "0"], check=True, env=VF_ENV, capture_output=True)
+            verify_s[target].append(time.monotonic() - t0)
 
         def borg_alone() -> None:
             dest = work / "extract"
@@ -138,6 +152,8 @@ def main() -> int:
                 step()
             for memory in ((True, False) if run % 2 == 0 else (False, True)):
                 to_running(memory)
+            for target in (("borg", "dir") if run % 2 == 0 else ("dir", "borg")):
+                verify(target)
 
         b, r = data_mb / med(extract_s), data_mb / med(restore_s)
         print(f"restore throughput ({args.runs} runs, {data_mb:.0f} MB of disk data; both extract the whole "
@@ -151,6 +167,10 @@ def main() -> int:
         print(f"  resumed from memory: median {med(memory_s):.2f}s  {[f'{x:.2f}' for x in memory_s]}")
         print(f"  cold boot:           median {med(cold_s):.2f}s  {[f'{x:.2f}' for x in cold_s]}")
         print(f"  ratio memory/cold: {med(memory_s) / med(cold_s):.2f}")
+        print("verify --seconds 0 (restore as a throwaway domain, resumed from memory; checks; removal):")
+        for target, how in (("borg", "extracted"), ("dir", "read in place through overlays")):
+            print(f"  from {target} ({how}): median {med(verify_s[target]):.2f}s; "
+                  f"{med(verify_s[target]) / med(restore_s):.2f}x the restore of 1")
         return 0
     finally:
         g.remove()

@@ -63,7 +63,7 @@ def test_an_archive_without_memory_from_restic_cold_boots(guest_factory, vf, tmp
 
 
 def test_a_bad_archive_fails_with_one_line_and_leaves_nothing(guest_factory, vf, tmp_path, libvirt_conn):
-    g = guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw")])
+    g = guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw")], boot_check=True)
     env = setup(vf, tmp_path, g)
     back_up(vf, env, g, "--no-memory", "--target", "dir")
     [archive] = [p for p in (tmp_path / "dir-target").iterdir() if not p.name.startswith(".")]
@@ -118,3 +118,17 @@ def test_backup_verify_proves_each_new_archive(guest_factory, vf, tmp_path, libv
     assert set(verified) == {"dir", "borg"} and all(v["ok"] for v in verified.values()), out["verified"]
     assert all(v["how"] == "resumed from memory" for v in verified.values())
     assert_nothing_left(vf, libvirt_conn)
+
+
+def test_a_guest_with_an_agent_must_answer_its_ping(libvirt_conn, vf, tmp_path):
+    from tests.rig.guest import create_agent_guest
+
+    g = create_agent_guest(libvirt_conn, tmp_path / "agent")
+    try:
+        env = setup(vf, tmp_path, g)
+        back_up(vf, env, g, "--memory", "--target", "dir")
+        [r] = json.loads(vf("--json", "verify", g.name, "--target", "dir", "--seconds", "2", env=env).stdout)["verified"]
+        assert r["ok"] and "guest agent answered a ping" in r["checks"], r
+        assert_nothing_left(vf, libvirt_conn)
+    finally:
+        g.remove()

@@ -145,7 +145,7 @@ def attach_loop(image: Path, attempts: int = 5) -> str:
 
 def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths: dict[str, Path],
                sock: Path, memory_mib: int = 192, agent_channel: bool = False, stride: int = 1,
-               agent: str | None = None) -> str:
+               agent: str | None = None, boot_check: bool = False) -> str:
     img = ensure_guest_image(agent=agent is not None)
     writing = [d.target for d in disks if d.device == "disk" and d.writes]
     dom = ET.Element("domain", type="qemu")
@@ -158,7 +158,8 @@ def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths
     ET.SubElement(os_, "kernel").text = str(img.kernel)
     ET.SubElement(os_, "initrd").text = str(img.initrd)
     ET.SubElement(os_, "cmdline").text = (f"console=ttyS0 panic=-1 vf.disks={','.join(writing)} vf.stride={stride}"
-                                          + (f" vf.hook={agent}" if agent else ""))
+                                          + (f" vf.hook={agent}" if agent else "")
+                                          + (" vf.check=1" if boot_check else ""))
     for ev in ("on_poweroff", "on_reboot", "on_crash"):
         ET.SubElement(dom, ev).text = "destroy"
     dev = ET.SubElement(dom, "devices")
@@ -198,7 +199,8 @@ def domain_xml(name: str, uuid: str, workdir: Path, disks: list[DiskSpec], paths
 
 def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] | None = None,
                  name: str | None = None, persistent: bool = True, start: bool = True,
-                 memory_mib: int = 192, agent_channel: bool = False, stride: int = 1) -> Guest:
+                 memory_mib: int = 192, agent_channel: bool = False, stride: int = 1,
+                 boot_check: bool = False) -> Guest:
     """Define a writing guest with fresh disk images in `workdir` and (by default) start it."""
     disks = disks if disks is not None else [DiskSpec("vda")]
     uid = str(uuidlib.uuid4())
@@ -230,7 +232,8 @@ def create_guest(conn: libvirt.virConnect, workdir: Path, disks: list[DiskSpec] 
         else:
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(p), f"{d.size_mib}M"], check=True)
         paths[d.target] = p
-    xml = domain_xml(name, uid, workdir, disks, paths, sock, memory_mib, agent_channel, stride)
+    xml = domain_xml(name, uid, workdir, disks, paths, sock, memory_mib, agent_channel, stride,
+                     boot_check=boot_check)
     guest = Guest(conn=conn, name=name, uuid=uid, workdir=workdir,
                   disks={d.target: paths[d.target] for d in disks if d.target in paths and d.device == "disk"},
                   formats={d.target: d.fmt for d in disks if d.target in paths and d.device == "disk"},

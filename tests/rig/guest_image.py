@@ -26,7 +26,7 @@ MODULES = [
 ]
 
 # Bump when INIT_SCRIPT changes so cached initramfs files are rebuilt.
-RIG_VERSION = "7"
+RIG_VERSION = "8"
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -38,10 +38,12 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
 done
 disks=""
 stride=1
+check=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vf.disks=*) disks=$(echo "${arg#vf.disks=}" | tr ',' ' ');;
         vf.stride=*) stride="${arg#vf.stride=}";;
+        vf.check=*) check="${arg#vf.check=}";;
     esac
 done
 # Acknowledgements go to ttyS1, which the host reads through a unix socket.
@@ -51,11 +53,12 @@ for d in $disks; do
     while [ ! -b /dev/$d ]; do usleep 10000; done
     eval "size_$d=$(cat /sys/block/$d/size)"
 done
-# The guest's own check, as an fsck at boot: a disk whose first sector is neither empty nor a record
-# is corrupt, and init exits: the kernel panics and (panic=-1, on_reboot=destroy) the domain stops.
+# With vf.check=1, the guest's own check, as an fsck at boot: a disk whose first sector is neither
+# empty nor a record is corrupt, and init exits: the kernel panics and (panic=-1, on_reboot=destroy)
+# the domain stops.
 for d in $disks; do
     head=$(head -c 5 /dev/$d)
-    if [ -n "$head" ] && [ "$head" != VFREC ]; then
+    if [ "$check" = 1 ] && [ -n "$head" ] && [ "$head" != VFREC ]; then
         echo "init: /dev/$d is corrupt; stopping"
         exit 1
     fi
