@@ -613,6 +613,54 @@ def _verify_new_archives(rt, results, targets, seconds: float) -> list:
 
 
 @cli.command()
+@_domains_arg
+@_all_opt
+@_output_options
+@click.pass_obj
+def check(ctx: Ctx, domains, all_):
+    """Say what will work, before the first night: the host, then each domain. Changes nothing.
+
+    One finding per line: ok, warning or error. Exit 0 when nothing is an
+    error, 1 otherwise, 2 for usage errors. Without domains: the host only.
+    """
+
+    def run():
+        import fnmatch
+
+        from virtfreeze.check import ERROR, domain_findings, host_findings, missing_domain
+        from virtfreeze.selection import select
+
+        rt = ctx.rt
+        every = rt.hv.domains()
+        chosen, missing = [], []
+        if all_ or domains:
+            if all_:
+                chosen = select(every, [], True, rt.config)
+            else:
+                names = {d.name for d in every}
+                for pat in domains:
+                    matches = [d for d in every if d.name == pat or fnmatch.fnmatchcase(d.name, pat)]
+                    if not matches and (pat not in names):
+                        missing.append(pat)
+                    chosen += [d for d in matches if d not in chosen]
+        findings = host_findings(rt, chosen)
+        for d in chosen:
+            try:
+                findings += domain_findings(rt, d)
+            except errors.DomainNotFound:
+                missing.append(d.name)  # undefined meanwhile
+        findings += [missing_domain(n) for n in missing]
+        if ctx.as_json:
+            click.echo(json.dumps({"findings": [f.to_json() for f in findings]}, indent=2))
+        else:
+            for f in findings:
+                click.echo(f"{f.level.upper():7}  {f.scope}: {f.topic}: {f.message}")
+        return errors.EXIT_FAILED if any(f.level == ERROR for f in findings) else errors.EXIT_OK
+
+    _run_guarded(run)
+
+
+@cli.command()
 @_output_options
 @click.pass_obj
 def plugins(ctx: Ctx):

@@ -325,6 +325,20 @@ class Hypervisor:
 
         return self._call("set network links down", op, domain=name)
 
+    def versions(self) -> tuple[str, str]:
+        """(libvirt's version, the hypervisor's (QEMU's) version) as dotted strings."""
+        def dotted(n: int) -> str:
+            return f"{n // 1000000}.{n // 1000 % 1000}.{n % 1000}"
+
+        return self._call("read versions", lambda c: (dotted(c.getLibVersion()), dotted(c.getVersion())),
+                          read_only=True)
+
+    def security_model(self) -> str | None:
+        """The security driver libvirt confines QEMU with (apparmor, selinux, ...), or None."""
+        caps = self._call("read capabilities", lambda c: c.getCapabilities(), read_only=True)
+        models = [m.text for m in ET.fromstring(caps).findall("host/secmodel/model") if m.text and m.text != "none"]
+        return models[0] if models else None
+
     def pool_directories(self) -> list[str]:
         """The target directories of the storage pools that have one (dir, fs, netfs, ...)."""
         def op(conn):

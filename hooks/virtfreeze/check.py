@@ -1,0 +1,184 @@
+"""Preflight: what will work on this host and for each domain, before the first night.
+
+`virtfreeze check` changes nothing and writes nothing: it reads versions,
+directories, definitions and libvirt's security model, and asks a guest
+agent for a ping. One finding per line, each ok, warning or error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from virtfreeze.domain_xml import has_agent_channel, has_swtpm, ineligible_reason, nvram_path, overlay_path, parse_disks
+from virtfreeze.errors import VirtfreezeError
+from virtfreeze.libvirt_boundary import PAUSED, RUNNING, DomainInfo
+from virtfreeze.runtime import Runtime
+from virtfreeze.status import planned_strategy
+
+OK, WARNING, ERROR = "ok", "warning", "error"
+AGENT_PING_SECONDS = 2
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # ok, warning, error
+    scope: str  # "host", or a domain's name
+    topic: str  # libvirt, apparmor, directory, tool, fuse, disk vda, quiesce, nvram, tpm, strategy, domain
+    message: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _fs(path: Path) -> tuple[str, int] | None:
+    """(filesystem type, bytes free) of the filesystem holding `path` (its nearest existing ancestor)."""
+    p = path
+    while not p.exists():
+        p = p.parent
+    best, fstype = "", "?"
+    with open("/proc/self/mounts") as fh:
+        for line in fh:
+            fields = line.split()
+            mp = fields[1].replace("\\040", " ")
+            if (str(p) == mp or str(p).startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                best, fstype = mp, fields[2]
+    st = os.statvfs(p)
+    return fstype, st.f_bavail * st.f_frsize
+
+
+def _version(argv: list[str]) -> str | None:
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def host_findings(rt: Runtime, domains: list[DomainInfo]) -> list[Finding]:
+    cfg, hv = rt.config, rt.hv
+    out = []
+    lib, qemu = hv.versions()
+    out.append(Finding(OK, "host", "libvirt", f"libvirt {lib}, QEMU {qemu} at {hv.uri}"))
+    model = hv.security_model()
+    if model == "apparmor":
+        out.append(Finding(WARNING, "host", "live commit",
+                           "libvirt confines QEMU with AppArmor (read from its security model): on Debian 12 it "
+                           "refuses live commits (OpenNebula/one#6565), so a running VM is merged offline, stopped "
+                           "for the whole merge (strategy auto says so); not tried here"))
+    else:
+        out.append(Finding(OK, "host", "live commit",
+                           f"libvirt's security model is {model or 'none'} (read, not tried): nothing refuses a live "
+                           "commit"))
+    for what, path, durable in (("state_directory", cfg.state_directory, True),
+                                ("export_directory", cfg.export_directory, False),
+                                ("overlay_directory", cfg.overlay_directory, True)):
+        if path is None:
+            continue
+        fstype, free = _fs(Path(path))
+        exists = "" if Path(path).exists() else " (does not exist yet; made on first use)"
+        if durable and fstype in ("tmpfs", "ramfs"):
+            out.append(Finding(ERROR, "host", what, f"{path} is on {fstype}: it must survive a reboot "
+                                                   f"(journal, overlays){exists}"))
+        elif what == "overlay_directory" and free < cfg.overlay_min_free:
+            out.append(Finding(ERROR, "host", what, f"{path}: {free >> 20} MiB free, below overlay_min_free "
+                                                   f"({cfg.overlay_min_free >> 20} MiB): freeze refuses{exists}"))
+        else:
+            out.append(Finding(OK, "host", what, f"{path} on {fstype}, {free >> 20} MiB free{exists}"))
+    for tool, argv in (("borg", ["borg", "--version"]), ("restic", ["restic", "version"]),
+                       ("borgmatic", ["borgmatic", "--version"])):
+        version = _version(argv)
+        used = any(t.get("type") == tool for t in cfg.targets.values())
+        if version:
+            out.append(Finding(OK, "host", tool, version))
+        elif used:
+            out.append(Finding(ERROR, "host", tool, "not found, and a configured target uses it"))
+    needs_fuse = any(d.type == "block" and not ineligible_reason(d) for d in _all_disks(rt, domains))
+    if needs_fuse:
+        if not os.path.exists("/dev/fuse"):
+            out.append(Finding(ERROR, "host", "fuse", "/dev/fuse is missing: block-device disks cannot be exported "
+                                                     "(modprobe fuse)"))
+        else:
+            try:
+                importlib.import_module("mfusepy")  # loads libfuse3
+
+                out.append(Finding(OK, "host", "fuse", "/dev/fuse and libfuse3: block-device disks are exported as "
+                                                      "files"))
+            except (ImportError, OSError) as e:
+                out.append(Finding(ERROR, "host", "fuse", f"libfuse3 cannot be loaded ({e}): install libfuse3-3"))
+    return out
+
+
+def _all_disks(rt: Runtime, domains: list[DomainInfo]):
+    for d in domains:
+        try:
+            yield from parse_disks(rt.hv.xml(d.uuid, d.name, inactive=True))
+        except VirtfreezeError:
+            continue
+
+
+def domain_findings(rt: Runtime, info: DomainInfo) -> list[Finding]:
+    cfg, hv = rt.config, rt.hv
+    name = info.name
+    out = []
+    inactive = hv.xml(info.uuid, name, inactive=True)
+    live = hv.xml(info.uuid, name) if info.state in (RUNNING, PAUSED) else inactive
+    excluded = set(cfg.for_domain(name).exclude_disks)
+    frozen = 0
+    for disk in parse_disks(live):
+        reason = ineligible_reason(disk, excluded)
+        topic = f"disk {disk.target}"
+        if reason is None:
+            frozen += 1
+            where = overlay_path(disk, info.uuid, cfg.overlay_directory, cfg.state_directory)
+            kind = "block device, exported as a file through FUSE" if disk.type == "block" else disk.format or "?"
+            out.append(Finding(OK, name, topic, f"frozen: {disk.source} ({kind}); overlay {where}"))
+            fstype, free = _fs(where.parent)
+            if free < cfg.overlay_min_free:
+                out.append(Finding(ERROR, name, topic, f"only {free >> 20} MiB free for its overlay in {where.parent}, "
+                                                       f"below overlay_min_free ({cfg.overlay_min_free >> 20} MiB): "
+                                                       "freeze refuses"))
+        elif disk.device == "disk" and disk.type not in ("file", "block"):
+            out.append(Finding(WARNING, name, topic, f"left out: {reason}; its data is NOT in the backup"))
+        else:
+            out.append(Finding(OK, name, topic, f"left out: {reason}"))
+    if frozen == 0:
+        out.append(Finding(WARNING, name, "disks", "no disk is frozen: only its definition is archived"))
+    if info.state not in (RUNNING, PAUSED):
+        out.append(Finding(OK, name, "quiesce", f"{info.state}: an offline snapshot, consistent as it is"))
+    elif not has_agent_channel(live):
+        out.append(Finding(WARNING, name, "quiesce", "no guest agent channel: crash-consistent snapshots only "
+                                                    "(add org.qemu.guest_agent.0 and run qemu-guest-agent)"))
+    else:
+        try:
+            hv.agent_ping(info.uuid, name, AGENT_PING_SECONDS)
+            out.append(Finding(OK, name, "quiesce", "the guest agent answers: filesystems are quiesced"))
+        except VirtfreezeError as e:
+            level = ERROR if cfg.effective(name).quiesce == "require" else WARNING
+            out.append(Finding(level, name, "quiesce", f"agent channel, but the agent does not answer ({e.message}): "
+                                                       + ("quiesce require fails the freeze" if level == ERROR
+                                                          else "crash-consistent snapshots")))
+    if nvram_path(inactive):
+        out.append(Finding(OK, name, "nvram", f"{nvram_path(inactive)} is archived"))
+    if has_swtpm(inactive):
+        out.append(Finding(OK, name, "tpm", "its swtpm state is archived"))
+    strategy, why = planned_strategy(rt, name, info.state)
+    out.append(Finding(OK if strategy != "none" else WARNING, name, "strategy", f"{strategy}: {why}"))
+    root = ET.fromstring(inactive)
+    passthrough = [t for t in ("hostdev", "filesystem") if root.findall(f"devices/{t}")]
+    if passthrough and cfg.effective(name).memory:
+        out.append(Finding(WARNING, name, "memory", f"{' and '.join(passthrough)} devices: its memory state "
+                                                    "cannot be saved (--memory fails)"))
+    return out
+
+
+def missing_domain(name: str) -> Finding:
+    return Finding(ERROR, name, "domain", "no such domain (`virsh list --all` shows them)")
