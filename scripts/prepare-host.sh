@@ -28,6 +28,8 @@ packages=(
   borgbackup restic borgmatic     # the demo's and the tests' backup tools
   systemd                         # systemd-analyze checks contrib/systemd (no systemd needs to run)
   ovmf swtpm swtpm-tools          # UEFI and TPM guests: restore puts back their NVRAM and TPM state
+  pipx python3-venv python3-build python3-hatchling   # the pipx install, tested with Debian's own libraries:
+  python3-libvirt python3-click python3-pluggy python3-yaml python3-jsonschema python3-rich
 )
 missing=()
 for p in "${packages[@]}"; do
