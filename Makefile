@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 JOBS ?= 2
 
-.PHONY: prepare demo test test-unit bench
+.PHONY: prepare demo test test-unit bench deb
 
 prepare:
 	bash scripts/prepare-host.sh
@@ -28,3 +28,7 @@ bench: prepare
 	$(PY) bench/block_view.py
 	$(PY) bench/libvirt_calls.py
 	$(PY) bench/restore.py
+
+## deb: the Debian package (build/deb/virtfreeze_<version>_all.deb), built with Debian's tools, lintian-checked
+deb:
+	bash scripts/build-deb.sh

@@ -21,7 +21,7 @@ die() { printf 'prepare-host: error: %s\n' "$*" >&2; exit 1; }
 packages=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils dnsmasq-base
-  libfuse3-3                      # the export view of block-device disks (FUSE, through mfusepy)
+  libfuse3-3                      # the export view of block-device disks (FUSE, through the vendored mfusepy)
   libvirt-dev pkg-config          # to build libvirt-python (PyPI has no wheels)
   busybox-static cpio xz-utils    # the writing test guest's initramfs
   e2fsprogs                       # the agent test guest's ext4 filesystem (mkfs.ext4, debugfs, e2fsck)

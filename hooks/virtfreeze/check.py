@@ -108,7 +108,7 @@ def host_findings(rt: Runtime, domains: list[DomainInfo]) -> list[Finding]:
                                                      "(modprobe fuse)"))
         else:
             try:
-                importlib.import_module("mfusepy")  # loads libfuse3
+                importlib.import_module("virtfreeze._vendor.mfusepy")  # loads libfuse3
 
                 out.append(Finding(OK, "host", "fuse", "/dev/fuse and libfuse3: block-device disks are exported as "
                                                       "files"))

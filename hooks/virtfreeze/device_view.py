@@ -44,7 +44,7 @@ def mountpoint_of(argv: list[str]) -> str | None:
 
 
 def _operations(device: str, ready_fd: int):
-    import mfusepy
+    from virtfreeze._vendor import mfusepy
 
     class DeviceFile(mfusepy.Operations):
         """The file system's one file, "/", holding the device's bytes."""
@@ -81,7 +81,7 @@ def _operations(device: str, ready_fd: int):
 def _fuse_class():
     import ctypes
 
-    import mfusepy
+    from virtfreeze._vendor import mfusepy
 
     class DeviceFUSE(mfusepy.FUSE):
         """Reads go straight from the device into libfuse's buffer (no bytes object, no second copy)."""

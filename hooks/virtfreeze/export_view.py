@@ -131,7 +131,7 @@ def expose_device(device: Path, mountpoint: Path) -> None:
     mountpoint.touch(mode=0o400, exist_ok=True)
     runner.start_daemon(lambda fd: device_view.argv_for(str(device), str(mountpoint), fd), what="device view",
                         timeout=VIEW_START_TIMEOUT, path=str(device),
-                        install_hint="it needs /dev/fuse, libfuse3 (Debian: libfuse3-3) and mfusepy")
+                        install_hint="it needs /dev/fuse and libfuse3 (Debian: libfuse3-3)")
     _raise_readahead(mountpoint)
 
 

@@ -66,3 +66,44 @@ def test_pipx_install_with_debians_libraries(guest_factory, vf, tmp_path):
     g.watcher.wait_acks(20)
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)
+
+
+def test_debian_package_builds_clean_installs_and_freezes_and_thaws(guest_factory, vf, tmp_path):
+    """`make deb` (lintian with no errors), `apt-get install` of the package, a freeze and thaw of a writing
+    guest through /usr/bin/virtfreeze, then the package removed again."""
+    subprocess.run(["make", "-C", str(ROOT), "deb"], check=True, capture_output=True)
+    [deb] = (ROOT / "build" / "deb").glob("virtfreeze_*_all.deb")
+    lintian = subprocess.run(["lintian", "--fail-on", "error", str(deb)], capture_output=True, text=True,
+                             env=dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin"))
+    assert lintian.returncode == 0 and "\nE: " not in "\n" + lintian.stdout, lintian.stdout
+    contents = subprocess.run(["dpkg-deb", "-c", str(deb)], check=True, capture_output=True, text=True).stdout
+    for path in ("./usr/bin/virtfreeze", "./usr/share/man/man1/virtfreeze.1.gz",
+                 "./lib/systemd/system/virtfreeze-backup.timer", "./usr/share/doc/virtfreeze/examples/virtfreeze.yaml",
+                 "/dist-packages/virtfreeze_borg/__init__.py"):
+        assert path in contents, path
+    apt_env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", PATH="/usr/sbin:/usr/bin:/sbin:/bin")
+    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", str(deb)], check=True,
+                   capture_output=True, env=apt_env)
+    try:
+        unit = Path("/lib/systemd/system/virtfreeze-backup.service").read_text()
+        assert "ExecStart=/usr/bin/virtfreeze backup" in unit
+        assert not Path("/etc/systemd/system/timers.target.wants/virtfreeze-backup.timer").exists()  # not enabled
+
+        def installed(*args: str) -> subprocess.CompletedProcess:
+            proc = subprocess.run(["/usr/bin/virtfreeze", "--config", str(vf.config_path), *args], capture_output=True,
+                                  text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+            assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stdout, proc.stderr)
+            return proc
+
+        assert "borg (entry point of virtfreeze" in installed("plugins").stdout
+        g = guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw", size_mib=16, block=True)])
+        g.watcher.wait_acks(20)
+        installed("freeze", g.name)
+        g.watcher.wait_acks(20)
+        installed("thaw", g.name)
+        g.watcher.wait_acks(20)
+        assert_back_on_base(g, vf)
+        assert_all_acked_present(g)
+    finally:
+        subprocess.run(["apt-get", "purge", "-y", "-q", "virtfreeze"], check=True, capture_output=True, env=apt_env)
+    assert not Path("/usr/bin/virtfreeze").exists()
