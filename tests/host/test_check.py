@@ -16,15 +16,18 @@ def listing(*roots: Path) -> list[str]:
 
 
 def run_check(vf, conn, *args, expect: int):
-    """`virtfreeze --json check ARGS`, asserting that it changed nothing; its findings by (scope, topic)."""
-    before = ({d.name(): d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) for d in conn.listAllDomains(0)},
-              listing(vf.state, vf.export, vf.config_path.parent))
+    """`virtfreeze --json check ARGS`, asserting that it changed nothing: the definitions of the domains it
+    checked (other tests run beside this one and change theirs) and its directories. Returns its findings
+    by (scope, topic)."""
+    names = [a for a in args if not a.startswith("-")]
+
+    def definitions() -> dict[str, str]:
+        return {d.name(): d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) for d in conn.listAllDomains(0)
+                if d.name() in names}
+
+    before = (definitions(), listing(vf.state, vf.export, vf.config_path.parent))
     out = vf("--json", "check", *args, expect=expect)
-    after = ({d.name(): d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) for d in conn.listAllDomains(0)},
-             listing(vf.state, vf.export, vf.config_path.parent))
-    assert {n: x for n, x in after[0].items() if n in before[0]} == \
-        {n: x for n, x in before[0].items() if n in after[0]}, "a definition changed"
-    assert after[1] == before[1], "check wrote something"
+    assert (definitions(), listing(vf.state, vf.export, vf.config_path.parent)) == before, "check changed something"
     findings = {}
     for f in json.loads(out.stdout)["findings"]:
         findings.setdefault((f["scope"], f["topic"]), []).append(f)
