@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from virtfreeze import runner
+from virtfreeze import priority, runner
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.freeze import freeze_domain
 from virtfreeze.libvirt_boundary import DomainInfo
@@ -74,6 +74,7 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *
                   quiesce: str | None = None, strategy: str | None = None) -> BackupResult:
     """Freeze, archive to each target, thaw; memory/quiesce/strategy None: not given on the command line."""
     ref = DomainRef(info.name, info.uuid)
+    archive_priority = priority.Priority.from_config(rt.config.archive_priority)
     frozen = freeze_domain(rt, info, memory=memory, quiesce=quiesce)
     result = BackupResult(info.name, info.uuid, frozen.consistency, freeze_seconds=frozen.seconds,
                           snapshot_seconds=frozen.snapshot_seconds)
@@ -88,7 +89,8 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *
                     info_now = rt.hv.info(info.uuid)
                     if info_now is not None and info_now.io_error:  # before we listened
                         scope.cancel(why)
-                    archived = target.archive(ref, export_dir, manifest)
+                    with priority.archiving(archive_priority):  # behind the guests
+                        archived = target.archive(ref, export_dir, manifest)
                     scope.check(f"archive to {target.name}")
                 result.archives.append(archived)
                 archived.verified = _check_contents(ref, target, archived.archive, manifest)

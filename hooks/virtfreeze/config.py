@@ -149,6 +149,25 @@ SCHEMA: dict[str, Any] = {
             "description": "Iterative merge: stop the live rounds once the remaining overlays hold fewer bytes than this.",
             "example": 1048576,
         },
+        "archive_priority": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "How `backup` runs the archive tools (borg, restic, the directory copy), so that the "
+                           "guests do not notice: CPU nice, I/O class, and a cgroup CPU weight. "
+                           "{nice: 0, ionice: none, cpu_weight: null} runs them as any other process.",
+            "example": {"nice": 19, "ionice": "idle", "cpu_weight": 10},
+            "properties": {
+                "nice": {"type": "integer", "minimum": 0, "maximum": 19,
+                         "description": "CPU nice of the archive tools (19: lowest).", "example": 19},
+                "ionice": {"type": "string", "enum": ["idle", "best-effort", "none"],
+                           "description": "I/O scheduling class (BFQ and CFQ only; mq-deadline ignores it).",
+                           "example": "idle"},
+                "cpu_weight": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000,
+                               "description": "cgroup CPU weight of the archive tools (everything else has 100; "
+                                              "cgroup v2 cpu.weight or v1 cpu.shares); null: no cgroup.",
+                               "example": 10},
+            },
+        },
         "restore_directories": {
             "type": "array", "items": {"type": "string", "pattern": "^/"},
             "description": "Directories a restore may write disks and other files of a domain into, besides "
@@ -227,6 +246,7 @@ class Config:
     iterative_threshold: int = 1 << 20
     overlay_min_free: int = 1 << 30
     iterative_final_step: str = "auto"
+    archive_priority: dict = field(default_factory=lambda: {"nice": 19, "ionice": "idle", "cpu_weight": 10})
     restore_directories: list[str] = field(default_factory=list)
     verify_directory: Path | None = None
     targets: dict[str, dict] = field(default_factory=dict)

@@ -11,12 +11,14 @@ import contextlib
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 from typing import Callable, Iterator
 
+from virtfreeze import priority
 from virtfreeze.errors import VirtfreezeError
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,23 @@ def _unblock_signals() -> None:
     never be stopped. Only an async-signal-safe call runs here.
     """
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def _child_setup(cgroup_procs: str | None):
+    """What the child does before exec: unblock signals, and join the archive's cgroup if any."""
+    if cgroup_procs is None:
+        return _unblock_signals
+
+    def setup() -> None:
+        _unblock_signals()
+        try:
+            fd = os.open(cgroup_procs, os.O_WRONLY)
+            os.write(fd, b"0")  # "0": the writing process itself
+            os.close(fd)
+        except OSError:
+            pass  # a lower priority is a wish, never a reason to fail the archive
+
+    return setup
 
 
 def last_lines(text: str | None, n: int = STDERR_LINES) -> str:
@@ -105,12 +124,18 @@ def run(argv: list[str], *, what: str | None = None, domain: str | None = None, 
     subprocess.Popen (env, cwd, ...).
     """
     what = what or argv[0]
+    prefix = priority.command_prefix()  # inside priority.archiving: nice/ionice
+    if prefix and shutil.which(argv[0]) is None:  # say so as without the prefix, not as ionice's exit 127
+        raise VirtfreezeError(f"{what}: cannot run {argv[0]}: No such file or directory", domain=domain, disk=disk,
+                              path=path, hint=install_hint or "install it, or check the program path")
+    argv = [*prefix, *argv]
+    cgroup = priority.child_cgroup()
     log.debug("running %s", argv)
     scope = getattr(_scope, "current", None)
     try:
         popen = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 preexec_fn=_unblock_signals, **kw)
+                                 preexec_fn=_child_setup(str(cgroup) if cgroup else None), **kw)
     except OSError as e:
         raise VirtfreezeError(f"{what}: cannot run {argv[0]}: {e.strerror}", domain=domain, disk=disk, path=path,
                               hint=install_hint or "install it, or check the program path") from None

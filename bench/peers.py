@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Benchmark: what the guest notices of its backup, virtfreeze against the plain way, side by side.
+
+One writing guest with a raw disk full of incompressible data. Per run, with
+the page cache dropped before each measurement, a fresh borg repository for
+each, and the order rotating between runs:
+
+- baseline: a window of the same length with no backup at all;
+- plain script: `virsh snapshot-create-as --disk-only`, `borg create` of the
+  base images, `virsh blockcommit --active --pivot` per disk (what people
+  write by hand);
+- virtfreeze `freeze` then `thaw` with no archive between (the stall of the
+  snapshot and the pivot alone);
+- virtfreeze hook mode: `freeze`, `borg create` of the export view, `thaw`;
+  again with borg under `nice -n 19 ionice -c 3`;
+- virtfreeze driver mode: `backup --target borg` with the default
+  `archive_priority` (nice 19, ionice idle, cgroup CPU weight 10), and with
+  `archive_priority` normal.
+
+It prints, per way, the median wall time and the median of the guest's
+largest write stall, with the stall's ratio to the baseline's and the wall
+time's ratio to the plain script's. virt-backup is not compared: it is not
+packaged for Debian and did not install from PyPI here (see the closing note).
+
+Usage: bench/peers.py [--runs 3] [--size-mib 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import VIRTFREEZE, med  # noqa: E402
+
+import libvirt  # noqa: E402
+
+from tests.rig.acks import max_gap  # noqa: E402
+
+from archive import BORG_ENV, VF_ENV, guest_with_data  # noqa: E402
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def sh(*argv: str, **kw) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, **kw)
+    if proc.returncode not in (0, 1) or (proc.returncode == 1 and argv[0] != "borg"):
+        raise RuntimeError(f"{' '.join(argv)}: {proc.returncode}: {proc.stderr.strip()}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--size-mib", type=int, default=512)
+    args = ap.parse_args()
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)
+    conn = libvirt.open("qemu:///system")
+    work = Path(tempfile.mkdtemp(prefix="vf-bench-peers-", dir="/var/tmp"))
+    repo = work / "repo.borg"
+    base = f"state_directory: {work}/state\nexport_directory: {work}/export\n" \
+           f"targets:\n  borg: {{type: borg, repository: '{repo}', compression: lz4}}\n"
+    (work / "low.yaml").write_text(base)
+    (work / "normal.yaml").write_text(base + "archive_priority: {nice: 0, ionice: none, cpu_weight: null}\n")
+    g = guest_with_data(conn, work / "vm", "vf-bench-peers", args.size_mib)
+    name, disks = g.name, dict(g.disks)
+
+    def fresh_repo() -> None:
+        shutil.rmtree(repo, ignore_errors=True)
+        sh("borg", "init", "--encryption=none", str(repo), env=BORG_ENV)
+
+    def vf(config: str, *a: str) -> None:
+        sh(*VIRTFREEZE, "-q", "--config", str(work / config), *a, env=VF_ENV)
+
+    def plain() -> None:
+        specs = [f"--diskspec={t},file={p}.plain-ov.qcow2" for t, p in disks.items()]
+        sh("virsh", "snapshot-create-as", name, "--disk-only", "--atomic", "--no-metadata", *specs)
+        sh("borg", "create", f"{repo}::plain", *map(str, disks.values()), env=BORG_ENV)
+        for t, p in disks.items():
+            sh("virsh", "blockcommit", name, t, "--active", "--pivot", "--wait")
+            os.unlink(f"{p}.plain-ov.qcow2")
+
+    def hook(niced: bool) -> None:
+        vf("low.yaml", "freeze", name)
+        prefix = ["nice", "-n", "19", "ionice", "-c", "3"] if niced else []
+        sh(*prefix, "borg", "create", f"{repo}::hook", ".", cwd=work / "export" / name, env=BORG_ENV)
+        vf("low.yaml", "thaw", name)
+
+    def cycle_only() -> None:
+        vf("low.yaml", "freeze", name)
+        vf("low.yaml", "thaw", name)
+
+    ways = {
+        "plain script (snapshot, borg, blockcommit)": plain,
+        "virtfreeze freeze + thaw, no archive": cycle_only,
+        "virtfreeze hook mode (freeze, borg, thaw)": lambda: hook(False),
+        "  the same, borg under nice 19 + ionice idle": lambda: hook(True),
+        "virtfreeze backup, archive_priority default (low)": lambda: vf("low.yaml", "backup", "--target", "borg",
+                                                                      name),
+        "virtfreeze backup, archive_priority normal": lambda: vf("normal.yaml", "backup", "--target", "borg", name),
+    }
+    walls: dict[str, list[float]] = {w: [] for w in ways}
+    stalls: dict[str, list[float]] = {w: [] for w in ["baseline (no backup)", *ways]}
+    try:
+        for run in range(args.runs):
+            order = list(ways)
+            order = order[run % len(order):] + order[:run % len(order)]
+            for way in order:
+                fresh_repo()
+                drop_caches()
+                g.watcher.wait_acks(20)
+                t0 = time.monotonic()
+                ways[way]()
+                t1 = time.monotonic()
+                g.watcher.wait_acks(5, after=t1)
+                walls[way].append(t1 - t0)
+                stalls[way].append(max_gap(g.watcher.snapshot(), t0, t1))
+            drop_caches()
+            window = med([ws[-1] for ws in walls.values()])  # as long as a backup
+            t0 = time.monotonic()
+            g.watcher.wait_acks(1, after=t0 + window, timeout=window + 60)
+            stalls["baseline (no backup)"].append(max_gap(g.watcher.snapshot(), t0, t0 + window))
+        base_stall = med(stalls["baseline (no backup)"])
+        plain_wall = med(walls["plain script (snapshot, borg, blockcommit)"])
+        print(f"what the guest notices ({args.runs} runs, {args.size_mib} MiB of random data, 2 cores; medians):")
+        print(f"  {'way':52} {'wall':>7} {'÷plain':>7} {'stall':>8} {'÷base':>6}")
+        print(f"  {'baseline (no backup)':52} {'-':>7} {'-':>7} {base_stall * 1000:6.0f}ms {1:6.1f}")
+        for way in ways:
+            w, s = med(walls[way]), med(stalls[way])
+            print(f"  {way:52} {w:6.2f}s {w / plain_wall:7.2f} {s * 1000:6.0f}ms {s / base_stall:6.1f}")
+        return 0
+    finally:
+        g.remove()
+        subprocess.run([*VIRTFREEZE, "-q", "--config", str(work / "low.yaml"), "thaw"], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
