@@ -45,6 +45,7 @@ import libvirt  # noqa: E402
 
 from tests.rig.acks import AckWatcher  # noqa: E402
 from tests.rig.guest import SOCKET_DIR, DiskSpec, create_guest  # noqa: E402
+from tests.rig.guest_image import cache_dir  # noqa: E402
 
 from archive import BORG_ENV, VF_ENV, borg  # noqa: E402
 
@@ -85,7 +86,7 @@ def main() -> int:
     repo = work / "repo.borg"
     config = work / "virtfreeze.yaml"
     config.write_text(f"state_directory: {work}/state\nexport_directory: {work}/export\n"
-                      f"restore_directories: ['{work}', '{SOCKET_DIR}']\n"
+                      f"restore_directories: ['{work}', '{SOCKET_DIR}', '{cache_dir()}']\n"
                       f"targets:\n  borg: {{type: borg, repository: '{repo}', compression: lz4}}\n"
                       f"  dir: {{type: directory, path: '{work / 'dir-target'}'}}\n")
     (work / "dir-target").mkdir()

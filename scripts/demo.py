@@ -26,6 +26,7 @@ import libvirt  # noqa: E402
 
 from tests.rig.acks import AckWatcher, acked_by_disk, max_gap  # noqa: E402
 from tests.rig.guest import SOCKET_DIR, DiskSpec, create_guest  # noqa: E402
+from tests.rig.guest_image import cache_dir  # noqa: E402
 from tests.rig.integrity import check_image  # noqa: E402
 
 NAME = "virtfreeze-demo"
@@ -70,7 +71,7 @@ def main() -> int:
     config.write_text(json.dumps({  # JSON is YAML
         "state_directory": f"{WORK}/state", "export_directory": f"{WORK}/export",
         "targets": {"demo": {"type": "borg", "repository": str(repo)}},
-        "restore_directories": [str(WORK), str(SOCKET_DIR)],  # the demo VM's disks and serial sockets
+        "restore_directories": [str(WORK), str(SOCKET_DIR), str(cache_dir())],  # its disks, sockets, kernel
     }))
     vf = [*VIRTFREEZE, "--config", str(config)]
     env = dict(os.environ, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes", BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")

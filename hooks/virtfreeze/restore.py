@@ -28,7 +28,8 @@ from virtfreeze.journal import domain_lock, failpoint, write_atomic
 from virtfreeze.libvirt_boundary import PAUSED, RUNNING, SHUTOFF
 from virtfreeze.logs import domain_log
 from virtfreeze.restore_plan import (
-    ALWAYS_ALLOWED, SWTPM_DIR, Archive, ArchiveIncomplete, RestorePlan, check_data, memory_complete, passthrough,
+    ALWAYS_ALLOWED, SWTPM_DIR, Archive, ArchiveIncomplete, RestorePlan, check_data, check_paths, memory_complete,
+    passthrough,
     plan_restore, read_archive, relocate_xml,
 )
 from virtfreeze.runtime import Runtime
@@ -438,6 +439,10 @@ def restore(rt: Runtime, source: Source, *, name: str | None = None, disk_dir: P
     finally:
         _drop_peek(peek)
     dlog = domain_log(log, plan.name)
+    if use_memory and source.directory is not None:  # its XML is checked before anything is written
+        memory_complete(archive)
+        check_paths(relocate_xml(save_image.read(archive.root / archive.memory).xml, plan.relocation), plan.name,
+                    plan.allowed)
     links_down = use_memory and plan.new and bool(plan.relocation.macs)
     if links_down:
         plan.warnings.append("resumed from memory under a new name: its network links are down, because its memory "
@@ -508,7 +513,9 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
             memory_file = src
             os.chmod(memory_file, 0o600)
         image = save_image.read(memory_file)
-        save_image.rewrite_xml(memory_file, relocate_xml(image.xml, plan.relocation))
+        memory_xml = relocate_xml(image.xml, plan.relocation)
+        check_paths(memory_xml, plan.name, plan.allowed)  # the image's own XML is archive data too
+        save_image.rewrite_xml(memory_file, memory_xml)
 
     # 4. Files into place, each created exclusively.
     written = 0

@@ -29,6 +29,7 @@ NVRAM_DIR = LIBVIRT_DIR / "qemu" / "nvram"
 BLOCK_DISK_DIR = LIBVIRT_DIR / "images"  # where block-device disks come back as raw files without --disk-dir
 ALWAYS_ALLOWED = (LIBVIRT_DIR, Path("/var/log/libvirt"), Path("/run/libvirt"))
 FIRMWARE_DIRS = (Path("/usr/share"),)  # <loader> and <nvram template=> are read from packaged firmware only
+BOOT_DIRS = (Path("/usr/share"), Path("/boot"))  # besides the allowed places: where <kernel>/<initrd> may be read
 WAY_OUT = "restore with --disk-dir DIR, or list the directory under restore_directories in the config"
 
 
@@ -226,6 +227,7 @@ class RestorePlan:
     definition: str  # the XML to define
     relocation: "Relocation"
     warnings: list[str] = field(default_factory=list)
+    allowed: list[Path] = field(default_factory=list)  # where it may write (also checks the memory image's XML)
 
     def files(self) -> list[Path]:
         return [p.dest for p in self.placements]
@@ -242,6 +244,7 @@ class Relocation:
     macs: dict[str, str] = field(default_factory=dict)  # old MAC -> new MAC
     files: dict[str, str] = field(default_factory=dict)  # other per-domain files (serial logs, ...): old -> new
     remove: list[str] = field(default_factory=list)  # device elements to drop (a verify's isolation)
+    eject: set[str] = field(default_factory=set)  # cdrom/floppy targets whose medium is outside the allowed places
     free_graphics_ports: bool = False  # graphics take any free port (a fixed one is the original's)
 
 
@@ -365,6 +368,15 @@ def plan_restore(archive: Archive, *, name: str | None, disk_dir: Path | None, a
         reloc.remove = list(PASSTHROUGH) + (["interface"] if isolate == "cold" else [])
         reloc.free_graphics_ports = True
 
+    for disk in root.findall("devices/disk"):  # a medium the archive does not hold, read from the host
+        target, src = disk.find("target"), disk.find("source")
+        path = src.get("file") or src.get("dev") if src is not None else None
+        if disk.get("device") in ("cdrom", "floppy") and path and target is not None \
+                and not inside(Path(path), allowed):
+            reloc.eject.add(target.get("dev"))
+            warnings.append(f"{disk.get('device')} {target.get('dev')}: {path} is outside the allowed places; "
+                            "restored empty (insert it again with `virsh change-media`)")
+
     dests = [p.dest for p in placements]
     if len(set(dests)) != len(dests):
         raise ArchiveRefused("two archived files would be restored to the same path", path=str(root),
@@ -374,14 +386,19 @@ def plan_restore(archive: Archive, *, name: str | None, disk_dir: Path | None, a
             raise ArchiveRefused(f"{'disk ' + p.target if p.target else p.kind} would be restored outside the "
                                  f"allowed places: {p.dest}", domain=name, path=str(p.dest), hint=WAY_OUT)
     definition = relocate_xml(archive.xml, reloc)
-    _check_paths(definition, name, allowed)
-    return RestorePlan(name, uuid, new, placements, definition, reloc, warnings)
+    check_paths(definition, name, allowed)
+    return RestorePlan(name, uuid, new, placements, definition, reloc, warnings, list(allowed))
 
 
-def _check_paths(xml: str, name: str, allowed: list[Path]) -> None:
-    """The definition names no file libvirt or QEMU would write outside the allowed places, and reads
-    firmware only from packaged firmware."""
+def check_paths(xml: str, name: str, allowed: list[Path]) -> None:
+    """A definition (or a memory image's XML, once relocated) names no file libvirt or QEMU would open
+    outside the allowed places; firmware comes from packaged firmware, kernels also from /boot."""
     root = ET.fromstring(xml)
+    for tag in ("kernel", "initrd", "dtb"):
+        path = (root.findtext(f"os/{tag}") or "").strip()
+        if path and not inside(Path(path), [*BOOT_DIRS, *allowed]):
+            raise ArchiveRefused(f"<{tag}> read from outside the allowed places: {path}", domain=name, path=path,
+                                 hint=WAY_OUT)
     for el, attr in _domain_files(root):
         if not inside(Path(el.get(attr)), allowed):
             raise ArchiveRefused(f"definition names a file outside the allowed places: {el.get(attr)}",
@@ -417,6 +434,10 @@ def relocate_xml(xml: str, reloc: Relocation) -> str:
     for disk in root.findall("devices/disk"):
         target = disk.find("target")
         tdev = target.get("dev") if target is not None else None
+        if tdev in reloc.eject:
+            for src in disk.findall("source"):
+                disk.remove(src)
+            continue
         if tdev not in reloc.disks:
             continue
         path, fmt = reloc.disks[tdev]

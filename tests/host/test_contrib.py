@@ -19,6 +19,7 @@ import yaml
 
 from tests.host.helpers import assert_all_acked_present, assert_archive_holds_disks, assert_back_on_base
 from tests.rig.guest import SOCKET_DIR, DiskSpec
+from tests.rig.guest_image import cache_dir
 
 # A block device (an LVM volume's stand-in) and a qcow2 file: both must reach every archive as data.
 DISKS = [DiskSpec("vda", "raw", size_mib=32, block=True), DiskSpec("vdb", "qcow2")]
@@ -46,7 +47,8 @@ def retarget(cmd: str, vf, name: str, paths: dict[str, str] | None = None) -> st
 
 def borgmatic_config(version: str, vf, name: str, repo: Path, tmp_path: Path) -> Path:
     # The verify step's throwaway domain has its serial socket beside the guest's.
-    vf.write_config(restore_directories=sorted({*vf.config.get("restore_directories", []), str(SOCKET_DIR)}))
+    vf.write_config(restore_directories=sorted({*vf.config.get("restore_directories", []), str(SOCKET_DIR),
+                                                str(cache_dir())}))
     cfg = yaml.safe_load((CONTRIB / "borgmatic" / f"borgmatic-{version}.yaml").read_text())
     if version == "2.x":
         cfg["source_directories"] = [str(vf.export)]

@@ -16,9 +16,12 @@ from tests.host.helpers import sha256
 from tests.host.test_backup import targets_config
 from tests.rig.acks import AckWatcher
 from tests.rig.guest import SOCKET_DIR, DiskSpec, Guest
+from tests.rig.guest_image import cache_dir
 from tests.rig.integrity import check_image
 
 TWO_DISKS = [DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw")]
+# The test guests' serial sockets, and their kernel and initramfs (read by QEMU: allowed places too).
+RIG_DIRS = [str(SOCKET_DIR), str(cache_dir())]
 
 
 def target_env(vf) -> dict:
@@ -29,7 +32,7 @@ def target_env(vf) -> dict:
 
 def setup(vf, tmp_path, g: Guest, **extra) -> dict:
     """Targets, and the guest's directory and the test sockets as places a restore may write."""
-    vf.write_config(targets=targets_config(tmp_path), restore_directories=[str(g.workdir), str(SOCKET_DIR)], **extra)
+    vf.write_config(targets=targets_config(tmp_path), restore_directories=[str(g.workdir), *RIG_DIRS], **extra)
     return target_env(vf)
 
 
@@ -201,7 +204,7 @@ def test_hook_mode_borgmatic_archive_then_extract_then_restore_from_dir(guest_fa
     from tests.host.test_contrib import borgmatic, borgmatic_config, init_repo
 
     g = guest_factory([DiskSpec("vda", "qcow2")])
-    vf.write_config(restore_directories=[str(g.workdir), str(SOCKET_DIR)], memory=True)
+    vf.write_config(restore_directories=[str(g.workdir), *RIG_DIRS], memory=True)
     repo = tmp_path / "repo.borg"
     config = borgmatic_config("2.x", vf, g.name, repo, tmp_path)
     init_repo("2.x", config)
@@ -235,7 +238,7 @@ def test_hook_mode_borgmatic_archive_then_extract_then_restore_from_dir(guest_fa
 def test_a_clone_from_a_frozen_domains_export_view(guest_factory, vf, tmp_path, libvirt_conn):
     """As the README shows: freeze --memory, restore --from the export view --name, thaw."""
     g = guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw", size_mib=32, block=True)])
-    vf.write_config(restore_directories=[str(g.workdir), str(SOCKET_DIR), str(tmp_path / "clone")])
+    vf.write_config(restore_directories=[str(g.workdir), *RIG_DIRS, str(tmp_path / "clone")])
     g.watcher.wait_acks(20)
     t_before = time.monotonic()
     frozen = json.loads(vf("--json", "freeze", "--memory", g.name).stdout)["frozen"][0]

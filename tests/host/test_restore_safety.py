@@ -19,6 +19,7 @@ import pytest
 from tests.host.conftest import VIRTFREEZE
 from tests.host.test_restore import assert_acked_in, back_up, delete_domain, setup
 from tests.rig.guest import DiskSpec
+from virtfreeze import save_image
 
 
 def tree(*roots: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
@@ -89,6 +90,18 @@ def test_an_archive_that_leads_out_is_refused_before_anything_is_written(archive
             m["disks"]["vda"]["base"] = new
             (bad / "manifest.json").write_text(json.dumps(m))
         cases[bad] = new
+    # The definition boots a host file as the guest's kernel (it would be read into the guest).
+    bad = variant(archive, tmp_path / "bad-kernel")
+    xml = (bad / "domain.xml").read_text()
+    kernel = ET.fromstring(xml).findtext("os/kernel")
+    (bad / "domain.xml").write_text(xml.replace(kernel, "/etc/shadow"))
+    cases[bad] = "/etc/shadow"
+    # The memory image's own XML (not domain.xml) puts the serial log outside: it is archive data too.
+    bad = variant(archive, tmp_path / "bad-memory-xml")
+    image = save_image.read(bad / "memory.save")
+    save_image.rewrite_xml(bad / "memory.save", image.xml.replace(str(g.workdir / "console.log"),
+                                                                  "/etc/cron.d/virtfreeze-evil"))
+    cases[bad] = "/etc/cron.d/virtfreeze-evil"
     for bad, expected in cases.items():
         before = tree(tmp_path, vf.state)
         out = vf("restore", "--from", str(bad), expect=2)

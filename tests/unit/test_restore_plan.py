@@ -167,3 +167,17 @@ def test_a_verify_is_isolated_and_reads_disks_through_overlays(tmp_path):
     plan = plan_restore(archive, name="verify-web1-abc123", disk_dir=scratch, allowed=[tmp_path / "vms", scratch],
                         isolate="memory", file_dir=scratch, overlay=True)
     assert len(ET.fromstring(plan.definition).findall("devices/interface")) == 1
+
+
+def test_a_medium_outside_the_allowed_places_is_ejected_and_a_kernel_there_refused(tmp_path):
+    xml = domain_xml(tmp_path).replace("</devices>", "<disk type='file' device='cdrom'><source file='/srv/iso/x.iso'/>"
+                                       "<target dev='hdc'/><readonly/></disk></devices>")
+    plan = plan_restore(read_archive(make_archive(tmp_path, xml=xml)), name=None, disk_dir=None,
+                        allowed=[tmp_path / "vms"])
+    cdrom = [d for d in ET.fromstring(plan.definition).findall("devices/disk") if d.get("device") == "cdrom"][0]
+    assert cdrom.find("source") is None and any("hdc: /srv/iso/x.iso" in w for w in plan.warnings)
+
+    xml = domain_xml(tmp_path).replace("<type>hvm</type>", "<type>hvm</type><kernel>/etc/shadow</kernel>")
+    with pytest.raises(ArchiveRefused, match="<kernel>"):
+        plan_restore(read_archive(make_archive(tmp_path / "2", xml=xml)), name=None, disk_dir=None,
+                     allowed=[tmp_path / "vms"])
