@@ -180,4 +180,4 @@ def test_a_medium_outside_the_allowed_places_is_ejected_and_a_kernel_there_refus
     xml = domain_xml(tmp_path).replace("<type>hvm</type>", "<type>hvm</type><kernel>/etc/shadow</kernel>")
     with pytest.raises(ArchiveRefused, match="<kernel>"):
         plan_restore(read_archive(make_archive(tmp_path / "2", xml=xml)), name=None, disk_dir=None,
-                     allowed=[tmp_path / "vms"])
+                     allowed=[tmp_path])
