@@ -140,6 +140,7 @@ class Ctx:
         self.verbose = verbose
         self.quiet = quiet
         self._rt = None
+        self.read_only = False  # `check`: not even a killed verify's leftovers are removed
         _setup_logging(verbose, quiet)
 
     @property
@@ -149,9 +150,10 @@ class Ctx:
 
             cfg = config_mod.load(self.config_path)
             self._rt = Runtime(cfg, cfg.uri(self.connect))
-            from virtfreeze.verify import clean_leftovers
+            if not self.read_only:
+                from virtfreeze.verify import clean_leftovers
 
-            clean_leftovers(self._rt)  # what a killed verify left: no throwaway domain outlives its run
+                clean_leftovers(self._rt)  # what a killed verify left: no throwaway domain outlives its run
         return self._rt
 
 
@@ -607,8 +609,13 @@ def _verify_new_archives(rt, results, targets, seconds: float) -> list:
             if stopping.is_set():
                 return out
             if a.target in by_name:
-                out.append(verify_one(rt, Source(target=by_name[a.target], archive=a.archive, domain=r.name),
-                                      seconds=seconds))
+                try:
+                    out.append(verify_one(rt, Source(target=by_name[a.target], archive=a.archive, domain=r.name),
+                                          seconds=seconds))
+                except VirtfreezeError as e:  # never the reason the backup's own results go unprinted
+                    from virtfreeze.verify import VerifyResult
+
+                    out.append(VerifyResult(r.name, f"{a.target}:{a.archive}", "-", False, "-", "-", error=str(e)))
     return out
 
 
@@ -630,6 +637,7 @@ def check(ctx: Ctx, domains, all_):
         from virtfreeze.check import ERROR, domain_findings, host_findings, missing_domain
         from virtfreeze.selection import select
 
+        ctx.read_only = True
         rt = ctx.rt
         every = rt.hv.domains()
         chosen, missing = [], []

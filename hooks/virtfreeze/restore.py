@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from virtfreeze import qemu_img, runner, save_image
+from virtfreeze.domain_xml import parse_disks
 from virtfreeze.errors import UsageError, VirtfreezeError
 from virtfreeze.journal import domain_lock, failpoint, write_atomic
 from virtfreeze.libvirt_boundary import PAUSED, RUNNING, SHUTOFF
 from virtfreeze.logs import domain_log
 from virtfreeze.restore_plan import (
-    ALWAYS_ALLOWED, SWTPM_DIR, Archive, ArchiveIncomplete, RestorePlan, check_data, check_paths, memory_complete,
+    ALWAYS_ALLOWED, SWTPM_DIR, Archive, ArchiveRefused, RestorePlan, left_out_disks, check_data, check_paths, memory_complete,
     passthrough,
     plan_restore, read_archive, relocate_xml,
 )
@@ -132,6 +133,17 @@ class RestoreRecord:
     def add(self, key: str, path: Path) -> None:
         self.save(**{key: [*self.data.get(key, []), str(path)]})
 
+    def discard(self, key: str, path: Path) -> None:
+        """`path` turned out not to be ours (it appeared meanwhile): never remove it on undo."""
+        self.save(**{key: [p for p in self.data.get(key, []) if p != str(path)]})
+
+    def set_aside(self, path: Path) -> Path:
+        """Move a replaced domain's file or directory out of the way (put back on undo, deleted on success)."""
+        aside = path.parent / f".{path.name}.virtfreeze-replaced"
+        self.save(replaced_files=[*self.data.get("replaced_files", []), [str(path), str(aside)]])
+        os.rename(path, aside)
+        return aside
+
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
@@ -145,6 +157,8 @@ def _undo(rt: Runtime, data: dict) -> None:
     hv = rt.hv
     info = hv.info(data["uuid"]) if data.get("defined") else None
     if info is not None and data.get("started"):
+        _finish_start(hv, data, info)
+        _drop_replaced(data)
         data = {"staging": data.get("staging")}
     elif info is not None:
         if info.state != SHUTOFF:  # it was being resumed when this restore failed
@@ -160,8 +174,32 @@ def _undo(rt: Runtime, data: dict) -> None:
     for path in reversed(data.get("dirs", [])):
         with contextlib.suppress(OSError):
             os.rmdir(path)  # only if empty: someone else may have put files there meanwhile
+    for original, aside in reversed(data.get("replaced_files", [])):  # --replace: the old files come back
+        if os.path.lexists(aside) and not os.path.lexists(original):
+            os.rename(aside, original)
+    if data.get("replaced_xml") and hv.info(data["replaced_uuid"]) is None:
+        hv.define(data["replaced_xml"], data.get("name", "?"))  # and so does the old definition
     if data.get("staging"):
         shutil.rmtree(data["staging"], ignore_errors=True)
+
+
+def _finish_start(hv, data: dict, info) -> None:
+    """A restore resumed from memory under a new name was interrupted before its links went down: it
+    is still paused (it was restored paused for that); take them down, then run it as asked."""
+    if data.get("links_pending") and info.state == PAUSED:
+        hv.set_links_down(info.uuid, info.name)
+        if data.get("want_state") == RUNNING:
+            hv.resume(info.uuid, info.name)
+
+
+def _drop_replaced(data: dict) -> None:
+    """After a successful --replace: the old files set aside are deleted."""
+    for _original, aside in data.get("replaced_files", []):
+        if os.path.isdir(aside) and not os.path.islink(aside):
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(aside)
 
 
 def recover(rt: Runtime, name: str) -> str | None:
@@ -173,8 +211,10 @@ def recover(rt: Runtime, name: str) -> str | None:
         return None
     info = rt.hv.info(data["uuid"]) if data.get("defined") else None
     if info is not None and info.state in (RUNNING, PAUSED):
+        _finish_start(rt.hv, data, info)
         if data.get("staging"):
             shutil.rmtree(data["staging"], ignore_errors=True)
+        _drop_replaced(data)
         record.remove()
         domain_log(log, name).warning("an interrupted restore had already started the domain; it is finished")
         return "finished"
@@ -215,8 +255,7 @@ def _existing(rt: Runtime, plan: RestorePlan, archive: Archive, replace: bool) -
         from virtfreeze.domain_xml import nvram_path, parse_disks
 
         xml = hv.xml(by_name.uuid, by_name.name, inactive=True)
-        own = {d.source for d in parse_disks(xml) if d.source}
-        own |= {p for d in parse_disks(xml) for p, _f in d.backing}
+        own = {d.source for d in parse_disks(xml) if d.source}  # not backing files: they may be shared
         if nvram_path(xml):
             own.add(nvram_path(xml))
         own.add(str(Path("/var/lib/libvirt/swtpm") / by_name.uuid))
@@ -247,7 +286,11 @@ def _make_dirs(directory: Path, record: RestoreRecord) -> None:
 def _create_exclusive(dest: Path, record: RestoreRecord, mode: int = 0o600) -> int:
     """A new file at `dest` (never through a symlink, never over an existing file): its fd."""
     record.add("files", dest)
-    return os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        return os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        record.discard("files", dest)
+        raise VirtfreezeError("appeared meanwhile; not overwriting it", path=str(dest)) from None
 
 
 def _place_file(src: Path, dest: Path, record: RestoreRecord, *, link: bool, replace: bool, progress) -> None:
@@ -255,13 +298,13 @@ def _place_file(src: Path, dest: Path, record: RestoreRecord, *, link: bool, rep
     filesystem (no second copy), else a sparse copy into a partial file that is then linked."""
     _make_dirs(dest.parent, record)
     if replace and os.path.lexists(dest):
-        record.add("files", dest)
-        os.unlink(dest)  # the replaced domain's own file (checked); a symlink itself, never its target
+        record.set_aside(dest)  # the replaced domain's own file (checked): back in place if this fails
     if link and os.stat(src).st_dev == os.stat(dest.parent).st_dev:
         record.add("files", dest)
         try:
             os.link(src, dest, follow_symlinks=False)
         except FileExistsError:
+            record.discard("files", dest)
             raise VirtfreezeError("appeared meanwhile; not overwriting it", path=str(dest)) from None
         os.chmod(dest, 0o600, follow_symlinks=False)
         progress(os.stat(dest).st_size)
@@ -280,6 +323,7 @@ def _place_file(src: Path, dest: Path, record: RestoreRecord, *, link: bool, rep
     try:
         os.link(partial, dest)
     except FileExistsError:
+        record.discard("files", dest)
         raise VirtfreezeError("appeared meanwhile; not overwriting it", path=str(dest)) from None
     os.unlink(partial)
 
@@ -287,11 +331,14 @@ def _place_file(src: Path, dest: Path, record: RestoreRecord, *, link: bool, rep
 def _place_tree(src: Path, dest: Path, record: RestoreRecord, replace: bool) -> None:
     """Copy a small tree (TPM state): directories 0700, files 0600, nothing through a symlink."""
     if replace and os.path.lexists(dest):
-        record.add("files", dest)
-        shutil.rmtree(dest)
+        record.set_aside(dest)
     _make_dirs(dest.parent, record)
     record.add("files", dest)
-    os.mkdir(dest, 0o700)
+    try:
+        os.mkdir(dest, 0o700)
+    except FileExistsError:
+        record.discard("files", dest)
+        raise VirtfreezeError("appeared meanwhile; not overwriting it", path=str(dest)) from None
     for dirpath, dirnames, filenames in os.walk(src):
         rel = Path(dirpath).relative_to(src)
         for d in dirnames:
@@ -358,27 +405,42 @@ def _sync(plan: RestorePlan) -> None:
 
 
 def _check_images(plan: RestorePlan) -> None:
-    """Re-point each restored qcow2 at its restored backing file, then `qemu-img check` every qcow2."""
+    """Refuse a qcow2 that names a backing file the archive does not hold (it could name any host
+    file or device); re-point each restored one at its restored backing file; `qemu-img check` all."""
+    qcow2 = [p for p in plan.placements if p.kind in ("disk", "backing") and p.format == "qcow2"]
     for p in plan.placements:
-        if p.kind == "overlay" and p.backing_format == "qcow2":  # the archived image it reads in place
-            runner.run(["qemu-img", "check", "-q", "-U", "-f", "qcow2", str(p.backing_dest)], what="qemu-img check",
-                       domain=plan.name, disk=p.target, path=str(p.backing_dest),
+        archived = p.backing_dest if p.kind == "overlay" else p.dest  # the image as the archive had it
+        is_qcow2 = (p.backing_format if p.kind == "overlay" else p.format) == "qcow2"
+        if is_qcow2 and p.kind in ("disk", "backing", "overlay") and (p.kind == "overlay" or p.backing_dest is None):
+            backing, _fmt = qemu_img.backing_of(str(archived), plan.name, p.target)
+            if backing:
+                raise ArchiveRefused(f"the archived image names the backing file {backing}, which the archive lacks",
+                                     domain=plan.name, disk=p.target, path=str(archived),
+                                     hint="an archive is data: refusing it")
+        if p.kind == "overlay" and is_qcow2:  # the archived image it reads in place
+            runner.run(["qemu-img", "check", "-q", "-U", "-f", "qcow2", str(archived)], what="qemu-img check",
+                       domain=plan.name, disk=p.target, path=str(archived),
                        hint="the archived image is damaged: try an older archive")
-        if p.kind not in ("disk", "backing", "overlay") or p.format != "qcow2":
-            continue
-        if p.backing_dest is not None and p.kind != "overlay":
+    for p in qcow2:
+        if p.backing_dest is not None:
             runner.run(["qemu-img", "rebase", "-u", "-b", str(p.backing_dest), "-F", p.backing_format or "raw",
                         "-f", "qcow2", str(p.dest)], what="qemu-img rebase", domain=plan.name, disk=p.target,
                        path=str(p.dest))
+    for p in [*qcow2, *(p for p in plan.placements if p.kind == "overlay")]:
         runner.run(["qemu-img", "check", "-q", "-f", "qcow2", str(p.dest)], what="qemu-img check",
                    domain=plan.name, disk=p.target, path=str(p.dest),
                    hint="the archived image is damaged: try an older archive")
-    for p in plan.placements:
-        if p.kind == "disk" and p.format == "qcow2" and p.backing_dest is None:
-            backing, _fmt = qemu_img.backing_of(str(p.dest), plan.name, p.target)
-            if backing:
-                raise ArchiveIncomplete(f"the image has the backing file {backing}, which the archive lacks",
-                                        domain=plan.name, disk=p.target, path=str(p.dest))
+
+
+def check_memory_xml(xml: str, plan: RestorePlan) -> None:
+    """The memory image's own XML passes the definition's checks and has the same disks (it is what
+    QEMU is started with)."""
+    check_paths(xml, plan.name, plan.allowed)
+    disks = {d.target: d.source for d in parse_disks(xml)}
+    wanted = {d.target: d.source for d in parse_disks(plan.definition)}
+    if disks != wanted:
+        raise ArchiveRefused("the memory image's definition names other disks than domain.xml",
+                             domain=plan.name, hint="restore with --no-memory (cold boot)")
 
 
 def _drop_peek(peek: Path | None) -> None:
@@ -392,12 +454,21 @@ def _extract(source: Source, destination: Path, paths: list[str] | None = None) 
     return source.target.extract(source.archive, destination, paths=paths)
 
 
-def restore(rt: Runtime, source: Source, *, name: str | None = None, disk_dir: Path | None = None,
-            replace: bool = False, start: bool | None = None, memory: bool | None = None,
-            isolate: bool = False, file_dir: Path | None = None, overlay: bool = False) -> RestoreResult:
-    """Restore one archive; see the module docstring for the order of the steps.
+def restore(rt: Runtime, source: Source, **options) -> RestoreResult:
+    """Restore one archive; see the module docstring for the order of the steps, and `_restore` for
+    the options. A filesystem error (full, read-only, denied) is one line naming the path."""
+    try:
+        return _restore(rt, source, **options)
+    except OSError as e:
+        raise VirtfreezeError(f"restore failed: {e.strerror or e}", path=e.filename,
+                              hint="nothing was defined and what it wrote was removed; fix the cause and run it "
+                                   "again") from None
 
-    `isolate`, `file_dir` and `overlay` are for a verify (see `plan_restore`); `overlay` needs a
+
+def _restore(rt: Runtime, source: Source, *, name: str | None = None, disk_dir: Path | None = None,
+             replace: bool = False, start: bool | None = None, memory: bool | None = None,
+             isolate: bool = False, file_dir: Path | None = None, overlay: bool = False) -> RestoreResult:
+    """`isolate`, `file_dir` and `overlay` are for a verify (see `plan_restore`); `overlay` needs a
     source directory that stays in place."""
     t0 = time.monotonic()
     if disk_dir is not None:
@@ -432,6 +503,10 @@ def restore(rt: Runtime, source: Source, *, name: str | None = None, disk_dir: P
     use_memory = archive.memory is not None and memory is not False and want_state != SHUTOFF
     if use_memory and isolate and passthrough(archive.xml):  # a verify drops them: the memory state cannot resume
         use_memory = False
+    if use_memory and (name not in (None, archive.name)) and left_out_disks(archive):
+        use_memory = False  # a new domain leaves out the disks the archive lacks: its memory state has them
+        log.warning("domain %r: %s not in the archive, so the new domain cold-boots (its memory state needs them)",
+                    name, ", ".join(left_out_disks(archive)))
     try:
         plan = plan_restore(archive, name=name, disk_dir=disk_dir, allowed=allowed, file_dir=file_dir,
                             isolate=("memory" if use_memory else "cold") if isolate else None,
@@ -441,8 +516,7 @@ def restore(rt: Runtime, source: Source, *, name: str | None = None, disk_dir: P
     dlog = domain_log(log, plan.name)
     if use_memory and source.directory is not None:  # its XML is checked before anything is written
         memory_complete(archive)
-        check_paths(relocate_xml(save_image.read(archive.root / archive.memory).xml, plan.relocation), plan.name,
-                    plan.allowed)
+        check_memory_xml(relocate_xml(save_image.read(archive.root / archive.memory).xml, plan.relocation), plan)
     links_down = use_memory and plan.new and bool(plan.relocation.macs)
     if links_down:
         plan.warnings.append("resumed from memory under a new name: its network links are down, because its memory "
@@ -514,7 +588,7 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
             os.chmod(memory_file, 0o600)
         image = save_image.read(memory_file)
         memory_xml = relocate_xml(image.xml, plan.relocation)
-        check_paths(memory_xml, plan.name, plan.allowed)  # the image's own XML is archive data too
+        check_memory_xml(memory_xml, plan)  # the image's own XML is archive data too
         save_image.rewrite_xml(memory_file, memory_xml)
 
     # 4. Files into place, each created exclusively.
@@ -529,7 +603,7 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
     replace = replaced is not None
     if replaced is not None:
         dlog.warning("replacing the shut-off domain and its files (--replace)")
-        record.save(replaced_uuid=replaced.uuid)
+        record.save(replaced_uuid=replaced.uuid, replaced_xml=hv.xml(replaced.uuid, replaced.name, inactive=True))
         hv.undefine(replaced.uuid, replaced.name)
     for p in plan.placements:
         src = archive.root / p.source
@@ -561,6 +635,7 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
     state = SHUTOFF
     if use_memory:
         rt.progress.update(plan.name, "resuming from memory")
+        record.save(links_pending=links_down, want_state=want_state)
         hv.restore_image(str(memory_file), plan.name, paused=want_state == PAUSED or links_down)
         record.save(started=True)
         if links_down:  # before its vCPUs run a single instruction
@@ -574,6 +649,7 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
         record.save(started=True)
         state = want_state
     shutil.rmtree(staging, ignore_errors=True)
+    _drop_replaced(record.data)
     record.remove()
     rt.progress.finish(plan.name)
     for w in plan.warnings:

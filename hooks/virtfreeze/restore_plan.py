@@ -12,6 +12,7 @@ two always agree.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -95,21 +96,41 @@ def _walk_checked(root: Path) -> None:
                                      path=str(p), hint="an archive is data: refusing it; check where it came from")
 
 
+METADATA_LIMIT = 16 << 20  # manifest.json and domain.xml are kilobytes
+
+
+def _read_small(path: Path) -> str:
+    """A metadata file of the archive: a regular file (never through a symlink, never a FIFO or device)
+    of bounded size."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not os.path.stat.S_ISREG(st.st_mode):
+            raise ArchiveRefused(f"archive's {path.name} is not a regular file", path=str(path))
+        if st.st_size > METADATA_LIMIT:
+            raise ArchiveRefused(f"archive's {path.name} is {st.st_size} bytes; not a virtfreeze archive",
+                                 path=str(path))
+        return os.read(fd, METADATA_LIMIT + 1).decode()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ArchiveRefused(f"archive holds a symlink: {path.name}", path=str(path)) from None
+        raise
+    finally:
+        os.close(fd)
+
+
 def read_archive(root: Path, *, data: bool = True) -> Archive:
     """Read manifest.json and domain.xml under `root`; with `data`, also check the tree and every
     data file's size against the manifest."""
     root = Path(root)
     try:
-        manifest = json.loads((root / "manifest.json").read_text())
-        xml = (root / "domain.xml").read_text()
+        manifest = json.loads(_read_small(root / "manifest.json"))
+        xml = _read_small(root / "domain.xml")
     except FileNotFoundError as e:
         raise ArchiveIncomplete(f"no {Path(e.filename).name} in the archive", path=str(root),
                                 hint="is this a virtfreeze archive or export view?") from None
     except (OSError, ValueError) as e:
         raise ArchiveIncomplete(f"unreadable manifest or definition: {e}", path=str(root)) from None
-    for f in ("manifest.json", "domain.xml"):
-        if os.path.islink(root / f):
-            raise ArchiveRefused(f"archive holds a symlink: {f}", path=str(root / f))
     if not isinstance(manifest, dict) or not isinstance(manifest.get("disks", {}), dict):
         raise ArchiveRefused("manifest.json is not a virtfreeze manifest", path=str(root / "manifest.json"))
     try:
@@ -123,6 +144,10 @@ def read_archive(root: Path, *, data: bool = True) -> Archive:
 
     disks = []
     for target, d in sorted(manifest.get("disks", {}).items()):
+        if not isinstance(d, dict) or not isinstance(d.get("backing", []), list) \
+                or not all(isinstance(b, dict) for b in d.get("backing", [])) \
+                or not isinstance(manifest.get("sizes", {}), dict):
+            raise ArchiveRefused("manifest.json is not a virtfreeze manifest", path=str(root / "manifest.json"))
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", target or ""):
             raise ArchiveRefused(f"manifest names an invalid disk target {target!r}", path=str(root))
         backing = tuple(ArchivedImage(safe_relpath(b.get("file"), f"disk {target}'s backing file"),
@@ -201,6 +226,8 @@ def _resolved(path: Path) -> Path:
 
 
 def inside(path: Path, roots: list[Path]) -> bool:
+    if not Path(path).is_absolute():  # libvirt would resolve it against its own working directory
+        return False
     real = _resolved(path)
     return any(real == _resolved(r) or _resolved(r) in real.parents for r in roots)
 
@@ -245,6 +272,7 @@ class Relocation:
     files: dict[str, str] = field(default_factory=dict)  # other per-domain files (serial logs, ...): old -> new
     remove: list[str] = field(default_factory=list)  # device elements to drop (a verify's isolation)
     eject: set[str] = field(default_factory=set)  # cdrom/floppy targets whose medium is outside the allowed places
+    drop_disks: set[str] = field(default_factory=set)  # data disks the archive lacks (a new domain: left out)
     free_graphics_ports: bool = False  # graphics take any free port (a fixed one is the original's)
 
 
@@ -277,13 +305,26 @@ def _domain_files(root: ET.Element) -> list[tuple[ET.Element, str]]:
     return out
 
 
-PASSTHROUGH = ("hostdev", "filesystem", "redirdev", "smartcard")  # host devices and shared directories
+PASSTHROUGH = ("hostdev", "filesystem", "redirdev", "smartcard", "shmem")  # host devices, shared directories
+EMULATOR_DIRS = ("/usr/bin", "/usr/libexec", "/usr/local/bin")
+EMULATOR_NAME = re.compile(r"qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm")
 
 
 def passthrough(xml: str) -> list[str]:
     """The host devices and shared directories a definition uses (none survive a verify)."""
     root = ET.fromstring(xml)
     return [tag for tag in PASSTHROUGH if root.findall(f"devices/{tag}")]
+
+
+def left_out_disks(archive: Archive) -> list[str]:
+    """Data disks of the definition that the archive does not hold (excluded, shareable, network, ...)."""
+    held = {d.target for d in archive.disks}
+    out = []
+    for disk in ET.fromstring(archive.xml).findall("devices/disk"):
+        target = disk.find("target")
+        if disk.get("device", "disk") in ("disk", "lun") and target is not None and target.get("dev") not in held:
+            out.append(target.get("dev"))
+    return out
 
 
 def plan_restore(archive: Archive, *, name: str | None, disk_dir: Path | None, allowed: list[Path],
@@ -364,6 +405,10 @@ def plan_restore(archive: Archive, *, name: str | None, disk_dir: Path | None, a
             is_socket = el.tag == "source" and el.get("mode") is not None  # stays short: sun_path is 108 bytes
             reloc.files[el.get(attr)] = _renamed(el.get(attr), archive.name, name,
                                                  None if is_socket else file_dir)
+    if new:  # a new domain never shares a disk with the original: those the archive lacks are left out
+        for target in left_out_disks(archive):
+            reloc.drop_disks.add(target)
+            warnings.append(f"disk {target} is not in the archive; the new domain has no such disk")
     if isolate:
         reloc.remove = list(PASSTHROUGH) + (["interface"] if isolate == "cold" else [])
         reloc.free_graphics_ports = True
@@ -394,6 +439,32 @@ def check_paths(xml: str, name: str, allowed: list[Path]) -> None:
     """A definition (or a memory image's XML, once relocated) names no file libvirt or QEMU would open
     outside the allowed places; firmware comes from packaged firmware, kernels also from /boot."""
     root = ET.fromstring(xml)
+    refuse = "an archive is data: it may not give this domain host access; restore it by hand if you trust it"
+    foreign = [el.tag for el in root.iter() if el.tag.startswith("{")]
+    if foreign:  # e.g. <qemu:commandline>: arbitrary QEMU arguments
+        raise ArchiveRefused(f"definition holds {foreign[0].split('}')[-1]!r} of another namespace", domain=name,
+                             hint=refuse)
+    for tag in PASSTHROUGH:
+        if root.findall(f"devices/{tag}"):
+            raise ArchiveRefused(f"definition passes a host device or directory through (<{tag}>)", domain=name,
+                                 hint=refuse)
+    for iface in root.findall("devices/interface"):
+        if iface.get("type") in ("hostdev", "vhostuser"):
+            raise ArchiveRefused(f"definition passes a host interface through (type {iface.get('type')})",
+                                 domain=name, hint=refuse)
+    emulator = (root.findtext("devices/emulator") or "").strip()
+    if emulator and not (os.path.dirname(emulator) in EMULATOR_DIRS
+                         and EMULATOR_NAME.fullmatch(os.path.basename(emulator))):
+        raise ArchiveRefused(f"definition runs {emulator!r} as its emulator", domain=name, path=emulator,
+                             hint="only a qemu-system-* from " + ", ".join(EMULATOR_DIRS))
+    for el in root.iter():
+        sock = el.get("socket")
+        if sock and not inside(Path(sock), allowed):  # graphics, listen, network disk hosts
+            raise ArchiveRefused(f"definition names a socket outside the allowed places: {sock}", domain=name,
+                                 path=sock, hint=WAY_OUT)
+    for disk in root.findall("devices/disk"):
+        if disk.get("type") not in ("file", "block", "network", None):
+            raise ArchiveRefused(f"definition has a disk of type {disk.get('type')!r}", domain=name, hint=refuse)
     for tag in ("kernel", "initrd", "dtb"):
         path = (root.findtext(f"os/{tag}") or "").strip()
         if path and not inside(Path(path), [*BOOT_DIRS, *allowed]):
@@ -437,6 +508,9 @@ def relocate_xml(xml: str, reloc: Relocation) -> str:
         if tdev in reloc.eject:
             for src in disk.findall("source"):
                 disk.remove(src)
+            continue
+        if tdev in reloc.drop_disks:
+            root.find("devices").remove(disk)
             continue
         if tdev not in reloc.disks:
             continue

@@ -47,7 +47,9 @@ def copy_fd(src_fd: int, dst_fd: int, *, what: str, on_bytes: Callable[[int], No
             if digest is not None:
                 digest.update(chunk)
             if chunk != _ZERO[: len(chunk)]:
-                os.pwrite(dst_fd, chunk, pos)
+                written = 0
+                while written < len(chunk):  # a short write is not an error: write the rest
+                    written += os.pwrite(dst_fd, chunk[written:], pos + written)
             pos += len(chunk)
             done += len(chunk)
             if on_bytes:

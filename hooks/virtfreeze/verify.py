@@ -92,7 +92,11 @@ def clean_leftovers(rt: Runtime) -> list[str]:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         domain_log(log, data.get("domain", "?")).warning("removing what an interrupted verify left: %s", data["name"])
-        _remove(rt, data["name"], Path(data["scratch"]))
+        try:
+            _remove(rt, data["name"], Path(data["scratch"]))
+        except (VirtfreezeError, OSError) as e:  # never the reason another command fails
+            domain_log(log, data.get("domain", "?")).warning("could not remove %s yet: %s", data["name"], e)
+            continue
         path.unlink(missing_ok=True)
         cleaned.append(data["name"])
     return cleaned
@@ -150,9 +154,11 @@ def verify(rt: Runtime, source: Source, *, seconds: float = 30.0, check_command:
            keep_on_failure: bool = False) -> VerifyResult:
     """Verify one archive; the result says whether it ran. Raises only for bad input (exit 2)."""
     t0 = time.monotonic()
-    domain = source.domain or read_archive(source.directory, data=False).name
-    local = source.target.in_place(source.archive) if source.target is not None else None
-    read_from = Source(directory=local, domain=source.domain) if local is not None else source
+    try:
+        domain = source.domain or read_archive(source.directory, data=False).name
+    except VirtfreezeError as e:  # an archive this bad is a failed verify, not the end of the run
+        return VerifyResult(source.domain or str(source.directory), source.describe(), "-", False, "-", "-",
+                            error=str(e), seconds=time.monotonic() - t0)
     name = f"verify-{domain[:80]}-{secrets.token_hex(3)}"
     scratch = (rt.config.verify_directory or rt.state_dir / "verify") / name
     record = _record_path(rt, name)
@@ -164,6 +170,8 @@ def verify(rt: Runtime, source: Source, *, seconds: float = 30.0, check_command:
     kept = False
     uuid = ""
     try:
+        local = source.target.in_place(source.archive) if source.target is not None else None
+        read_from = Source(directory=local, domain=source.domain) if local is not None else source
         scratch.mkdir(parents=True, mode=0o700)
         t_restore = time.monotonic()
         restored = restore(rt, read_from, name=name, disk_dir=scratch, start=True, isolate=True, file_dir=scratch,
@@ -198,10 +206,10 @@ def verify(rt: Runtime, source: Source, *, seconds: float = 30.0, check_command:
             raise VerifyFailed(f"{problem} after its checks", domain=domain)
         result.ok = True
         rt.pm.hook.virtfreeze_verified(domain=domain, result=result)
-    except VirtfreezeError as e:
-        if e.exit_code == 2 and not isinstance(e, VerifyFailed):
-            raise  # bad input: the command's error, exit 2
-        result.error = str(e)
+    except (VirtfreezeError, OSError) as e:
+        if isinstance(e, OSError):
+            e = VirtfreezeError(f"{e.strerror or e}", domain=domain, path=e.filename)
+        result.error = str(e)  # a refused or damaged archive too: it did not verify
         report_failure(rt.pm, DomainRef(domain, uuid), "verify", e)
         if keep_on_failure and rt.hv.info_by_name(name) is not None:
             result.kept = f"domain {name}, files in {scratch}"

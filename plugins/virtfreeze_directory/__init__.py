@@ -158,6 +158,8 @@ class DirectoryTarget(StorageTarget):
         except OSError as e:
             raise VirtfreezeError(f"cannot read the archive's checksums: {e.strerror}", path=str(src / "SHA256SUMS"),
                                   hint="an archive without SHA256SUMS is not a finished one") from None
+        if any("  " not in line for line in listed):
+            raise VirtfreezeError("malformed SHA256SUMS", path=str(src / "SHA256SUMS"))
         want = {path.strip(): digest for digest, path in (line.split("  ", 1) for line in listed)}
         destination = Path(destination)
         destination.mkdir(mode=0o700)
@@ -193,16 +195,20 @@ class DirectoryTarget(StorageTarget):
             raise VirtfreezeError(f"cannot read the archive's checksums: {e.strerror}", path=str(src / "SHA256SUMS"),
                                   hint="an archive without SHA256SUMS is not a finished one") from None
         bad = []
-        for digest, rel in (line.split("  ", 1) for line in listed):
+        for line in listed:
+            digest, sep, rel = line.partition("  ")
+            if not sep:
+                raise VirtfreezeError(f"malformed line in SHA256SUMS: {line[:80]!r}", path=str(src / "SHA256SUMS"))
+            [rel] = relative_paths([rel.strip()])  # inside the archive, or refused
             h = hashlib.sha256()
-            fd = os.open(src / rel.strip(), os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(src / rel, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 while chunk := os.read(fd, 1 << 20):
                     h.update(chunk)
             finally:
                 os.close(fd)
             if h.hexdigest() != digest:
-                bad.append(rel.strip())
+                bad.append(rel)
         if bad:
             raise VirtfreezeError(f"checksum mismatch in {', '.join(sorted(bad))}", path=str(src))
         return src

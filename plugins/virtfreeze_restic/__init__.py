@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import time
 from datetime import datetime
@@ -111,7 +112,8 @@ class ResticTarget(StorageTarget):
                   "restore")
         restored = staging / root.lstrip("/")
         if not sparse:  # restic < 0.15 writes holes as zeros: punch them again, in place (no copy)
-            for image in (p for p in restored.rglob("*") if p.is_file() and p.stat().st_size >= 1 << 20):
+            for image in (p for p in restored.rglob("*")  # regular files only: never through a symlink
+                          if stat.S_ISREG(p.lstat().st_mode) and p.lstat().st_size >= 1 << 20):
                 runner.run(["fallocate", "--dig-holes", str(image)], what="fallocate --dig-holes",
                            path=str(image), install_hint="install util-linux")
         for item in restored.iterdir() if restored.is_dir() else ():  # lay it out as the export view was

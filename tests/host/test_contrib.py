@@ -113,7 +113,8 @@ def test_borgmatic_create_freezes_and_thaws(guest_factory, vf, tmp_path, version
     if version == "2.x":  # its recipe's verify step ran: the archive restored and ran, and nothing is left
         assert f"verified {g.name} from " in out.stdout + out.stderr, out.stdout + out.stderr
         assert not (tmp_path / "vms-verify").exists()
-        assert not [d for d in libvirt.open("qemu:///system").listAllDomains(0) if d.name().startswith("verify-")]
+        assert not [d for d in libvirt.open("qemu:///system").listAllDomains(0)
+                    if d.name().startswith(f"verify-{g.name}-")]
     check_archive(g, extract_latest(repo, tmp_path / "extracted"), t_before)
     assert_all_acked_present(g)
     del out

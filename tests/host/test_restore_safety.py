@@ -102,6 +102,11 @@ def test_an_archive_that_leads_out_is_refused_before_anything_is_written(archive
     save_image.rewrite_xml(bad / "memory.save", image.xml.replace(str(g.workdir / "console.log"),
                                                                   "/etc/cron.d/virtfreeze-evil"))
     cases[bad] = "/etc/cron.d/virtfreeze-evil"
+    # A qcow2 whose header names a host file as its backing file (libvirt would open it for the guest).
+    bad = variant(archive, tmp_path / "bad-backing")
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw",
+                    str(bad / "disks" / "vda.qcow2")], check=True)
+    cases[bad] = "names the backing file /etc/hostname"
     for bad, expected in cases.items():
         before = tree(tmp_path, vf.state)
         out = vf("restore", "--from", str(bad), expect=2)

@@ -21,12 +21,13 @@ from tests.rig.acks import max_gap
 from tests.rig.guest import DiskSpec
 
 
-def verify_domains(conn) -> list[str]:
-    return [d.name() for d in conn.listAllDomains(0) if d.name().startswith("verify-")]
+def verify_domains(conn, original: str) -> list[str]:
+    """The verify domains of this test's guest (other tests verify theirs meanwhile)."""
+    return [d.name() for d in conn.listAllDomains(0) if d.name().startswith(f"verify-{original}-")]
 
 
-def assert_nothing_left(vf, conn) -> None:
-    assert not verify_domains(conn), verify_domains(conn)
+def assert_nothing_left(vf, conn, original: str) -> None:
+    assert not verify_domains(conn, original), verify_domains(conn, original)
     left = list((vf.state / "verify").rglob("*")) if (vf.state / "verify").exists() else []
     assert not left, left
     assert not list((vf.state / "restores").glob("*")) if (vf.state / "restores").exists() else True
@@ -49,7 +50,7 @@ def test_a_good_archive_with_memory_verifies_beside_the_running_original(guest_f
     assert sum(t0 < a.t < t1 for a in acks) > 10
     assert max_gap(acks, t0, t1) < 5.0  # no stall of the original (a usual gap is tens of milliseconds)
     assert sha256(g.disks["vdb"]) == quiet and {p: os.stat(p).st_ino for p in g.disks.values()} == inodes
-    assert_nothing_left(vf, libvirt_conn)
+    assert_nothing_left(vf, libvirt_conn, g.name)
 
 
 def test_an_archive_without_memory_from_restic_cold_boots(guest_factory, vf, tmp_path, libvirt_conn):
@@ -59,7 +60,7 @@ def test_an_archive_without_memory_from_restic_cold_boots(guest_factory, vf, tmp
     out = vf("verify", g.name, "--target", "restic", "--seconds", "3", env=env)
     assert out.stdout.startswith(f"verified {g.name} from restic:") and "cold boot" in out.stdout, out.stdout
     assert "network: interfaces removed" in out.stdout
-    assert_nothing_left(vf, libvirt_conn)
+    assert_nothing_left(vf, libvirt_conn, g.name)
 
 
 def test_a_bad_archive_fails_with_one_line_and_leaves_nothing(guest_factory, vf, tmp_path, libvirt_conn):
@@ -72,7 +73,7 @@ def test_a_bad_archive_fails_with_one_line_and_leaves_nothing(guest_factory, vf,
     out = vf("verify", g.name, "--target", "dir", "--seconds", "1", "--check-command",
              "sh -c 'echo \"no answer from $VIRTFREEZE_VERIFY_DOMAIN\" >&2; exit 1'", env=env, expect=1)
     assert out.stdout.startswith(f"FAILED {g.name}") and "--check-command exited 1: no answer from verify-" in out.stdout
-    assert_nothing_left(vf, libvirt_conn)
+    assert_nothing_left(vf, libvirt_conn, g.name)
 
     # A disk that holds garbage where the guest's own boot check looks (its checksums made to match,
     # as when the source disk itself was damaged): the guest powers off, the verify fails.
@@ -86,7 +87,7 @@ def test_a_bad_archive_fails_with_one_line_and_leaves_nothing(guest_factory, vf,
     out = vf("--json", "verify", g.name, "--target", "dir", "--seconds", "30", env=env, expect=1)
     [r] = json.loads(out.stdout)["verified"]
     assert not r["ok"] and re.search(r"it (shut down|stopped|crashed) within 30s of starting \(cold boot\)", r["error"]), r
-    assert_nothing_left(vf, libvirt_conn)
+    assert_nothing_left(vf, libvirt_conn, g.name)
     assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # the original, untouched
 
 
@@ -98,12 +99,12 @@ def test_a_verify_killed_half_way_leaves_nothing_after_the_next_command(guest_fa
                             env=dict(env, VIRTFREEZE_FAILPOINT="verify-running:stop"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     os.waitid(os.P_PID, proc.pid, os.WSTOPPED)  # its throwaway domain runs: kill it there
-    [name] = verify_domains(libvirt_conn)
+    [name] = verify_domains(libvirt_conn, g.name)
     assert libvirt_conn.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     vf("status", g.name, env=env)  # the next command, whatever it is (here: of this domain only)
-    assert_nothing_left(vf, libvirt_conn)
+    assert_nothing_left(vf, libvirt_conn, g.name)
     assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
 
 
@@ -117,7 +118,7 @@ def test_backup_verify_proves_each_new_archive(guest_factory, vf, tmp_path, libv
     verified = {v["source"].split(":")[0]: v for v in out["verified"]}
     assert set(verified) == {"dir", "borg"} and all(v["ok"] for v in verified.values()), out["verified"]
     assert all(v["how"] == "resumed from memory" for v in verified.values())
-    assert_nothing_left(vf, libvirt_conn)
+    assert_nothing_left(vf, libvirt_conn, g.name)
 
 
 def test_a_guest_with_an_agent_must_answer_its_ping(libvirt_conn, vf, tmp_path):
@@ -129,6 +130,6 @@ def test_a_guest_with_an_agent_must_answer_its_ping(libvirt_conn, vf, tmp_path):
         back_up(vf, env, g, "--memory", "--target", "dir")
         [r] = json.loads(vf("--json", "verify", g.name, "--target", "dir", "--seconds", "2", env=env).stdout)["verified"]
         assert r["ok"] and "guest agent answered a ping" in r["checks"], r
-        assert_nothing_left(vf, libvirt_conn)
+        assert_nothing_left(vf, libvirt_conn, g.name)
     finally:
         g.remove()

@@ -181,3 +181,30 @@ def test_a_medium_outside_the_allowed_places_is_ejected_and_a_kernel_there_refus
     with pytest.raises(ArchiveRefused, match="<kernel>"):
         plan_restore(read_archive(make_archive(tmp_path / "2", xml=xml)), name=None, disk_dir=None,
                      allowed=[tmp_path])
+
+
+@pytest.mark.parametrize("evil, match", [
+    ("<devices><emulator>/tmp/evil</emulator>", "emulator"),
+    ("<devices><filesystem type='mount'><source dir='/'/><target dir='host'/></filesystem>", "filesystem"),
+    ("<devices><graphics type='vnc' socket='/etc/cron.d/vnc'/>", "socket"),
+    ("<devices><disk type='dir' device='disk'><source dir='/root'/><target dev='vdz'/></disk>", "type 'dir'"),
+])
+def test_a_definition_may_not_give_the_domain_host_access(tmp_path, evil, match):
+    xml = domain_xml(tmp_path).replace("<devices>", evil, 1)
+    with pytest.raises(ArchiveRefused, match=match):
+        plan_restore(read_archive(make_archive(tmp_path, xml=xml)), name=None, disk_dir=None, allowed=[tmp_path])
+    ns = domain_xml(tmp_path).replace("<domain type='qemu'>", "<domain type='qemu' xmlns:qemu="
+                                      "'http://libvirt.org/schemas/domain/qemu/1.0'>").replace(
+        "</devices>", "</devices><qemu:commandline><qemu:arg value='-drive'/></qemu:commandline>")
+    with pytest.raises(ArchiveRefused, match="another namespace"):
+        plan_restore(read_archive(make_archive(tmp_path / "ns", xml=ns)), name=None, disk_dir=None,
+                     allowed=[tmp_path])
+
+
+def test_a_new_domain_leaves_out_the_disks_the_archive_lacks(tmp_path):
+    xml = domain_xml(tmp_path).replace("</devices>", "<disk type='block' device='disk'><source dev='/dev/vg/scratch'/>"
+                                       "<target dev='vdz'/></disk></devices>")
+    plan = plan_restore(read_archive(make_archive(tmp_path, xml=xml)), name="web1-copy", disk_dir=None,
+                        allowed=[tmp_path])
+    targets = [d.find("target").get("dev") for d in ET.fromstring(plan.definition).findall("devices/disk")]
+    assert targets == ["vda"] and any("vdz is not in the archive" in w for w in plan.warnings)
