@@ -10,7 +10,8 @@ each, and the order rotating between runs:
   base images, `virsh blockcommit --active --pivot` per disk (what people
   write by hand);
 - virtfreeze `freeze` then `thaw` with no archive between (the stall of the
-  snapshot and the pivot alone);
+  snapshot and the pivot alone), and the same with `--memory` (the LIVE
+  memory snapshot pauses the guest at its end);
 - virtfreeze hook mode: `freeze`, `borg create` of the export view, `thaw`;
   again with borg under `nice -n 19 ionice -c 3`;
 - virtfreeze driver mode: `backup --target borg` with the default
@@ -95,13 +96,14 @@ def main() -> int:
         sh(*prefix, "borg", "create", f"{repo}::hook", ".", cwd=work / "export" / name, env=BORG_ENV)
         vf("low.yaml", "thaw", name)
 
-    def cycle_only() -> None:
-        vf("low.yaml", "freeze", name)
+    def cycle_only(memory: bool = False) -> None:
+        vf("low.yaml", "freeze", *(["--memory"] if memory else []), name)
         vf("low.yaml", "thaw", name)
 
     ways = {
         "plain script (snapshot, borg, blockcommit)": plain,
         "virtfreeze freeze + thaw, no archive": cycle_only,
+        "virtfreeze freeze --memory + thaw, no archive": lambda: cycle_only(True),
         "virtfreeze hook mode (freeze, borg, thaw)": lambda: hook(False),
         "  the same, borg under nice 19 + ionice idle": lambda: hook(True),
         "virtfreeze backup, archive_priority default (low)": lambda: vf("low.yaml", "backup", "--target", "borg",
