@@ -265,3 +265,36 @@ def test_a_clone_from_a_frozen_domains_export_view(guest_factory, vf, tmp_path, 
         except libvirt.libvirtError:
             pass
     g.watcher.wait_acks(5)  # the original, thawed, still writes
+
+
+def test_a_disk_on_a_template_comes_back_as_a_chain_of_its_own(guest_factory, vf, tmp_path, libvirt_conn):
+    """A qcow2 on a shared template: the archive holds the chain; a new domain gets its own restored chain,
+    and in place (template gone too) the chain comes back where it was."""
+    g = guest_factory([DiskSpec("vda", "qcow2", template=True)])
+    env = setup(vf, tmp_path, g)
+    t_before, _last = back_up(vf, env, g, "--target", "dir")
+    acked = g.acked(until=t_before)
+    template = g.workdir / "vda.template.qcow2"
+
+    out = json.loads(vf("--json", "restore", g.name, "--target", "dir", "--name", f"{g.name}-copy", "--no-start",
+                        env=env).stdout)["restore"]
+    try:
+        files = [Path(f) for f in out["files"]]
+        assert len(files) == 2 and template not in files, files
+        top = next(f for f in files if "backing" not in f.name)
+        chain = json.loads(subprocess.run(["qemu-img", "info", "--backing-chain", "--output=json", str(top)],
+                                          check=True, capture_output=True, text=True).stdout)
+        assert [c["filename"] for c in chain] == [str(f) for f in sorted(files, key=lambda f: "backing" in f.name)]
+        assert_acked_in({"vda": top}, g.formats, acked)
+    finally:
+        libvirt_conn.lookupByName(f"{g.name}-copy").undefine()
+
+    g.watcher.close()
+    delete_domain(g)
+    template.unlink()
+    out = json.loads(vf("--json", "restore", g.name, "--target", "dir", "--no-start", env=env).stdout)["restore"]
+    assert set(out["files"]) == {str(g.disks["vda"]), str(template)}
+    backing = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(g.disks["vda"])], check=True,
+                                        capture_output=True, text=True).stdout)["backing-filename"]
+    assert backing == str(template)
+    assert_acked_in(g.disks, g.formats, acked)
