@@ -37,5 +37,13 @@ def scratch(prefix: str) -> tuple[Path, Path]:
     return work, config
 
 
+def drop_caches() -> None:
+    """A cold cache for the next measurement."""
+    import os
+
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def med(xs) -> float:
     return statistics.median(xs)

@@ -39,18 +39,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import VIRTFREEZE, med  # noqa: E402
+from _common import VIRTFREEZE, drop_caches, med  # noqa: E402
 
 import libvirt  # noqa: E402
 
 from tests.rig.acks import max_gap  # noqa: E402
 
 from archive import BORG_ENV, VF_ENV, guest_with_data  # noqa: E402
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def sh(*argv: str, **kw) -> None:

@@ -39,31 +39,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import VIRTFREEZE, med  # noqa: E402
+from _common import VIRTFREEZE, drop_caches, med  # noqa: E402
 
 import libvirt  # noqa: E402
 
 from tests.rig.acks import AckWatcher  # noqa: E402
-from tests.rig.guest import SOCKET_DIR, DiskSpec, create_guest  # noqa: E402
+from tests.rig.guest import SOCKET_DIR, DiskSpec, create_guest, remove_domain  # noqa: E402
 from tests.rig.guest_image import cache_dir  # noqa: E402
 
 from archive import BORG_ENV, VF_ENV, borg  # noqa: E402
 
 
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
 def delete(conn, name: str, files: list[Path]) -> None:
     """Remove the domain and its disk files (what a restore then brings back)."""
-    try:
-        dom = conn.lookupByName(name)
-        if dom.isActive():
-            dom.destroy()
-        dom.undefine()
-    except libvirt.libvirtError:
-        pass
+    remove_domain(conn, name=name)
     for p in files:
         p.unlink(missing_ok=True)
 

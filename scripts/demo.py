@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import libvirt  # noqa: E402
 
 from tests.rig.acks import AckWatcher, acked_by_disk, max_gap  # noqa: E402
-from tests.rig.guest import SOCKET_DIR, DiskSpec, create_guest  # noqa: E402
+from tests.rig.guest import SOCKET_DIR, DiskSpec, create_guest, remove_domain  # noqa: E402
 from tests.rig.guest_image import cache_dir  # noqa: E402
 from tests.rig.integrity import check_image  # noqa: E402
 
@@ -47,13 +47,7 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 def cleanup(conn: libvirt.virConnect) -> None:
     """Remove whatever an earlier or this run left: the demo VMs, mounts, files."""
     for name in (NAME, RESTORED):
-        try:
-            dom = conn.lookupByName(name)
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
-        except libvirt.libvirtError:
-            pass
+        remove_domain(conn, name=name)
     with open("/proc/self/mountinfo") as fh:
         mounts = [line.split()[4] for line in fh if line.split()[4].startswith(str(WORK) + "/")]
     for mp in sorted(mounts, key=len, reverse=True):

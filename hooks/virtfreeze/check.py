@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from virtfreeze.domain_xml import has_agent_channel, has_swtpm, ineligible_reason, nvram_path, overlay_path, parse_disks
-from virtfreeze.errors import VirtfreezeError
+from virtfreeze.errors import DomainNotFound, VirtfreezeError
 from virtfreeze.libvirt_boundary import PAUSED, RUNNING, DomainInfo
 from virtfreeze.runtime import Runtime
 from virtfreeze.status import planned_strategy
@@ -63,7 +63,8 @@ def _version(argv: list[str]) -> str | None:
     return text[0] if text else "?"
 
 
-def host_findings(rt: Runtime, domains: list[DomainInfo]) -> list[Finding]:
+def host_findings(rt: Runtime, needs_fuse: bool) -> list[Finding]:
+    """The host's findings; `needs_fuse`: a checked domain has a block-device disk to export."""
     cfg, hv = rt.config, rt.hv
     out = []
     lib, qemu = hv.versions()
@@ -101,7 +102,6 @@ def host_findings(rt: Runtime, domains: list[DomainInfo]) -> list[Finding]:
             out.append(Finding(OK, "host", tool, version))
         elif used:
             out.append(Finding(ERROR, "host", tool, "not found, and a configured target uses it"))
-    needs_fuse = any(d.type == "block" and not ineligible_reason(d) for d in _all_disks(rt, domains))
     if needs_fuse:
         if not os.path.exists("/dev/fuse"):
             out.append(Finding(ERROR, "host", "fuse", "/dev/fuse is missing: block-device disks cannot be exported "
@@ -117,12 +117,19 @@ def host_findings(rt: Runtime, domains: list[DomainInfo]) -> list[Finding]:
     return out
 
 
-def _all_disks(rt: Runtime, domains: list[DomainInfo]):
+def findings(rt: Runtime, domains: list[DomainInfo], missing: list[str]) -> list[Finding]:
+    """Everything `check` says: the host's findings first, then each domain's (its definitions read once)."""
+    per_domain: list[Finding] = []
     for d in domains:
         try:
-            yield from parse_disks(rt.hv.xml(d.uuid, d.name, inactive=True))
-        except VirtfreezeError:
-            continue
+            per_domain += domain_findings(rt, d)
+        except DomainNotFound:
+            missing.append(d.name)  # undefined meanwhile
+    needs_fuse = any(f.message.startswith("frozen:") and BLOCK_NOTE in f.message for f in per_domain)
+    return host_findings(rt, needs_fuse) + per_domain + [missing_domain(n) for n in missing]
+
+
+BLOCK_NOTE = "block device, exported as a file through FUSE"
 
 
 def domain_findings(rt: Runtime, info: DomainInfo) -> list[Finding]:
@@ -139,7 +146,7 @@ def domain_findings(rt: Runtime, info: DomainInfo) -> list[Finding]:
         if reason is None:
             frozen += 1
             where = overlay_path(disk, info.uuid, cfg.overlay_directory, cfg.state_directory)
-            kind = "block device, exported as a file through FUSE" if disk.type == "block" else disk.format or "?"
+            kind = BLOCK_NOTE if disk.type == "block" else disk.format or "?"
             out.append(Finding(OK, name, topic, f"frozen: {disk.source} ({kind}); overlay {where}"))
             fstype, free = _fs(where.parent)
             if free < cfg.overlay_min_free:

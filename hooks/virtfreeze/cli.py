@@ -634,7 +634,7 @@ def check(ctx: Ctx, domains, all_):
     def run():
         import fnmatch
 
-        from virtfreeze.check import ERROR, domain_findings, host_findings, missing_domain
+        from virtfreeze.check import ERROR, findings
         from virtfreeze.selection import select
 
         ctx.read_only = True
@@ -651,19 +651,13 @@ def check(ctx: Ctx, domains, all_):
                     if not matches and (pat not in names):
                         missing.append(pat)
                     chosen += [d for d in matches if d not in chosen]
-        findings = host_findings(rt, chosen)
-        for d in chosen:
-            try:
-                findings += domain_findings(rt, d)
-            except errors.DomainNotFound:
-                missing.append(d.name)  # undefined meanwhile
-        findings += [missing_domain(n) for n in missing]
+        found = findings(rt, chosen, missing)
         if ctx.as_json:
-            click.echo(json.dumps({"findings": [f.to_json() for f in findings]}, indent=2))
+            click.echo(json.dumps({"findings": [f.to_json() for f in found]}, indent=2))
         else:
-            for f in findings:
+            for f in found:
                 click.echo(f"{f.level.upper():7}  {f.scope}: {f.topic}: {f.message}")
-        return errors.EXIT_FAILED if any(f.level == ERROR for f in findings) else errors.EXIT_OK
+        return errors.EXIT_FAILED if any(f.level == ERROR for f in found) else errors.EXIT_OK
 
     _run_guarded(run)
 

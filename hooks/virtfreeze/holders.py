@@ -65,10 +65,6 @@ def _stat_fields(pid: int) -> list[str] | None:
 def start_time(pid: int) -> int | None:
     """A process's start time in clock ticks after boot (None: no such process); with its pid it
     names one process, whatever reuses the pid later."""
-    return _start_time(pid)
-
-
-def _start_time(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return int(fields[19]) if fields else None  # field 22 of stat(5); the list starts at field 3
 
@@ -104,7 +100,7 @@ def _top_ancestor() -> int:
 def current() -> Holder:
     """The run this process belongs to."""
     sid = os.getsid(0) or _top_ancestor()
-    started = _start_time(sid) or 0
+    started = start_time(sid) or 0
     return Holder(sid, started, _boot_id(), datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   _command(sid) if started else "")
 
@@ -115,5 +111,5 @@ def alive(holder: Holder) -> bool:
     if holder.boot != _boot_id():
         return False
     if holder.started:
-        return _start_time(holder.sid) == holder.started
+        return start_time(holder.sid) == holder.started
     return any(_session_of(int(p)) == holder.sid for p in os.listdir("/proc") if p.isdigit())

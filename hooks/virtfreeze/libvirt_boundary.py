@@ -250,16 +250,20 @@ class Hypervisor:
 
         return self._call("list domains", op, read_only=True)
 
-    def info(self, uuid: str) -> DomainInfo | None:
+    def _lookup_info(self, lookup: Callable[[libvirt.virConnect], libvirt.virDomain], key: str) -> DomainInfo | None:
+        """DomainInfo of the domain `lookup` finds, or None when there is none."""
         def op(conn):
             try:
-                return self._info(conn.lookupByUUIDString(uuid))
+                return self._info(lookup(conn))
             except libvirt.libvirtError as e:
                 if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     return None
                 raise
 
-        return self._call("look up domain", op, read_only=True, domain=uuid)
+        return self._call("look up domain", op, read_only=True, domain=key)
+
+    def info(self, uuid: str) -> DomainInfo | None:
+        return self._lookup_info(lambda c: c.lookupByUUIDString(uuid), uuid)
 
     def state(self, uuid: str) -> str:
         info = self.info(uuid)
@@ -274,15 +278,7 @@ class Hypervisor:
         self._call("redefine domain", lambda c: c.defineXML(xml), domain=name)
 
     def info_by_name(self, name: str) -> DomainInfo | None:
-        def op(conn):
-            try:
-                return self._info(conn.lookupByName(name))
-            except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return None
-                raise
-
-        return self._call("look up domain", op, read_only=True, domain=name)
+        return self._lookup_info(lambda c: c.lookupByName(name), name)
 
     def undefine(self, uuid: str, name: str, *, nvram: bool = False, tpm: bool = False) -> None:
         """Remove a shut-off domain's definition (with `nvram`/`tpm`, its NVRAM file and TPM state

@@ -34,7 +34,7 @@ from virtfreeze.restore_plan import (
     plan_restore, read_archive, relocate_xml,
 )
 from virtfreeze.runtime import Runtime
-from virtfreeze.sparse_copy import copy_fd
+from virtfreeze.sparse_copy import copy_file
 
 log = logging.getLogger(__name__)
 
@@ -312,11 +312,7 @@ def _place_file(src: Path, dest: Path, record: RestoreRecord, *, link: bool, rep
     partial = dest.parent / f".{dest.name}.virtfreeze-partial"
     fd = _create_exclusive(partial, record)
     try:
-        src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            copy_fd(src_fd, fd, what=f"copy of {src}", on_bytes=progress)
-        finally:
-            os.close(src_fd)
+        copy_file(src, fd, what=f"copy of {src}", on_bytes=progress)
     finally:
         os.close(fd)
     record.add("files", dest)
@@ -346,11 +342,7 @@ def _place_tree(src: Path, dest: Path, record: RestoreRecord, replace: bool) -> 
         for f in filenames:
             fd = os.open(dest / rel / f, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
-                s_fd = os.open(Path(dirpath) / f, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    copy_fd(s_fd, fd, what="copy of TPM state")
-                finally:
-                    os.close(s_fd)
+                copy_file(Path(dirpath) / f, fd, what="copy of TPM state")
             finally:
                 os.close(fd)
 
@@ -569,18 +561,15 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
     # 3. Memory image: checked, and its XML relocated like the definition (in a private copy).
     memory_file = None
     if use_memory:
-        memory_complete(archive)
+        if source.directory is None:  # (from a directory it was checked before anything was written)
+            memory_complete(archive)
         src = archive.root / archive.memory
         if source.directory is not None:
             memory_file = staging / "memory.save"
             rt.progress.update(plan.name, "copying the memory image")
             fd = _create_exclusive(memory_file, record)
             try:
-                s_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    copy_fd(s_fd, fd, what="copy of the memory image")
-                finally:
-                    os.close(s_fd)
+                copy_file(src, fd, what="copy of the memory image")
             finally:
                 os.close(fd)
         else:

@@ -57,3 +57,13 @@ def copy_fd(src_fd: int, dst_fd: int, *, what: str, on_bytes: Callable[[int], No
     os.ftruncate(dst_fd, size)
     os.fsync(dst_fd)
     return done
+
+
+def copy_file(src, dst_fd: int, *, what: str, on_bytes: Callable[[int], None] | None = None,
+              digest: "hashlib._Hash | None" = None) -> int:
+    """`copy_fd` from the file `src`, which is never followed if it is a symlink (O_NOFOLLOW)."""
+    src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        return copy_fd(src_fd, dst_fd, what=what, on_bytes=on_bytes, digest=digest)
+    finally:
+        os.close(src_fd)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
-from virtfreeze.sparse_copy import copy_fd
+from virtfreeze.sparse_copy import copy_file
 from virtfreeze.targets import (
     ArchiveInfo, ArchiveResult, StorageTarget, archive_name, parse_archive_name, relative_paths,
 )
@@ -35,16 +35,12 @@ def sparse_copy(src: Path, dst: Path) -> tuple[str, int]:
     """Copy a file sparsely (all-zero chunks become holes); return its sha256 and the bytes read.
     `src` is never followed when it is a symlink (O_NOFOLLOW)."""
     h = hashlib.sha256()
-    fi = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            size = copy_fd(fi, fo, what=f"copy of {src}", digest=h)  # cancellable: e.g. an I/O-error pause
-            os.fchmod(fo, stat.S_IMODE(os.fstat(fi).st_mode))
-        finally:
-            os.close(fo)
+        size = copy_file(src, fo, what=f"copy of {src}", digest=h)  # cancellable: e.g. an I/O-error pause
+        os.fchmod(fo, stat.S_IMODE(os.lstat(src).st_mode))
     finally:
-        os.close(fi)
+        os.close(fo)
     return h.hexdigest(), size
 
 

@@ -18,6 +18,29 @@ ROOT = Path(__file__).resolve().parents[2]
 DEBIAN_PYTHON = "/usr/bin/python3"
 
 
+def program_runner(program: str, vf, env: dict):
+    """Run an installed virtfreeze with this test's config; it must work, and never print a traceback."""
+
+    def installed(*args: str, expect=(0,)) -> subprocess.CompletedProcess:
+        proc = subprocess.run([program, "--config", str(vf.config_path), *args], capture_output=True, text=True,
+                              env=env)
+        assert proc.returncode in expect and "Traceback" not in proc.stderr, (args, proc.stdout, proc.stderr)
+        return proc
+
+    return installed
+
+
+def freeze_and_thaw(installed, g, vf) -> None:
+    """A freeze and thaw of a writing guest through the installed program; nothing lost, nothing left."""
+    g.watcher.wait_acks(20)
+    installed("freeze", g.name)
+    g.watcher.wait_acks(20)
+    installed("thaw", g.name)
+    g.watcher.wait_acks(20)
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
+
+
 def test_pipx_install_with_debians_libraries(guest_factory, vf, tmp_path):
     # The wheel, as an operator would build it on the host (Debian's python3-build and python3-hatchling;
     # hatchling's `editables` is only needed for editable installs, and Debian does not ship it).
@@ -40,13 +63,7 @@ def test_pipx_install_with_debians_libraries(guest_factory, vf, tmp_path):
         assert found[lib].startswith("/usr/lib/python3/dist-packages/"), found
     assert found["versions"]["pluggy"].startswith("1.0.") and found["versions"]["jsonschema"].startswith("4.10.")
 
-    run_env = {k: v for k, v in env.items() if k != "VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD"}
-
-    def installed(*args: str, expect=(0,)) -> subprocess.CompletedProcess:
-        proc = subprocess.run([program, "--config", str(vf.config_path), *args], capture_output=True, text=True,
-                              env=run_env)
-        assert proc.returncode in expect and "Traceback" not in proc.stderr, (args, proc.stdout, proc.stderr)
-        return proc
+    installed = program_runner(program, vf, {k: v for k, v in env.items() if k != "VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD"})
 
     vf.write_config(targets={"nightly": {"type": "borg", "repository": str(tmp_path / "repo.borg")}})
     understood = yaml.safe_load(installed("config", "check").stdout)
@@ -59,13 +76,7 @@ def test_pipx_install_with_debians_libraries(guest_factory, vf, tmp_path):
     assert any(f["scope"] == "host" and f["topic"] == "libvirt" and f["level"] == "ok" for f in findings)
     assert any(f["scope"] == g.name and f["topic"] == "disk vda" and f["level"] == "ok" for f in findings)
 
-    g.watcher.wait_acks(20)
-    installed("freeze", g.name)
-    g.watcher.wait_acks(20)
-    installed("thaw", g.name)
-    g.watcher.wait_acks(20)
-    assert_back_on_base(g, vf)
-    assert_all_acked_present(g)
+    freeze_and_thaw(installed, g, vf)
 
 
 def test_debian_package_builds_clean_installs_and_freezes_and_thaws(guest_factory, vf, tmp_path):
@@ -89,21 +100,10 @@ def test_debian_package_builds_clean_installs_and_freezes_and_thaws(guest_factor
         assert "ExecStart=/usr/bin/virtfreeze backup" in unit
         assert not Path("/etc/systemd/system/timers.target.wants/virtfreeze-backup.timer").exists()  # not enabled
 
-        def installed(*args: str) -> subprocess.CompletedProcess:
-            proc = subprocess.run(["/usr/bin/virtfreeze", "--config", str(vf.config_path), *args], capture_output=True,
-                                  text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-            assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stdout, proc.stderr)
-            return proc
-
+        installed = program_runner("/usr/bin/virtfreeze", vf, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
         assert "borg (entry point of virtfreeze" in installed("plugins").stdout
         g = guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw", size_mib=16, block=True)])
-        g.watcher.wait_acks(20)
-        installed("freeze", g.name)
-        g.watcher.wait_acks(20)
-        installed("thaw", g.name)
-        g.watcher.wait_acks(20)
-        assert_back_on_base(g, vf)
-        assert_all_acked_present(g)
+        freeze_and_thaw(installed, g, vf)
     finally:
         subprocess.run(["apt-get", "purge", "-y", "-q", "virtfreeze"], check=True, capture_output=True, env=apt_env)
     assert not Path("/usr/bin/virtfreeze").exists()

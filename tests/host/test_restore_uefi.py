@@ -15,15 +15,13 @@ import pytest
 
 from tests.host.helpers import sha256
 from tests.host.test_restore import assert_acked_in, back_up, setup, watch
-from tests.rig.guest import SOCKET_DIR, DiskSpec, Guest, domain_xml
+from tests.rig.guest import SOCKET_DIR, UNDEFINE_ALL, DiskSpec, Guest, domain_xml, remove_domain
 
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 NVRAM_DIR = Path("/var/lib/libvirt/qemu/nvram")
 SWTPM_DIR = Path("/var/lib/libvirt/swtpm")
 SWTPM_LOG_DIR = Path("/var/log/swtpm/libvirt/qemu")
-UNDEFINE_ALL = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_TPM", 0))
 
 
 def uefi_tpm_xml(xml: str, nvram: Path) -> str:
@@ -53,20 +51,7 @@ def tree_sums(top: Path) -> dict[str, str]:
 
 def remove_domain_and_state(conn: libvirt.virConnect, name: str, uid: str) -> None:
     """Destroy and undefine (with NVRAM and TPM state); then remove whatever of them is left. Never raises."""
-    try:
-        dom = conn.lookupByUUIDString(uid)
-    except libvirt.libvirtError:
-        dom = None
-    if dom is not None:
-        try:
-            if dom.isActive():
-                dom.destroy()
-        except libvirt.libvirtError:
-            pass
-        try:
-            dom.undefineFlags(UNDEFINE_ALL)
-        except libvirt.libvirtError:
-            pass
+    remove_domain(conn, uuid=uid)
     (NVRAM_DIR / f"{name}_VARS.fd").unlink(missing_ok=True)
     shutil.rmtree(SWTPM_DIR / uid, ignore_errors=True)
     (SWTPM_LOG_DIR / f"{name}-swtpm.log").unlink(missing_ok=True)

@@ -113,25 +113,31 @@ class Guest:
         for w in [self.watcher, *self.extra_watchers]:
             if w:
                 w.close()
-        try:
-            dom = self.conn.lookupByUUIDString(self.uuid)
-        except libvirt.libvirtError:
-            dom = None
-        if dom is not None:
-            try:
-                if dom.isActive():
-                    dom.destroy()
-            except libvirt.libvirtError:
-                pass
-            try:
-                if dom.isPersistent():
-                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                                      | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                                      | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-            except libvirt.libvirtError:
-                pass
+        remove_domain(self.conn, uuid=self.uuid)
         for dev in self.loops:
             subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+UNDEFINE_ALL = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_TPM", 0))
+
+
+def remove_domain(conn: libvirt.virConnect, *, uuid: str | None = None, name: str | None = None) -> None:
+    """Destroy and undefine a domain (with its managed save, NVRAM and TPM state) if it exists; never raises."""
+    try:
+        dom = conn.lookupByUUIDString(uuid) if uuid else conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    try:
+        if dom.isActive():
+            dom.destroy()
+    except libvirt.libvirtError:
+        pass
+    try:
+        if dom.isPersistent():
+            dom.undefineFlags(UNDEFINE_ALL)
+    except libvirt.libvirtError:
+        pass
 
 
 def attach_loop(image: Path, attempts: int = 5) -> str:
