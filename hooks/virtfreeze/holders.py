@@ -87,9 +87,8 @@ def _parent_of(pid: int) -> int | None:
     return int(fields[1]) if fields else None  # field 4
 
 
-def _top_ancestor() -> int:
-    """The ancestor of this process whose parent is the namespace's init (1) or outside it (0)."""
-    pid = os.getpid()
+def _top_ancestor(pid: int) -> int:
+    """The ancestor of a process whose parent is the namespace's init (1) or outside it (0)."""
     while True:
         parent = _parent_of(pid)
         if parent is None or parent <= 1:
@@ -97,19 +96,25 @@ def _top_ancestor() -> int:
         pid = parent
 
 
+def _run_of(pid: int) -> int | None:
+    """The run a process belongs to, by the rule `current` uses (None: no such process)."""
+    sid = _session_of(pid)
+    return _top_ancestor(pid) if sid == 0 else sid
+
+
 def current() -> Holder:
     """The run this process belongs to."""
-    sid = os.getsid(0) or _top_ancestor()
+    sid = os.getsid(0) or _top_ancestor(os.getpid())
     started = start_time(sid) or 0
     return Holder(sid, started, _boot_id(), datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   _command(sid) if started else "")
 
 
 def alive(holder: Holder) -> bool:
-    """Whether the run still exists: same boot, and its session leader (or, if it had exited
-    already, any process of that session) is there."""
+    """Whether the run still exists: same boot, and its leader (or, if it had exited already, any
+    process of that run) is there."""
     if holder.boot != _boot_id():
         return False
     if holder.started:
         return start_time(holder.sid) == holder.started
-    return any(_session_of(int(p)) == holder.sid for p in os.listdir("/proc") if p.isdigit())
+    return any(_run_of(int(p)) == holder.sid for p in os.listdir("/proc") if p.isdigit())
