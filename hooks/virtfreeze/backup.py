@@ -18,7 +18,7 @@ from virtfreeze.errors import VirtfreezeError
 from virtfreeze.freeze import freeze_domain
 from virtfreeze.libvirt_boundary import DomainInfo
 from virtfreeze.model import DomainRef
-from virtfreeze.plugins import report_failure
+from virtfreeze.plugins import report_done, report_failure
 from virtfreeze.runtime import Runtime
 from virtfreeze.targets import ArchiveResult, StorageTarget, describe_shortfall, short_of_data
 from virtfreeze.thaw import thaw_domain
@@ -110,4 +110,5 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *
         result.thaw_seconds = time.monotonic() - t0
         result.overlay_bytes = thawed.overlay_bytes
         result.strategy = thawed.strategy
+    report_done(rt.pm, ref, "backup", result, rt.command)
     return result

@@ -63,6 +63,8 @@ class TerminalProgress(Progress):
     be delivered to.
     """
 
+    live = True  # archives report the bytes they read (see targets.report_progress)
+
     def __init__(self):
         from rich.console import Console
         from rich.live import Live
@@ -149,7 +151,9 @@ class Ctx:
             from virtfreeze.runtime import Runtime
 
             cfg = config_mod.load(self.config_path)
-            self._rt = Runtime(cfg, cfg.uri(self.connect))
+            command = click.get_current_context().info_name
+            self._rt = Runtime(cfg, cfg.uri(self.connect), command=command)
+            self._rt.pm.hook.virtfreeze_configure(config=cfg, command=command)  # may refuse: nothing changed yet
             if not self.read_only:
                 from virtfreeze.verify import clean_leftovers
 
@@ -210,14 +214,28 @@ def _for_each(items, fn, jobs: int):
     return results, failures
 
 
-def _emit(ctx: Ctx, action: str, results, failures, line, skipped: dict[str, str] | None = None) -> int:
+def _report(rt, action: str, results, failures, skipped: dict[str, str] | None = None, **more) -> dict:
+    """What --json prints for a command that works on domains; the virtfreeze_run_finished hook gets it too."""
+    report = {action: [r.to_json() for r in results], **more, "skipped": skipped or {},
+              "errors": [{"domain": e.domain or item.name, "message": str(e), "exit_code": e.exit_code}
+                         for item, e in failures]}
+    _finished(rt, report)
+    return report
+
+
+def _finished(rt, report: dict) -> None:
+    """Tell the virtfreeze_run_finished hook; a plugin's bug never changes the outcome."""
+    try:
+        rt.pm.hook.virtfreeze_run_finished(command=rt.command, report=report)
+    except Exception as e:  # noqa: BLE001 - any plugin bug
+        log.warning("a virtfreeze_run_finished hook raised %s: %s", type(e).__name__, e)
+
+
+def _emit(ctx: Ctx, action: str, results, failures, line, skipped: dict[str, str] | None = None,
+          report: bool = True) -> int:
+    report = _report(ctx.rt, action, results, failures, skipped) if report else {}
     if ctx.as_json:
-        click.echo(json.dumps({
-            action: [r.to_json() for r in results],
-            "skipped": skipped or {},
-            "errors": [{"domain": e.domain or item.name, "message": str(e), "exit_code": e.exit_code}
-                       for item, e in failures],
-        }, indent=2))
+        click.echo(json.dumps(report, indent=2))
     else:
         for r in results:
             click.echo(line(r))
@@ -407,12 +425,9 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
             results, failures = _for_each(chosen, lambda d: backup_domain(
                 rt, d, chosen_targets, memory=memory, quiesce=quiesce, strategy=strategy), jobs or cfg.jobs)
             verified = _verify_new_archives(rt, results, chosen_targets, verify_seconds) if verify_after else []
+        report = _report(rt, "backups", results, failures, skipped, verified=[v.to_json() for v in verified])
         if ctx.as_json:
-            click.echo(json.dumps({
-                "backups": [r.to_json() for r in results], "verified": [v.to_json() for v in verified],
-                "skipped": skipped or {},
-                "errors": [{"domain": e.domain or item.name, "message": str(e), "exit_code": e.exit_code}
-                           for item, e in failures]}, indent=2))
+            click.echo(json.dumps(report, indent=2))
             for _item, e in failures:
                 _fail(e)
             code = _worst([e.exit_code for _i, e in failures])
@@ -431,7 +446,7 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
             for v in verified:
                 click.echo(f"verified {v.domain} from {v.source}: {'; '.join(v.checks)}" if v.ok
                            else f"FAILED verify of {v.domain} from {v.source}: {v.error}")
-            code = _emit(ctx, "backups", [], failures, str, skipped)
+            code = _emit(ctx, "backups", [], failures, str, skipped, report=False)
         archive_failed = any(not r.ok for r in results) or any(not v.ok for v in verified)
         return code or (errors.EXIT_FAILED if archive_failed else errors.EXIT_OK)
 
@@ -582,8 +597,12 @@ def verify(ctx: Ctx, domains, target_names, archive, from_dir, seconds, check_co
                     break
                 results.append(verify_one(rt, source, seconds=seconds, check_command=command,
                                           keep_on_failure=keep_on_failure))
+        report = {"verified": [r.to_json() for r in results],
+                  "errors": [{"domain": r.domain, "message": r.error, "exit_code": errors.EXIT_FAILED}
+                             for r in results if not r.ok]}
+        _finished(rt, report)
         if ctx.as_json:
-            click.echo(json.dumps({"verified": [r.to_json() for r in results]}, indent=2))
+            click.echo(json.dumps({"verified": report["verified"]}, indent=2))
         else:
             for r in results:
                 if r.ok:

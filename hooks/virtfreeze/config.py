@@ -181,6 +181,41 @@ SCHEMA: dict[str, Any] = {
                            "unless they are read in place). Unset: state_directory/verify.",
             "example": "/var/lib/virtfreeze/verify",
         },
+        "metrics": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "required": ["textfile"],
+            "description": "The metrics plugin: per-domain results in node_exporter's textfile format (needs "
+                           "prometheus_client). Unset: off. Freeze, thaw, backup and verify each update their "
+                           "own series and keep the others.",
+            "example": {"textfile": "/var/lib/prometheus/node-exporter/virtfreeze.prom"},
+            "properties": {
+                "textfile": {"type": "string", "pattern": "^/.*\\.prom$",
+                             "description": "The file node_exporter's textfile collector reads (an absolute "
+                                            "path ending in .prom, in --collector.textfile.directory).",
+                             "example": "/var/lib/prometheus/node-exporter/virtfreeze.prom"},
+            },
+        },
+        "notify": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "description": "The notify plugin: tell people when a domain's freeze, archive, thaw or verify failed "
+                           "(and, if asked, when a run succeeded), through Apprise URLs (mail, ntfy, Matrix, "
+                           "Slack, webhooks, ...; needs apprise). Unset: off.",
+            "example": {"urls_file": "/etc/virtfreeze/notify.urls", "on_success": False},
+            "properties": {
+                "urls": {"type": "array", "items": {"type": "string"},
+                         "description": "Apprise URLs. They often hold tokens: prefer urls_file.",
+                         "example": ["ntfys://ntfy.example.org/vm-backups"]},
+                "urls_file": {"type": "string", "pattern": "^/",
+                              "description": "A file (0600) with one Apprise URL per line; # starts a comment.",
+                              "example": "/etc/virtfreeze/notify.urls"},
+                "on_success": {"type": "boolean",
+                               "description": "Also send one summary when freeze, thaw, backup or verify "
+                                              "succeeded for every domain.",
+                               "example": False},
+            },
+        },
         "targets": {
             "type": "object",
             "description": "Named storage targets for `virtfreeze backup`; the other keys are the settings of that "
@@ -249,6 +284,8 @@ class Config:
     archive_priority: dict = field(default_factory=lambda: {"nice": 19, "ionice": "idle", "cpu_weight": 10})
     restore_directories: list[str] = field(default_factory=list)
     verify_directory: Path | None = None
+    metrics: dict | None = None
+    notify: dict | None = None
     targets: dict[str, dict] = field(default_factory=dict)
     domains: dict[str, DomainSettings] = field(default_factory=dict)
     source: Path | None = None

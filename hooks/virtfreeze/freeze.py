@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from virtfreeze import __version__, export_view, holders, qemu_img
+from virtfreeze import __version__, downtime, export_view, holders, qemu_img
 from virtfreeze.domain_xml import (
     has_agent_channel, has_swtpm, ineligible_reason, is_overlay, nvram_path, overlay_path, parse_disks, snapshot_xml,
 )
@@ -24,7 +24,7 @@ from virtfreeze.errors import LeftOnOverlay, UsageError, VirtfreezeError
 from virtfreeze.journal import FrozenDomain, domain_lock, failpoint
 from virtfreeze.libvirt_boundary import PAUSED, RUNNING, SHUTOFF, DomainInfo, is_quiesce_unavailable
 from virtfreeze.model import DiskPlan, DomainRef
-from virtfreeze.plugins import report_failure
+from virtfreeze.plugins import report_done, report_failure
 from virtfreeze.runtime import Runtime
 from virtfreeze.merge_api import read_definitions
 from virtfreeze.thaw import thaw_locked
@@ -48,6 +48,7 @@ class FreezeResult:
     snapshot_seconds: float = 0.0
     seconds: float = 0.0
     shared_with: list[str] = field(default_factory=list)  # other runs holding this same freeze (joined)
+    downtime_seconds: float = 0.0  # the guest was not running this long during the freeze (lifecycle events)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -205,7 +206,7 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
     record = FrozenDomain(info.uuid, info.name, "freezing", disks=plan, started=_now(), state_at_freeze=state,
                           persistent=info.persistent, skipped=skipped,
                           memory_file=str(memory_file) if memory_file else None, export_dir=str(export_dir),
-                          holders=[me])
+                          holders=[me], command=rt.command)
     rt.journal.write(record)
     failpoint("freeze-before-snapshot")
 
@@ -268,11 +269,15 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
 
 def freeze_domain(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
                   quiesce: str | None = None) -> FreezeResult:
+    ref = DomainRef(info.name, info.uuid)
     try:
-        with domain_lock(info.uuid, info.name):
-            return freeze_locked(rt, info, memory=memory, quiesce=quiesce)
+        with domain_lock(info.uuid, info.name), downtime.watched(rt.hv, info.uuid) as down:
+            result = freeze_locked(rt, info, memory=memory, quiesce=quiesce)
     except VirtfreezeError as e:
-        report_failure(rt.pm, DomainRef(info.name, info.uuid), "freeze", e)
+        report_failure(rt.pm, ref, "freeze", e)
         raise
     finally:
         rt.progress.finish(info.name)
+    result.downtime_seconds = down.seconds
+    report_done(rt.pm, ref, "freeze", result, rt.command)
+    return result

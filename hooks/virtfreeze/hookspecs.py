@@ -14,6 +14,21 @@ hookspec = pluggy.HookspecMarker("virtfreeze")
 hookimpl = pluggy.HookimplMarker("virtfreeze")
 
 
+@hookspec
+def virtfreeze_configure(config, command):
+    """A command is about to run with this configuration.
+
+    Runs once per command that reads the configuration (``command`` is its
+    name: ``freeze``, ``thaw``, ``backup``, ``verify``, ``restore``, ...),
+    after the configuration was validated and before any domain is touched.
+    Plugins take their own settings from ``config`` (a `Config`; e.g.
+    ``config.metrics``, ``config.notify``). Not firstresult: every
+    implementation runs; return None (return values are ignored). Raise
+    `ConfigError` when the plugin's settings cannot work (a missing library,
+    an unreadable file): the command stops before it changes anything.
+    """
+
+
 @hookspec(firstresult=True)
 def virtfreeze_merge(merge):
     """Merge a domain's overlays back into their recorded base images.
@@ -146,6 +161,36 @@ def virtfreeze_domain_failed(domain, phase, error):
     an overlay). Not firstresult: every implementation runs; return None
     (return values are ignored). An exception raised here is logged and
     does not change the outcome.
+    """
+
+
+@hookspec
+def virtfreeze_domain_done(domain, step, result, command):
+    """One step of one domain succeeded, for metrics and reports.
+
+    Runs once per domain and step, after the step and with no lock held:
+    ``step`` is ``freeze`` (``result`` a `virtfreeze.freeze.FreezeResult`),
+    ``thaw`` (a `virtfreeze.thaw.ThawResult`; its ``strategy`` is None when
+    nothing was merged, its ``held_by`` non-empty when another run still
+    holds the freeze) or ``backup`` (a `virtfreeze.backup.BackupResult`,
+    after the domain's thaw; ``result.ok`` is False when an archive failed,
+    which `virtfreeze_domain_failed` reported already). ``command`` is the
+    command running the step (``backup`` runs freeze and thaw steps too).
+    ``result.to_json()`` is what ``--json`` prints for it. Not firstresult:
+    every implementation runs; return None (return values are ignored). An
+    exception raised here is logged and does not change the outcome.
+    """
+
+
+@hookspec
+def virtfreeze_run_finished(command, report):
+    """A command that freezes, thaws, backs up or verifies domains finished.
+
+    Runs once, at the end of ``freeze``, ``thaw``, ``backup`` and ``verify``,
+    before the command exits. ``report`` is the dict ``--json`` prints (its
+    ``errors`` list, empty when every domain succeeded). Not firstresult:
+    every implementation runs; return None (return values are ignored). An
+    exception raised here is logged and does not change the outcome.
     """
 
 

@@ -90,6 +90,7 @@ class FrozenDomain:
     memory_file: str | None = None
     export_dir: str | None = None
     holders: list[Holder] = field(default_factory=list)  # the runs that hold it frozen (holders.py)
+    command: str | None = None  # what froze it: freeze (hook mode) or backup (driver mode)
     # Marks of the built-in merges, so that a crash mid-merge is finished by the next thaw:
     saved_by_virtfreeze: str | None = None  # the offline merge saved the guest: "running" or "paused"
     paused_by_virtfreeze: bool | None = None  # the iterative merge paused the guest's vCPUs

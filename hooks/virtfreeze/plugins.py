@@ -59,6 +59,14 @@ def describe_plugins(pm: pluggy.PluginManager | None = None) -> list[dict]:
     return rows
 
 
+def report_done(pm: pluggy.PluginManager, domain, step: str, result, command: str | None) -> None:
+    """Tell the virtfreeze_domain_done hook; a broken metrics plugin never changes the outcome."""
+    try:
+        pm.hook.virtfreeze_domain_done(domain=domain, step=step, result=result, command=command)
+    except Exception as e:  # noqa: BLE001 - any plugin bug
+        domain_log(log, domain.name).warning("a virtfreeze_domain_done hook raised %s: %s", type(e).__name__, e)
+
+
 def report_failure(pm: pluggy.PluginManager, domain, phase: str, error: Exception) -> None:
     """Tell the virtfreeze_domain_failed hook; a broken alerting plugin never changes the outcome."""
     try:

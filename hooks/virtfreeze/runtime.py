@@ -21,6 +21,7 @@ class Runtime:
     _hv: Hypervisor | None = None
     pm: pluggy.PluginManager = field(default_factory=get_plugin_manager)
     progress: Progress = SILENT  # the CLI puts a terminal display here
+    command: str | None = None  # the CLI command running (freeze, thaw, backup, ...), for plugins
 
     @property
     def hv(self) -> Hypervisor:

@@ -18,14 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from virtfreeze import export_view, holders, qemu_img
+from virtfreeze import downtime, export_view, holders, qemu_img
 from virtfreeze.domain_xml import is_overlay, parse_disks
 from virtfreeze.errors import DomainNotFound, LeftOnOverlay, MergeRefused, VirtfreezeError
 from virtfreeze.journal import FrozenDomain, domain_lock, failpoint
 from virtfreeze.libvirt_boundary import MISSING, OTHER, PAUSED, SHUTOFF
 from virtfreeze.merge_api import Definitions, DomainMerge, read_definitions, resume_paused
 from virtfreeze.model import DiskPlan, DomainRef, MergeResult
-from virtfreeze.plugins import report_failure
+from virtfreeze.plugins import report_done, report_failure
 from virtfreeze.runtime import Runtime
 from virtfreeze.logs import domain_log
 
@@ -44,6 +44,8 @@ class ThawResult:
     stopped_seconds: float = 0.0
     held_by: list[str] = field(default_factory=list)  # left frozen: the other runs that still hold it
     note: str | None = None
+    downtime_seconds: float = 0.0  # the guest was not running this long during the thaw (lifecycle events)
+    frozen_by: str | None = None  # the command that froze it (freeze: hook mode; backup: driver mode)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -206,7 +208,8 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None,
     rt.pm.hook.virtfreeze_after_thaw(domain=ref, strategy=used, overlay_bytes=overlay_bytes)
     return ThawResult(ref.name, ref.uuid, used, overlay_bytes, seconds,
                       result.offline_bytes if result else 0, result.rounds if result else 0,
-                      result.stopped_seconds if result else 0.0, note=result.note if result else None)
+                      result.stopped_seconds if result else 0.0, note=result.note if result else None,
+                      frozen_by=record.command)
 
 
 def _release(rt: Runtime, ref: DomainRef, record: FrozenDomain | None) -> ThawResult | None:
@@ -229,12 +232,15 @@ def _release(rt: Runtime, ref: DomainRef, record: FrozenDomain | None) -> ThawRe
 def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None, force: bool = False) -> ThawResult:
     """Thaw one domain, unless another live run still holds its freeze (`force`: merge anyway)."""
     try:
-        with domain_lock(ref.uuid, ref.name):
+        with domain_lock(ref.uuid, ref.name), downtime.watched(rt.hv, ref.uuid) as down:
             record = rt.journal.load(ref.uuid)
             left = None if force else _release(rt, ref, record)
-            return left or thaw_locked(rt, ref, strategy, record)
+            result = left or thaw_locked(rt, ref, strategy, record)
     except VirtfreezeError as e:
         report_failure(rt.pm, ref, "thaw", e)
         raise
     finally:
         rt.progress.finish(ref.name)
+    result.downtime_seconds = down.seconds
+    report_done(rt.pm, ref, "thaw", result, rt.command)
+    return result
