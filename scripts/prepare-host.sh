@@ -27,6 +27,7 @@ packages=(
   e2fsprogs                       # the agent test guest's ext4 filesystem (mkfs.ext4, debugfs, e2fsck)
   borgbackup restic borgmatic     # the demo's and the tests' backup tools
   systemd                         # systemd-analyze checks contrib/systemd (no systemd needs to run)
+  prometheus prometheus-node-exporter   # promtool checks contrib/prometheus; node_exporter scrapes the metrics
   ovmf swtpm swtpm-tools          # UEFI and TPM guests: restore puts back their NVRAM and TPM state
   pipx python3-venv python3-build python3-hatchling   # the pipx install, tested with Debian's own libraries:
   python3-libvirt python3-click python3-pluggy python3-yaml python3-jsonschema python3-rich

@@ -205,7 +205,6 @@ def verify(rt: Runtime, source: Source, *, seconds: float = 30.0, check_command:
         if problem:
             raise VerifyFailed(f"{problem} after its checks", domain=domain)
         result.ok = True
-        rt.pm.hook.virtfreeze_verified(domain=domain, result=result)
     except (VirtfreezeError, OSError) as e:
         if isinstance(e, OSError):
             e = VirtfreezeError(f"{e.strerror or e}", domain=domain, path=e.filename)
@@ -222,6 +221,11 @@ def verify(rt: Runtime, source: Source, *, seconds: float = 30.0, check_command:
         with contextlib.suppress(OSError):
             record.parent.rmdir()
         result.seconds = time.monotonic() - t0
+    if result.ok:  # the throwaway domain is gone, the figures are final
+        try:
+            rt.pm.hook.virtfreeze_verified(domain=domain, result=result)
+        except Exception as e:  # noqa: BLE001 - a plugin's bug never changes the outcome
+            dlog.warning("a virtfreeze_verified hook raised %s: %s", type(e).__name__, e)
     return result
 
 

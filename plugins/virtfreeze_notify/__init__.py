@@ -1,0 +1,116 @@
+"""Notify plugin: tell people when a domain's backup failed, through Apprise.
+
+Configured by `notify: {urls: [...], urls_file: FILE, on_success: false}`;
+off unless set. Each failure (`virtfreeze_domain_failed`: freeze, archive,
+thaw or verify) sends one message naming the host, the domain, the phase
+and what to do; with `on_success`, a command in which every domain
+succeeded sends one summary. Apprise speaks mail, ntfy, Matrix, Slack,
+Telegram, healthchecks-style webhooks and more, each by URL. Its URLs often
+hold tokens: they come from a 0600 file and never appear in a log line.
+A message that cannot be sent is logged and never changes a backup's outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import stat
+from pathlib import Path
+
+from virtfreeze.errors import ConfigError
+from virtfreeze.hookspecs import hookimpl
+from virtfreeze.logs import domain_log
+
+log = logging.getLogger(__name__)
+
+_sender = None  # an apprise.Apprise with the configured URLs, or None: off
+_on_success = False
+
+
+def _scheme(url: str) -> str:
+    """What a log line may say about a URL: its scheme, never its tokens."""
+    return url.split("://", 1)[0] + "://…" if "://" in url else "(not a URL)"
+
+
+def _read_urls(path: Path) -> list[str]:
+    try:
+        st = path.stat()
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"notify.urls_file: cannot read it: {e.strerror}", path=str(path)) from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("notify.urls_file %s is readable by others (mode %o); its URLs may hold tokens: chmod 600 it",
+                    path, stat.S_IMODE(st.st_mode))
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+@hookimpl
+def virtfreeze_configure(config, command):
+    global _sender, _on_success
+    settings = config.notify or {}
+    _sender, _on_success = None, bool(settings.get("on_success"))
+    if not settings:
+        return
+    try:
+        import apprise
+    except ImportError:
+        raise ConfigError("notify: the Python library apprise is not installed",
+                          hint="apt install apprise, or pip install 'virtfreeze[notify]'; "
+                               "or remove `notify:` from the config") from None
+    urls = list(settings.get("urls", []))
+    if settings.get("urls_file"):
+        urls += _read_urls(Path(settings["urls_file"]))
+    if not urls:
+        raise ConfigError("notify: no URL to send to", hint="give notify.urls or a notify.urls_file with one URL "
+                                                            "per line")
+    sender = apprise.Apprise()
+    for url in urls:
+        if not sender.add(url):
+            raise ConfigError(f"notify: Apprise does not understand the URL {_scheme(url)}",
+                              hint="see https://github.com/caronc/apprise/wiki for the URL of each service")
+    _sender = sender
+
+
+def _send(title: str, body: str, failure: bool, domain: str | None = None) -> None:
+    import apprise
+
+    kind = apprise.NotifyType.FAILURE if failure else apprise.NotifyType.SUCCESS
+    try:
+        sent = _sender.notify(title=title, body=body, notify_type=kind)
+    except Exception as e:  # noqa: BLE001 - a notification must never change the outcome
+        sent = False
+        log.debug("apprise raised %s: %s", type(e).__name__, e)
+    if not sent:
+        where = domain_log(log, domain) if domain else log
+        where.warning("could not send the notification %r to every notify URL (apprise: -v for more)", title)
+
+
+@hookimpl
+def virtfreeze_domain_failed(domain, phase, error):
+    if _sender is None:
+        return
+    host = socket.gethostname()
+    on_overlay = getattr(error, "exit_code", None) == 3
+    body = f"{phase} of domain {domain.name} on {host} failed: {error}"
+    if on_overlay:
+        body += ("\nThe domain is still on an overlay (its guest writes into it until it is merged): "
+                 "run `virtfreeze status`, then `virtfreeze thaw`.")
+    _send(f"virtfreeze on {host}: {phase} of {domain.name} failed", body, True, domain.name)
+
+
+@hookimpl
+def virtfreeze_run_finished(command, report):
+    if _sender is None or not _on_success or report.get("errors"):
+        return
+    done = [entry for key, entries in report.items() if key not in ("errors", "skipped") and isinstance(entries, list)
+            for entry in entries if isinstance(entry, dict) and entry.get("ok", True)]
+    if not done:
+        return
+    host = socket.gethostname()
+    names = sorted({e.get("name") or e.get("domain") or "?" for e in done})
+    body = f"virtfreeze {command} on {host} succeeded for {len(names)} domain(s): {', '.join(names)}"
+    skipped = report.get("skipped") or {}
+    if skipped:
+        body += f"\nskipped: {', '.join(f'{n} ({why})' for n, why in sorted(skipped.items()))}"
+    _send(f"virtfreeze on {host}: {command} OK", body, False)
+
