@@ -19,8 +19,9 @@ from virtfreeze.freeze import freeze_domain
 from virtfreeze.libvirt_boundary import DomainInfo
 from virtfreeze.model import DomainRef
 from virtfreeze.plugins import report_done, report_failure
+from virtfreeze.progress import ByteProgress, human_bytes, rate
 from virtfreeze.runtime import Runtime
-from virtfreeze.targets import ArchiveResult, StorageTarget, describe_shortfall, short_of_data
+from virtfreeze.targets import ArchiveResult, StorageTarget, describe_shortfall, progress_to, short_of_data
 from virtfreeze.thaw import thaw_domain
 from virtfreeze.logs import domain_log
 
@@ -89,13 +90,16 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *
                     info_now = rt.hv.info(info.uuid)
                     if info_now is not None and info_now.io_error:  # before we listened
                         scope.cancel(why)
-                    with priority.archiving(archive_priority):  # behind the guests
+                    live = getattr(rt.progress, "live", False)  # a terminal: show the bytes the plugin reports
+                    shown = ByteProgress(rt.progress, info.name, f"archiving to {target.name}") if live else None
+                    with priority.archiving(archive_priority), progress_to(shown):  # behind the guests
                         archived = target.archive(ref, export_dir, manifest)
                     scope.check(f"archive to {target.name}")
                 result.archives.append(archived)
                 archived.verified = _check_contents(ref, target, archived.archive, manifest)
-                domain_log(log, info.name).info("archived to %s as %s (%d bytes, %.1fs)", target.name,
-                                                archived.archive, archived.bytes, archived.seconds)
+                domain_log(log, info.name).info("archived to %s as %s (%s, %.1f s, %s)", target.name, archived.archive,
+                                                human_bytes(archived.bytes), archived.seconds,
+                                                rate(archived.bytes, archived.seconds))
             except Exception as e:  # noqa: BLE001 - a plugin's bug must not skip the other targets or the thaw
                 if not isinstance(e, VirtfreezeError):
                     domain_log(log, info.name).debug("target %s raised", target.name, exc_info=True)

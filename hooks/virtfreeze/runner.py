@@ -114,7 +114,9 @@ def check_cancelled(what: str = "work") -> None:
 
 def run(argv: list[str], *, what: str | None = None, domain: str | None = None, disk: str | None = None,
         path: str | None = None, ok: tuple[int, ...] = (0,), hint: str | None = None,
-        install_hint: str | None = None, input: str | None = None, **kw) -> subprocess.CompletedProcess:
+        install_hint: str | None = None, input: str | None = None,
+        on_line: Callable[[str], None] | None = None, stream: str = "stdout",
+        stderr_text: Callable[[str], str] | None = None, **kw) -> subprocess.CompletedProcess:
     """Run `argv` (no shell) and return it; raise a VirtfreezeError when its exit code is not in `ok`.
 
     `what` names the command in messages (default: the program's name);
@@ -122,7 +124,16 @@ def run(argv: list[str], *, what: str | None = None, domain: str | None = None, 
     `install_hint` is the hint when the program is missing. Inside a
     `cancel_scope`, cancelling terminates it. Other keyword arguments go to
     subprocess.Popen (env, cwd, ...).
+
+    `on_line` is called, in this thread, with each line of `stream`
+    ("stdout" or "stderr"; without its line end) as the command writes it,
+    e.g. to follow its progress; the output is still captured whole. If
+    it raises, the command is terminated and the exception raised.
+    `stderr_text` turns the captured stderr into the text a failure message
+    quotes (e.g. a tool's JSON log lines into their messages).
     """
+    if stream not in ("stdout", "stderr"):
+        raise ValueError(f"stream is 'stdout' or 'stderr', not {stream!r}")
     what = what or argv[0]
     prefix = priority.command_prefix()  # inside priority.archiving: nice/ionice
     if prefix and shutil.which(argv[0]) is None:  # say so as without the prefix, not as ionice's exit 127
@@ -142,7 +153,10 @@ def run(argv: list[str], *, what: str | None = None, domain: str | None = None, 
     if scope is not None:
         scope._enter(popen)
     try:
-        stdout, stderr = popen.communicate(input)
+        if on_line is None:
+            stdout, stderr = popen.communicate(input)
+        else:
+            stdout, stderr = _follow(popen, input, on_line, stream)
     finally:
         if scope is not None:
             scope._leave(popen)
@@ -150,10 +164,61 @@ def run(argv: list[str], *, what: str | None = None, domain: str | None = None, 
     if scope is not None and scope.reason:
         raise VirtfreezeError(f"{what} stopped: {scope.reason}", domain=domain, disk=disk, path=path)
     if proc.returncode not in ok:
-        said = last_lines(proc.stderr)  # never stdout: it may hold a secret (passphrase commands)
+        # never stdout: it may hold a secret (passphrase commands)
+        said = last_lines(stderr_text(proc.stderr or "") if stderr_text else proc.stderr)
         raise VirtfreezeError(f"{what} failed (exit {proc.returncode})" + (f": {said}" if said else ""),
                               domain=domain, disk=disk, path=path, hint=hint)
     return proc
+
+
+def _follow(popen: subprocess.Popen, input: str | None, on_line: Callable[[str], None],
+            stream: str) -> tuple[str, str]:
+    """`popen.communicate(input)`, calling `on_line` with each line of `stream` as it comes.
+
+    This thread reads the followed pipe; a helper thread each drains the
+    other pipe and writes `input`, so that a command filling one pipe while
+    we wait on the other never blocks.
+    """
+    followed, other = (popen.stdout, popen.stderr) if stream == "stdout" else (popen.stderr, popen.stdout)
+    drained: list[str] = []
+    failed: list[BaseException] = []
+
+    def drain() -> None:
+        try:
+            drained.append(other.read())
+        except Exception as e:  # noqa: BLE001 - e.g. undecodable output: raised in the caller, as communicate does
+            failed.append(e)
+
+    def feed() -> None:
+        try:
+            popen.stdin.write(input)
+            popen.stdin.close()
+        except (BrokenPipeError, ValueError):  # it exited (or was stopped) before reading it all
+            pass
+
+    helpers = [threading.Thread(target=drain, name="runner-drain", daemon=True)]
+    if input is not None:
+        helpers.append(threading.Thread(target=feed, name="runner-feed", daemon=True))
+    for t in helpers:
+        t.start()
+    lines: list[str] = []
+    try:
+        for line in followed:
+            lines.append(line)
+            on_line(line.rstrip("\r\n"))
+    except BaseException:
+        popen.terminate()
+        raise
+    finally:
+        popen.wait()
+        for t in helpers:
+            t.join()
+        followed.close()
+        other.close()
+    if failed:
+        raise failed[0]
+    out, err = "".join(lines), "".join(drained)
+    return (out, err) if stream == "stdout" else (err, out)
 
 
 def start_daemon(argv_with_ready_fd: Callable[[int], list[str]], *, what: str, timeout: float = 30.0,

@@ -8,13 +8,16 @@ instance, which the core asks to archive, list, check and extract.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import posixpath
 import re
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import jsonschema
 
@@ -105,6 +108,51 @@ class StorageTarget:
         (its integrity checked first), for a verify that reads disks through overlays instead of a
         copy; None (the default): extract it."""
         return None
+
+
+# -- progress of an archive, for a display ---------------------------------------------------------
+
+ProgressSink = Callable[[int, "int | None"], None]
+_progress_sink: contextvars.ContextVar[ProgressSink | None] = contextvars.ContextVar("progress_sink", default=None)
+
+
+def report_progress(done_bytes: int, total_bytes: int | None = None) -> None:
+    """For a plugin's `archive`: `done_bytes` of the export view read so far, of `total_bytes` (None:
+    not known). Call it as often as the tool tells (the core throttles what it shows); nothing
+    happens when no one listens. Never raises: a display is no reason to fail an archive."""
+    sink = _progress_sink.get()
+    if sink is not None:
+        sink(done_bytes, total_bytes)
+
+
+def progress_wanted() -> bool:
+    """Whether `report_progress` goes anywhere (a terminal shows it): a plugin may ask its tool for
+    progress output only then, and leave its output as it was otherwise."""
+    return _progress_sink.get() is not None
+
+
+@contextlib.contextmanager
+def progress_to(sink: ProgressSink | None) -> Iterator[None]:
+    """Inside the block, `report_progress` in this thread goes to `sink` (None: nowhere). The sink must
+    not raise."""
+    token = _progress_sink.set(sink)
+    try:
+        yield
+    finally:
+        _progress_sink.reset(token)
+
+
+def tree_bytes(top: Path) -> int:
+    """The bytes of the regular files under `top` (symlinks not followed): an archive's total for
+    `report_progress` when the tool does not tell."""
+    total = 0
+    for root, _dirs, files in os.walk(top):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(root, name))
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+    return total
 
 
 def target_types(pm) -> dict[str, type[StorageTarget]]:

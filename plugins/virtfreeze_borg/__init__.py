@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 from virtfreeze import runner
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.targets import (
-    ArchiveInfo, ArchiveResult, StorageTarget, archive_name, parse_archive_name, relative_paths, secret_env,
-    secret_settings, utc_time,
+    ArchiveInfo, ArchiveResult, StorageTarget, archive_name, parse_archive_name, progress_wanted, relative_paths,
+    report_progress, secret_env, secret_settings, tree_bytes, utc_time,
 )
 
 SCHEMA = {
@@ -36,6 +36,43 @@ SCHEMA = {
 }
 
 
+# `--log-json` lines that are not messages for a person (the rest, e.g. log_message, carry "message")
+_NOT_MESSAGES = {"archive_progress", "progress_message", "progress_percent", "file_status"}
+
+
+def _json_line(line: str) -> dict | None:
+    if not line.startswith("{"):
+        return None
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def progress_bytes(line: str) -> int | None:
+    """The bytes read so far, from one stderr line of `borg create --progress --log-json`
+    (an unfinished "archive_progress" record's original_size); None for any other line."""
+    rec = _json_line(line)
+    if rec is None or rec.get("type") != "archive_progress" or rec.get("finished"):
+        return None
+    size = rec.get("original_size")
+    return size if isinstance(size, int) else None
+
+
+def log_text(stderr: str) -> str:
+    """borg's stderr as a person reads it: with --log-json, each message record becomes its message and
+    progress records go; any other line stays as it is."""
+    out = []
+    for line in stderr.splitlines():
+        rec = _json_line(line)
+        if rec is None:
+            out.append(line)
+        elif rec.get("type") not in _NOT_MESSAGES and isinstance(rec.get("message"), str):
+            out.append(rec["message"])
+    return "\n".join(out)
+
+
 class BorgTarget(StorageTarget):
     """One borg archive per domain and run, made inside the domain's export directory."""
 
@@ -47,7 +84,7 @@ class BorgTarget(StorageTarget):
         env = dict(os.environ, BORG_EXIT_CODES="legacy", **secret_env(s, "passphrase", "BORG_PASSPHRASE"))
         # exit 1: warnings (e.g. a file changed while read)
         return runner.run([s.get("borg", "borg"), *args], what=f"borg {what}", path=s["repository"], env=env,
-                          ok=(0, 1), **kw)
+                          ok=(0, 1), stderr_text=log_text, **kw)
 
     def archive(self, domain, export_dir, manifest):
         s = self.settings
@@ -55,11 +92,22 @@ class BorgTarget(StorageTarget):
         comment = json.dumps({k: manifest.get(k) for k in ("domain", "uuid", "frozen_at", "consistency")})
         comment = comment.replace("{", "{{").replace("}", "}}")  # borg expands {placeholders} in comments
         args = ["create", "--json", "--comment", comment]
+        follow = {}
+        if progress_wanted():  # someone shows it: progress records on stderr (--json's result stays on stdout)
+            args[2:2] = ["--progress", "--log-json"]
+            total = tree_bytes(export_dir)
+
+            def on_line(line: str) -> None:
+                done = progress_bytes(line)
+                if done is not None:
+                    report_progress(done, total)
+
+            follow = {"on_line": on_line, "stream": "stderr"}
         if s.get("compression"):
             args += ["--compression", s["compression"]]
         args += [*s.get("extra_args", []), f"{s['repository']}::{name}", "."]
         t0 = time.monotonic()
-        proc = self._run(args, "create", cwd=export_dir)
+        proc = self._run(args, "create", cwd=export_dir, **follow)
         stats = json.loads(proc.stdout)["archive"]["stats"]
         return ArchiveResult(self.name, name, stats["original_size"], time.monotonic() - t0)
 

@@ -17,7 +17,8 @@ from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.sparse_copy import copy_file
 from virtfreeze.targets import (
-    ArchiveInfo, ArchiveResult, StorageTarget, archive_name, parse_archive_name, relative_paths,
+    ArchiveInfo, ArchiveResult, StorageTarget, archive_name, parse_archive_name, progress_wanted, relative_paths,
+    report_progress, tree_bytes,
 )
 
 SCHEMA = {
@@ -31,13 +32,14 @@ SCHEMA = {
 }
 
 
-def sparse_copy(src: Path, dst: Path) -> tuple[str, int]:
-    """Copy a file sparsely (all-zero chunks become holes); return its sha256 and the bytes read.
-    `src` is never followed when it is a symlink (O_NOFOLLOW)."""
+def sparse_copy(src: Path, dst: Path, on_bytes=None) -> tuple[str, int]:
+    """Copy a file sparsely (all-zero chunks become holes); return its sha256 and the bytes read
+    (`on_bytes` is called with each chunk's). `src` is never followed when it is a symlink (O_NOFOLLOW)."""
     h = hashlib.sha256()
     fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        size = copy_file(src, fo, what=f"copy of {src}", digest=h)  # cancellable: e.g. an I/O-error pause
+        # cancellable: e.g. an I/O-error pause
+        size = copy_file(src, fo, what=f"copy of {src}", digest=h, on_bytes=on_bytes)
         os.fchmod(fo, stat.S_IMODE(os.lstat(src).st_mode))
     finally:
         os.close(fo)
@@ -67,10 +69,10 @@ def check_tree(top: Path) -> None:
             check_data_only(Path(root) / name)
 
 
-def copy_tree(src: Path, dst: Path) -> tuple[int, dict[str, str]]:
+def copy_tree(src: Path, dst: Path, on_bytes=None) -> tuple[int, dict[str, str]]:
     """Copy a tree of regular files and directories (anything else, a symlink above all, is an
     error: never followed); return the bytes actually read and each file's sha256 (by relative
-    path)."""
+    path). `on_bytes` is called with the bytes of each chunk read."""
     total, sums = 0, {}
     for root, dirs, files in os.walk(src, onerror=_unreadable):
         rel = Path(root).relative_to(src)
@@ -79,7 +81,7 @@ def copy_tree(src: Path, dst: Path) -> tuple[int, dict[str, str]]:
             check_data_only(Path(root) / name)
         for f in sorted(files):
             check_data_only(Path(root) / f)
-            sums[str(rel / f)], size = sparse_copy(Path(root) / f, dst / rel / f)
+            sums[str(rel / f)], size = sparse_copy(Path(root) / f, dst / rel / f, on_bytes)
             total += size
     return total, sums
 
@@ -114,7 +116,13 @@ class DirectoryTarget(StorageTarget):
         partial = self.root / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         t0 = time.monotonic()
-        total, sums = copy_tree(Path(export_dir), partial)
+        done, whole = [0], tree_bytes(Path(export_dir)) if progress_wanted() else None
+
+        def on_bytes(n: int) -> None:
+            done[0] += n
+            report_progress(done[0], whole)
+
+        total, sums = copy_tree(Path(export_dir), partial, on_bytes if progress_wanted() else None)
         (partial / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums.items())))
         os.rename(partial, self.root / name)
         return ArchiveResult(self.name, name, total, time.monotonic() - t0)

@@ -22,7 +22,8 @@ from virtfreeze import runner
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.targets import (
-    ArchiveInfo, ArchiveResult, StorageTarget, relative_paths, secret_env, secret_settings, utc_time,
+    ArchiveInfo, ArchiveResult, StorageTarget, progress_wanted, relative_paths, report_progress, secret_env,
+    secret_settings, utc_time,
 )
 
 SCHEMA = {
@@ -37,6 +38,29 @@ SCHEMA = {
         "restic": {"type": "string", "description": "The restic program.", "example": "/usr/bin/restic"},
     },
 }
+
+
+def status_progress(line: str) -> tuple[int, int | None] | None:
+    """(bytes done, total bytes or None while restic still counts) from one stdout line of
+    `restic backup --json` (a "status" message); None for any other line."""
+    if '"status"' not in line:
+        return None
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict) or rec.get("message_type") != "status":
+        return None
+    done, total = rec.get("bytes_done", 0), rec.get("total_bytes")  # bytes_done is left out while 0
+    if not isinstance(done, int):
+        return None
+    return done, (total if isinstance(total, int) else None)
+
+
+def _report_status(line: str) -> None:
+    status = status_progress(line)
+    if status is not None:
+        report_progress(*status)
 
 
 class ResticTarget(StorageTarget):
@@ -55,7 +79,7 @@ class ResticTarget(StorageTarget):
         t0 = time.monotonic()
         proc = self._run(["backup", "--json", "--tag", "virtfreeze", "--tag", f"domain={domain.name}",
                           "--host", socket.gethostname(), *self.settings.get("extra_args", []), str(export_dir)],
-                         "backup")
+                         "backup", **({"on_line": _report_status} if progress_wanted() else {}))
         summary = [json.loads(line) for line in proc.stdout.splitlines() if '"summary"' in line][-1]
         return ArchiveResult(self.name, summary["snapshot_id"][:8], summary["total_bytes_processed"],
                              time.monotonic() - t0)

@@ -290,7 +290,8 @@ def test_progress_on_a_terminal_one_line_per_domain(guest_factory, vf, tmp_path)
     assert {n for n in names if any(f.startswith(n) for f in progress)} == set(names), fragments
     for f in progress:
         assert sum(n in f for n in names) == 1, f"a progress line mixes domains: {f!r}"
-        assert re.fullmatch(r"vft-\w+ +(freezing|archiving to dir|merging \(live\): vda|disk vda: committing \d+%)", f), f
+        assert re.fullmatch(r"vft-\w+ +(freezing|archiving to dir(: [0-9.]+ (B|[KMGT]iB) of [0-9.]+ (B|[KMGT]iB)"
+                            r"(, [0-9.]+ (B|[KMGT]iB)/s)?)?|merging \(live\): vda|disk vda: committing \d+%)", f), f
     # Without a terminal nothing is drawn: no control sequence, no progress line.
     out = vf("backup", *names, env=dict(env, TERM="xterm-256color"))
     assert "\x1b[" not in out.stderr + out.stdout and "archiving to dir" not in out.stderr
