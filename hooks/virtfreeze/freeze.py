@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from virtfreeze import __version__, downtime, export_view, holders, qemu_img
+from virtfreeze import __version__, downtime, export_view, holders, memory_freeze, qemu_img
 from virtfreeze.domain_xml import (
     has_agent_channel, has_swtpm, ineligible_reason, is_overlay, nvram_path, overlay_path, parse_disks, snapshot_xml,
 )
@@ -105,8 +105,10 @@ def _snapshot(rt: Runtime, info: DomainInfo, state: str, disks, plan, live_xml: 
     if state == SHUTOFF:
         rt.hv.snapshot(info.uuid, info.name, xml, memory=False, quiesce=False)
         return "shutoff"
-    if memory_file is not None:
-        rt.hv.snapshot(info.uuid, info.name, xml, memory=True, quiesce=False)
+    if memory_file is not None:  # the guest pauses at its end: keep that short (memory_freeze.py)
+        memory_freeze.create_overlays(plan, info.name)
+        with memory_freeze.written_back(memory_file):
+            rt.hv.snapshot(info.uuid, info.name, xml, memory=True, quiesce=False, reuse_overlays=True)
         return "memory"
     if quiesce == "off" or state != RUNNING:
         rt.hv.snapshot(info.uuid, info.name, xml, memory=False, quiesce=False)
@@ -130,10 +132,12 @@ def _snapshot(rt: Runtime, info: DomainInfo, state: str, disks, plan, live_xml: 
     return "crash"
 
 
-def _discard_unused_overlays(plan: list[DiskPlan]) -> None:
+def _discard_unused_overlays(plan: list[DiskPlan], keep: set[str]) -> None:
+    """Remove the overlay files this freeze made; `keep`: files that were there before it (never ours)."""
     for p in plan:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(p.overlay)
+        if p.overlay not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p.overlay)
 
 
 def _look(rt: Runtime, info: DomainInfo) -> tuple[str, str, str]:
@@ -213,13 +217,15 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
     consistency = "none"
     t_snap = time.monotonic()
     if plan or memory_file:
+        # Stale overlays were removed above; a file there now came meanwhile, not from us: never remove it.
+        there_before = {p.overlay for p in plan if os.path.lexists(p.overlay)}
         try:
             consistency = _snapshot(rt, info, state, disks, plan, live_xml, memory_file, quiesce)
         except VirtfreezeError:
             if read_definitions(rt.hv, ref).on_overlay(plan):  # not with ATOMIC, but never delete data in use
                 thaw_locked(rt, ref)
             else:  # no disk switched; libvirt may still have left overlay files behind
-                _discard_unused_overlays(plan)
+                _discard_unused_overlays(plan, there_before)
                 if memory_file:
                     with contextlib.suppress(FileNotFoundError):
                         memory_file.unlink()

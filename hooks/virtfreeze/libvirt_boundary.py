@@ -379,8 +379,12 @@ class Hypervisor:
         self._call("start domain", lambda c: c.lookupByUUIDString(uuid).createWithFlags(flags), domain=name)
 
     # -- snapshots -----------------------------------------------------------
-    def snapshot(self, uuid: str, name: str, xml: str, *, memory: bool, quiesce: bool) -> None:
+    def snapshot(self, uuid: str, name: str, xml: str, *, memory: bool, quiesce: bool,
+                 reuse_overlays: bool = False) -> None:
+        """An external snapshot (`reuse_overlays`: the overlay files exist already, created by us)."""
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+        if reuse_overlays:
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
         if memory:
             flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
         else:

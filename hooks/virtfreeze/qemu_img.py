@@ -47,3 +47,18 @@ def commit(top: str, base: str, domain: str | None = None, disk: str | None = No
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def create_overlay(overlay: str, backing: str, backing_format: str, domain: str | None = None,
+                   disk: str | None = None) -> None:
+    """A new qcow2 overlay on `backing`, of its size; refuses to replace a file that exists.
+
+    The backing image is not opened for writing (`-u`; its size is read with
+    `info -U`), so this works while QEMU uses it, block devices included.
+    """
+    if os.path.lexists(overlay):
+        raise VirtfreezeError("an overlay file appeared there meanwhile", domain=domain, disk=disk, path=overlay,
+                              hint="another program is using this name; run the command again once it is gone")
+    size = info(backing, domain, disk)["virtual-size"]
+    _run(["create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", backing_format, overlay, str(size)],
+         "qemu-img create", overlay, domain, disk)
