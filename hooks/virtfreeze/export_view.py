@@ -17,6 +17,8 @@ export directory may be on tmpfs:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -41,30 +43,46 @@ def domain_dir_name(name: str, uuid: str) -> str:
     return name
 
 
-def _mount(args: list[str], path: Path) -> None:
-    runner.run(["mount", *args], what="mount", path=str(path),
-               hint="virtfreeze needs root (CAP_SYS_ADMIN) for the export view")
+# mount(2) and umount2(2) flags (linux/mount.h, sys/mount.h)
+MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
+MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syscall(what: str, path: Path, result: int) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise VirtfreezeError(f"{what} failed: {os.strerror(err)}", path=str(path),
+                              hint="virtfreeze needs root (CAP_SYS_ADMIN) for the export view"
+                              if err in (errno.EPERM, errno.EACCES) else None)
 
 
 def bind_readonly(source: Path, target: Path) -> None:
-    """Make `source` appear read-only at `target` (a file or a block device)."""
+    """Make `source` appear read-only at `target` (a file or a block device).
+
+    mount(2) itself, not the mount program: two calls instead of two
+    processes per disk (a freeze of many domains spent a quarter of its
+    time starting them).
+    """
     target.touch(mode=0o600, exist_ok=True)
-    _mount(["--bind", str(source), str(target)], target)
+    _syscall(f"bind mount of {source}", target, _libc.mount(os.fsencode(source), os.fsencode(target), None, MS_BIND, None))
     try:
-        _mount(["-o", "remount,bind,ro", str(target)], target)
+        _syscall("read-only remount", target,
+                 _libc.mount(None, os.fsencode(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None))
     except VirtfreezeError:
         unmount(target)
         raise
 
 
 def unmount(target: Path) -> None:
+    """Unmount `target` (never following a symlink there); detach lazily when it is busy."""
     try:
-        runner.run(["umount", str(target)], what="umount", path=str(target))
+        _syscall("umount", target, _libc.umount2(os.fsencode(target), UMOUNT_NOFOLLOW))
     except VirtfreezeError as e:
         if is_mountpoint(target):
             log.warning("path %s: %s; detaching lazily", target, e.message)
             with contextlib.suppress(VirtfreezeError):
-                runner.run(["umount", "-l", str(target)], what="umount -l", path=str(target))
+                _syscall("lazy umount", target, _libc.umount2(os.fsencode(target), UMOUNT_NOFOLLOW | MNT_DETACH))
 
 
 # -- block devices: a read-only regular file through a FUSE view (virtfreeze.device_view) --------------
