@@ -148,12 +148,13 @@ class Ctx:
     @property
     def rt(self):
         if self._rt is None:
+            from virtfreeze.plugins import configure
             from virtfreeze.runtime import Runtime
 
             cfg = config_mod.load(self.config_path)
             command = click.get_current_context().info_name
             self._rt = Runtime(cfg, cfg.uri(self.connect), command=command)
-            self._rt.pm.hook.virtfreeze_configure(config=cfg, command=command)  # may refuse: nothing changed yet
+            configure(self._rt.pm, cfg, command)  # may refuse a backup: nothing changed yet
             if not self.read_only:
                 from virtfreeze.verify import clean_leftovers
 
@@ -161,7 +162,7 @@ class Ctx:
         return self._rt
 
 
-def _run_guarded(fn, mutates: bool = False):
+def _run_guarded(fn, mutates: bool = False, ctx: Ctx | None = None):
     """Turn errors into one line on stderr and their exit code; never a traceback.
 
     A bug (any other exception) in a command that changes domains exits 3:
@@ -175,6 +176,9 @@ def _run_guarded(fn, mutates: bool = False):
     except VirtfreezeError as e:
         _fail(e)
         code = e.exit_code
+        rt = ctx._rt if ctx is not None else None
+        if rt is not None and not rt.reported:  # failed before any domain's report (e.g. libvirt unreachable)
+            _finished(rt, {"errors": [{"domain": e.domain, "message": str(e), "exit_code": e.exit_code}]})
     except KeyboardInterrupt:
         click.echo("virtfreeze: interrupted; run `virtfreeze status` and `virtfreeze thaw`", err=True)
         code = 130
@@ -225,6 +229,7 @@ def _report(rt, action: str, results, failures, skipped: dict[str, str] | None =
 
 def _finished(rt, report: dict) -> None:
     """Tell the virtfreeze_run_finished hook; a plugin's bug never changes the outcome."""
+    rt.reported = True
     try:
         rt.pm.hook.virtfreeze_run_finished(command=rt.command, report=report)
     except Exception as e:  # noqa: BLE001 - any plugin bug
@@ -328,7 +333,7 @@ def freeze(ctx: Ctx, domains, all_, memory, quiesce):
             f"frozen {r.name} ({r.consistency}): {', '.join(r.disks) or 'no disks'} -> {r.export_dir}"
             + (f" (shared with {'; '.join(r.shared_with)})" if r.shared_with else "")), skipped)
 
-    _run_guarded(run, mutates=True)
+    _run_guarded(run, mutates=True, ctx=ctx)
 
 
 @cli.command()
@@ -380,7 +385,7 @@ def thaw(ctx: Ctx, domains, all_, strategy, force):
             if r.strategy else f"left frozen {r.name}: still held by {'; '.join(r.held_by)}" if r.held_by
             else f"{r.name}: nothing frozen"))
 
-    _run_guarded(run, mutates=True)
+    _run_guarded(run, mutates=True, ctx=ctx)
 
 
 @cli.command()
@@ -450,7 +455,7 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
         archive_failed = any(not r.ok for r in results) or any(not v.ok for v in verified)
         return code or (errors.EXIT_FAILED if archive_failed else errors.EXIT_OK)
 
-    _run_guarded(run, mutates=True)
+    _run_guarded(run, mutates=True, ctx=ctx)
 
 
 @cli.command()
@@ -613,7 +618,7 @@ def verify(ctx: Ctx, domains, target_names, archive, from_dir, seconds, check_co
                                + (f"; kept: {r.kept}" if r.kept else ""))
         return errors.EXIT_OK if all(r.ok for r in results) and len(results) == len(sources) else errors.EXIT_FAILED
 
-    _run_guarded(run, mutates=True)
+    _run_guarded(run, mutates=True, ctx=ctx)
 
 
 def _verify_new_archives(rt, results, targets, seconds: float) -> list:

@@ -47,6 +47,9 @@ def domain_dir_name(name: str, uuid: str) -> str:
 MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
 MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_KEPT_FLAGS = os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC  # same bits as MS_NOSUID, MS_NODEV, MS_NOEXEC
 
 
 def _syscall(what: str, path: Path, result: int) -> None:
@@ -67,8 +70,9 @@ def bind_readonly(source: Path, target: Path) -> None:
     target.touch(mode=0o600, exist_ok=True)
     _syscall(f"bind mount of {source}", target, _libc.mount(os.fsencode(source), os.fsencode(target), None, MS_BIND, None))
     try:
+        kept = os.statvfs(target).f_flag & _KEPT_FLAGS  # as the mount program does: keep nosuid, nodev, noexec
         _syscall("read-only remount", target,
-                 _libc.mount(None, os.fsencode(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None))
+                 _libc.mount(None, os.fsencode(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept, None))
     except VirtfreezeError:
         unmount(target)
         raise

@@ -19,13 +19,17 @@ def virtfreeze_configure(config, command):
     """A command is about to run with this configuration.
 
     Runs once per command that reads the configuration (``command`` is its
-    name: ``freeze``, ``thaw``, ``backup``, ``verify``, ``restore``, ...),
-    after the configuration was validated and before any domain is touched.
-    Plugins take their own settings from ``config`` (a `Config`; e.g.
+    name: ``freeze``, ``thaw``, ``backup``, ``verify``, ``restore``,
+    ``check`` for both `check` and `config check`, ...), after the
+    configuration was validated and before any domain is touched. Plugins
+    take their own settings from ``config`` (a `Config`; e.g.
     ``config.metrics``, ``config.notify``). Not firstresult: every
     implementation runs; return None (return values are ignored). Raise
     `ConfigError` when the plugin's settings cannot work (a missing library,
-    an unreadable file): the command stops before it changes anything.
+    an unreadable file), before keeping any of them: ``freeze``, ``backup``,
+    ``verify`` and ``check`` then stop before they change anything; every
+    other command (``thaw`` above all) logs a warning and goes on without
+    the plugin.
     """
 
 

@@ -59,6 +59,26 @@ def describe_plugins(pm: pluggy.PluginManager | None = None) -> list[dict]:
     return rows
 
 
+# Commands that start backups: a plugin that cannot work stops them before anything changes. Every
+# other command (thaw above all: it must merge, whatever else is broken) goes on without that plugin.
+REFUSING_COMMANDS = {"freeze", "backup", "verify", "check"}
+
+
+def configure(pm: pluggy.PluginManager, config, command: str | None) -> None:
+    """Call each plugin's virtfreeze_configure; a refusal (ConfigError) stops only the commands that
+    start backups, and is a warning elsewhere (the plugin then stays off)."""
+    from virtfreeze.errors import ConfigError
+
+    given = {"config": config, "command": command}
+    for impl in pm.hook.virtfreeze_configure.get_hookimpls():
+        try:
+            impl.function(**{k: given[k] for k in impl.argnames})
+        except ConfigError as e:
+            if command in REFUSING_COMMANDS:
+                raise
+            log.warning("plugin %s is off for this %s: %s", impl.plugin_name, command, e)
+
+
 def report_done(pm: pluggy.PluginManager, domain, step: str, result, command: str | None) -> None:
     """Tell the virtfreeze_domain_done hook; a broken metrics plugin never changes the outcome."""
     try:

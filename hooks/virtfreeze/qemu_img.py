@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 
 from virtfreeze import runner
 from virtfreeze.errors import VirtfreezeError
@@ -62,3 +63,9 @@ def create_overlay(overlay: str, backing: str, backing_format: str, domain: str 
     size = info(backing, domain, disk)["virtual-size"]
     _run(["create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", backing_format, overlay, str(size)],
          "qemu-img create", overlay, domain, disk)
+    # The guest's writes go here: as private as libvirt makes its own overlays (owned like a file base,
+    # which QEMU already writes; libvirt relabels it when it takes it), before anything is written.
+    st = os.stat(backing)
+    os.chmod(overlay, 0o600)
+    if not stat.S_ISBLK(st.st_mode):
+        os.chown(overlay, st.st_uid, st.st_gid)

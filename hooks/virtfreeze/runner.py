@@ -171,6 +171,9 @@ def run(argv: list[str], *, what: str | None = None, domain: str | None = None, 
     return proc
 
 
+STOP_TIMEOUT = 30.0  # seconds a followed command gets to exit after SIGTERM before SIGKILL
+
+
 def _follow(popen: subprocess.Popen, input: str | None, on_line: Callable[[str], None],
             stream: str) -> tuple[str, str]:
     """`popen.communicate(input)`, calling `on_line` with each line of `stream` as it comes.
@@ -192,9 +195,11 @@ def _follow(popen: subprocess.Popen, input: str | None, on_line: Callable[[str],
     def feed() -> None:
         try:
             popen.stdin.write(input)
-            popen.stdin.close()
         except (BrokenPipeError, ValueError):  # it exited (or was stopped) before reading it all
             pass
+        finally:
+            with contextlib.suppress(OSError):
+                popen.stdin.close()  # always: a command waiting for the end of its input must get it
 
     helpers = [threading.Thread(target=drain, name="runner-drain", daemon=True)]
     if input is not None:
@@ -208,6 +213,11 @@ def _follow(popen: subprocess.Popen, input: str | None, on_line: Callable[[str],
             on_line(line.rstrip("\r\n"))
     except BaseException:
         popen.terminate()
+        followed.close()  # no reader any more: a command still writing gets EPIPE, never a full pipe
+        try:
+            popen.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            popen.kill()
         raise
     finally:
         popen.wait()

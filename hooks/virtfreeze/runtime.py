@@ -22,6 +22,7 @@ class Runtime:
     pm: pluggy.PluginManager = field(default_factory=get_plugin_manager)
     progress: Progress = SILENT  # the CLI puts a terminal display here
     command: str | None = None  # the CLI command running (freeze, thaw, backup, ...), for plugins
+    reported: bool = False  # virtfreeze_run_finished was told
 
     @property
     def hv(self) -> Hypervisor:

@@ -46,6 +46,7 @@ class ThawResult:
     note: str | None = None
     downtime_seconds: float = 0.0  # the guest was not running this long during the thaw (lifecycle events)
     frozen_by: str | None = None  # the command that froze it (freeze: hook mode; backup: driver mode)
+    own_freeze: bool = False  # this run (process session) made or joined the freeze it merged
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -234,8 +235,11 @@ def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None, force:
     try:
         with domain_lock(ref.uuid, ref.name), downtime.watched(rt.hv, ref.uuid) as down:
             record = rt.journal.load(ref.uuid)
+            me = holders.current()
+            own = record is not None and any(h.same_run(me) for h in record.holders)
             left = None if force else _release(rt, ref, record)
             result = left or thaw_locked(rt, ref, strategy, record)
+            result.own_freeze = own
     except VirtfreezeError as e:
         report_failure(rt.pm, ref, "thaw", e)
         raise

@@ -11,9 +11,11 @@ processes in hook mode, and each keeps what the other wrote. Counters
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from virtfreeze.errors import ConfigError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.logs import domain_log
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("virtfreeze.plugins.metrics")  # in virtfreeze's log tree: -q and -v apply
 
 CONSISTENCIES = ("quiesced", "crash", "memory", "shutoff", "none")
 STRATEGIES = ("live", "iterative", "offline")
@@ -115,7 +117,7 @@ class Textfile:
         return samples
 
     def write(self, samples: Samples) -> None:
-        from prometheus_client import CollectorRegistry, write_to_textfile
+        from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         class Collector:
@@ -130,16 +132,30 @@ class Textfile:
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector())
-        write_to_textfile(str(self.path), registry)  # a temporary file renamed over the old one
-        os.chmod(self.path, 0o644)
+        # A temporary file of our own (O_EXCL: never through a symlink someone put there), renamed over
+        # the old one: node_exporter reads the whole old file or the whole new one.
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(generate_latest(registry))
+                os.fchmod(out.fileno(), 0o644)
+            os.rename(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def update(self, change) -> None:
         """Read the file, let `change(samples)` set what it knows, write it back: one step at a time."""
-        with self._threads, open(self._lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            samples = self.read()
-            change(samples)
-            self.write(samples)
+        with self._threads:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                samples = self.read()
+                change(samples)
+                self.write(samples)
+            finally:
+                os.close(fd)
 
 
 _textfile: Textfile | None = None
@@ -163,8 +179,9 @@ def _update(domain: str, change) -> None:
         return
     try:
         _textfile.update(change)
-    except OSError as e:  # metrics never change a backup's outcome; say so and go on
-        domain_log(log, domain).warning("cannot write metrics file %s: %s", _textfile.path, e.strerror or e)
+    except Exception as e:  # noqa: BLE001 - metrics never change a backup's outcome, nor stop other plugins
+        domain_log(log, domain).warning("cannot write metrics file %s: %s", _textfile.path,
+                                        getattr(e, "strerror", None) or e)
 
 
 @hookimpl
@@ -180,8 +197,9 @@ def virtfreeze_configure(config, command):
         raise ConfigError("metrics: the Python library prometheus_client is not installed",
                           hint="apt install python3-prometheus-client, or pip install 'virtfreeze[metrics]'; "
                                "or remove `metrics:` from the config") from None
-    _textfile = Textfile(Path(settings["textfile"]))
-    _textfile.check()
+    textfile = Textfile(Path(settings["textfile"]))
+    textfile.check()  # refused: the plugin stays off
+    _textfile = textfile
 
 
 @hookimpl
@@ -204,9 +222,10 @@ def virtfreeze_domain_done(domain, step, result, command):
                 _set(s, "virtfreeze_overlay_merged_bytes", result.overlay_bytes, domain=name)
                 _set(s, "virtfreeze_guest_stopped_seconds", result.downtime_seconds, domain=name, phase="thaw")
                 _one_of(s, "virtfreeze_strategy", result.strategy, STRATEGIES, name)
-                if command == "thaw" and result.frozen_by == "freeze":  # hook mode: the backup tool ran (its
-                    # own exit status is the tool's to report), and the domain is merged back. Leftovers of
-                    # a backup that died are no success.
+                if command == "thaw" and result.frozen_by == "freeze" and result.own_freeze:
+                    # Hook mode: the run that froze it had its backup tool read it (the tool's own exit
+                    # status is the tool's to report) and merged it back. Leftovers of a run that died,
+                    # merged by another run or at boot, are no success.
                     _set(s, "virtfreeze_last_success_timestamp_seconds", now, domain=name)
             _set(s, "virtfreeze_on_overlay", 0, domain=name)
         elif step == "backup":

@@ -13,6 +13,7 @@ A message that cannot be sent is logged and never changes a backup's outcome.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import stat
 from pathlib import Path
@@ -21,10 +22,17 @@ from virtfreeze.errors import ConfigError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.logs import domain_log
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("virtfreeze.plugins.notify")  # in virtfreeze's log tree: -q and -v apply
 
 _sender = None  # an apprise.Apprise with the configured URLs, or None: off
 _on_success = False
+_told: set[str] = set()  # domains whose failure this command has sent already
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+def _redacted(text: str) -> str:
+    """A message without the user:password of any URL in it (e.g. a restic rest: repository)."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def _scheme(url: str) -> str:
@@ -49,6 +57,7 @@ def virtfreeze_configure(config, command):
     global _sender, _on_success
     settings = config.notify or {}
     _sender, _on_success = None, bool(settings.get("on_success"))
+    _told.clear()
     if not settings:
         return
     try:
@@ -82,7 +91,7 @@ def _send(title: str, body: str, failure: bool, domain: str | None = None) -> No
         log.debug("apprise raised %s: %s", type(e).__name__, e)
     if not sent:
         where = domain_log(log, domain) if domain else log
-        where.warning("could not send the notification %r to every notify URL (apprise: -v for more)", title)
+        where.warning("could not send the notification %r to every notify URL (-v shows why)", title)
 
 
 @hookimpl
@@ -91,7 +100,8 @@ def virtfreeze_domain_failed(domain, phase, error):
         return
     host = socket.gethostname()
     on_overlay = getattr(error, "exit_code", None) == 3
-    body = f"{phase} of domain {domain.name} on {host} failed: {error}"
+    _told.add(domain.name)
+    body = f"{phase} of domain {domain.name} on {host} failed: {_redacted(str(error))}"
     if on_overlay:
         body += ("\nThe domain is still on an overlay (its guest writes into it until it is merged): "
                  "run `virtfreeze status`, then `virtfreeze thaw`.")
@@ -100,17 +110,22 @@ def virtfreeze_domain_failed(domain, phase, error):
 
 @hookimpl
 def virtfreeze_run_finished(command, report):
-    if _sender is None or not _on_success or report.get("errors"):
-        return
-    done = [entry for key, entries in report.items() if key not in ("errors", "skipped") and isinstance(entries, list)
-            for entry in entries if isinstance(entry, dict) and entry.get("ok", True)]
-    if not done:
+    if _sender is None:
         return
     host = socket.gethostname()
-    names = sorted({e.get("name") or e.get("domain") or "?" for e in done})
+    errors = report.get("errors") or []
+    untold = [e for e in errors if e.get("domain") not in _told]  # e.g. libvirt unreachable: no domain ran
+    if untold:
+        body = "\n".join(_redacted(f"{e.get('domain') or 'virtfreeze'}: {e.get('message')}") for e in untold)
+        _send(f"virtfreeze on {host}: {command} failed", body, True)
+    entries = [e for key, value in report.items() if key not in ("errors", "skipped") and isinstance(value, list)
+               for e in value if isinstance(e, dict)]
+    # A failed archive or verify is an entry with ok false, a domain another run still holds is not done.
+    if not _on_success or errors or not entries or any(e.get("ok") is False or e.get("held_by") for e in entries):
+        return
+    names = sorted({e.get("name") or e.get("domain") or "?" for e in entries})
     body = f"virtfreeze {command} on {host} succeeded for {len(names)} domain(s): {', '.join(names)}"
     skipped = report.get("skipped") or {}
     if skipped:
         body += f"\nskipped: {', '.join(f'{n} ({why})' for n, why in sorted(skipped.items()))}"
     _send(f"virtfreeze on {host}: {command} OK", body, False)
-

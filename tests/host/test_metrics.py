@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -184,5 +185,14 @@ def test_a_failed_archive_is_a_failure_in_metrics_and_a_notification(guest_facto
     assert scrape()[("virtfreeze_on_overlay", d)] == 1
     vf("thaw", g.name, env=_env(vf))
     assert scrape()[("virtfreeze_on_overlay", d)] == 0
+
+    # A monitoring problem never keeps a VM on its overlay: with the metrics directory gone, a thaw
+    # merges without metrics (a warning); a freeze refuses before it touches anything.
+    vf("freeze", g.name, env=_env(vf))
+    shutil.rmtree(textfiles)
+    out = vf("thaw", g.name, env=_env(vf))
+    assert "plugin metrics is off for this thaw" in out.stderr and "no such directory" in out.stderr
+    refused = vf("freeze", g.name, expect=2, env=_env(vf))
+    assert "metrics.textfile" in refused.stderr
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)

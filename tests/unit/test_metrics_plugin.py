@@ -49,7 +49,7 @@ def test_hook_mode_freeze_then_thaw_in_two_processes_keeps_both(textfile):
             "from virtfreeze.config import parse\nfrom virtfreeze.model import DomainRef\n"
             "from virtfreeze.thaw import ThawResult\n"
             "m.virtfreeze_configure(config=parse({'metrics': {'textfile': sys.argv[1]}}), command='thaw')\n"
-            "r = ThawResult('web', '0' * 32, 'live', 4096, 2.25, downtime_seconds=0.012, frozen_by='freeze')\n"
+            "r = ThawResult('web', '0' * 32, 'live', 4096, 2.25, downtime_seconds=0.012, frozen_by='freeze', own_freeze=True)\n"
             "m.virtfreeze_domain_done(domain=DomainRef('web', '0' * 32), step='thaw', result=r, command='thaw')\n")
     subprocess.run([sys.executable, "-c", code, str(textfile), *sys.path], check=True)
     got = _scrape(textfile)
@@ -62,12 +62,14 @@ def test_hook_mode_freeze_then_thaw_in_two_processes_keeps_both(textfile):
     assert got[("virtfreeze_last_success_timestamp_seconds", (("domain", "web"),))] > 0
 
 
-def test_leftovers_of_a_backup_that_died_are_no_success(textfile):
-    leftovers = ThawResult("web", WEB.uuid, "live", 4096, 1.0, frozen_by="backup")
-    metrics.virtfreeze_domain_done(domain=WEB, step="thaw", result=leftovers, command="thaw")
-    got = _scrape(textfile)
-    assert got[("virtfreeze_on_overlay", (("domain", "web"),))] == 0
-    assert ("virtfreeze_last_success_timestamp_seconds", (("domain", "web"),)) not in got
+def test_leftovers_of_a_run_that_died_are_no_success(textfile):
+    # A driver-mode backup that died, and a hook-mode run that died (merged at boot or by another run).
+    for leftovers in (ThawResult("web", WEB.uuid, "live", 4096, 1.0, frozen_by="backup", own_freeze=False),
+                      ThawResult("web", WEB.uuid, "live", 4096, 1.0, frozen_by="freeze", own_freeze=False)):
+        metrics.virtfreeze_domain_done(domain=WEB, step="thaw", result=leftovers, command="thaw")
+        got = _scrape(textfile)
+        assert got[("virtfreeze_on_overlay", (("domain", "web"),))] == 0
+        assert ("virtfreeze_last_success_timestamp_seconds", (("domain", "web"),)) not in got
 
 
 def test_failures_count_on_and_a_failed_thaw_is_on_an_overlay(textfile):

@@ -54,10 +54,31 @@ def test_success_is_sent_only_when_asked_and_only_without_errors(endpoint):
     notify.virtfreeze_run_finished(command="backup", report=report)
     assert received == []
     notify.virtfreeze_configure(config=parse({"notify": {"urls": [url], "on_success": True}}), command="backup")
+    notify.virtfreeze_domain_failed(domain=DomainRef("db1", "1" * 32), phase="freeze",
+                                    error=LeftOnOverlay("snapshot failed", domain="db1"))
     notify.virtfreeze_run_finished(command="backup", report=dict(report, errors=[{"domain": "db1"}]))
-    assert received == []
+    assert [m["type"] for m in received] == ["failure"]  # db1's own message; no success, nothing twice
+    received.clear()
     notify.virtfreeze_run_finished(command="backup", report=report)
     assert len(received) == 1 and received[0]["type"] == "success" and "web" in received[0]["message"]
+    # A failed archive (an entry with ok false) or a domain left frozen for another run is no success.
+    notify.virtfreeze_run_finished(command="backup", report=dict(report, backups=[{"name": "web", "ok": False}]))
+    notify.virtfreeze_run_finished(command="thaw", report={"thawed": [{"name": "web", "held_by": ["run 7"]}],
+                                                           "errors": []})
+    assert len(received) == 1
+
+
+def test_a_command_that_failed_before_any_domain_is_told_once_and_without_secrets(endpoint):
+    url, received = endpoint
+    notify.virtfreeze_configure(config=parse({"notify": {"urls": [url]}}), command="backup")
+    notify.virtfreeze_domain_failed(domain=DomainRef("db1", "1" * 32), phase="archive",
+                                    error=LeftOnOverlay("restic failed", path="rest:https://u:s3cret@h/repo"))
+    notify.virtfreeze_run_finished(command="backup", report={"backups": [], "errors": [
+        {"domain": "db1", "message": "restic failed"},
+        {"domain": None, "message": "libvirt unreachable at qemu+ssh://root:pw@h/system"}]})
+    assert len(received) == 2  # db1 was told already; the domain-less failure once more
+    assert "s3cret" not in received[0]["message"] and "***@h/repo" in received[0]["message"]
+    assert "libvirt unreachable" in received[1]["message"] and "pw@" not in received[1]["message"]
 
 
 def test_bad_settings_are_refused_without_showing_tokens(tmp_path):
