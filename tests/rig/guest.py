@@ -119,7 +119,8 @@ class Guest:
 
 
 UNDEFINE_ALL = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_TPM", 0))
+                | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_TPM", 0))
 
 
 def remove_domain(conn: libvirt.virConnect, *, uuid: str | None = None, name: str | None = None) -> None:
