@@ -91,6 +91,13 @@ SCHEMA: dict[str, Any] = {
             "description": "How many domains are frozen or thawed at once.",
             "example": 4,
         },
+        "lock_wait": {
+            "type": "number", "minimum": 0,
+            "description": "Seconds a freeze or thaw waits for another virtfreeze run that is working on the same "
+                           "domain (overlapping schedules often hold it for a moment only) before it gives up "
+                           "with exit 4.",
+            "example": 10,
+        },
         "commit_ready_timeout": {
             "type": "number", "exclusiveMinimum": 0,
             "description": "Seconds to wait for a live commit to become ready to pivot before giving up (the chain stays valid).",
@@ -271,6 +278,7 @@ class Config:
     quiesce: str = "auto"
     quiesce_timeout: float = 10.0
     jobs: int = 4
+    lock_wait: float = 10.0
     commit_ready_timeout: float = 3600.0
     live_converge_timeout: float = 600.0
     commit_bandwidth: int = 0

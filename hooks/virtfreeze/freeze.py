@@ -277,7 +277,7 @@ def freeze_domain(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
                   quiesce: str | None = None) -> FreezeResult:
     ref = DomainRef(info.name, info.uuid)
     try:
-        with domain_lock(info.uuid, info.name), downtime.watched(rt.hv, info.uuid) as down:
+        with domain_lock(info.uuid, info.name, wait=rt.config.lock_wait), downtime.watched(rt.hv, info.uuid) as down:
             result = freeze_locked(rt, info, memory=memory, quiesce=quiesce)
     except VirtfreezeError as e:
         report_failure(rt.pm, ref, "freeze", e)

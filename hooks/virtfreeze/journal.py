@@ -13,9 +13,11 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import signal
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +27,8 @@ from virtfreeze.holders import Holder
 from virtfreeze.model import DiskPlan, DomainRef
 
 # 1: the untyped record of virtfreeze 0.x (the same keys, no plugin_marks). 2: FrozenDomain.
+log = logging.getLogger(__name__)
+
 VERSION = 2
 
 # Host-wide, not per state directory: two runs with different configs must
@@ -190,11 +194,14 @@ class Journal:
 
 
 @contextlib.contextmanager
-def domain_lock(uuid: str, name: str, lock_dir: Path = LOCK_DIR) -> Iterator[None]:
+def domain_lock(uuid: str, name: str, lock_dir: Path = LOCK_DIR, wait: float = 0.0) -> Iterator[None]:
     """Hold an exclusive lock on one domain for the length of a freeze or thaw.
 
     flock: released by the kernel when the process dies, so a crashed run never
-    blocks the next one.
+    blocks the next one. Another run holding it is waited for up to `wait`
+    seconds (flock has no timeout: it is tried again, at most every 0.2 s);
+    overlapping schedules often hold a domain's lock for a moment only (a
+    bare `thaw` that leaves another run's freeze alone).
     """
     try:
         lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -202,13 +209,25 @@ def domain_lock(uuid: str, name: str, lock_dir: Path = LOCK_DIR) -> Iterator[Non
         raise VirtfreezeError(f"cannot create lock directory: {e.strerror}", path=str(lock_dir)) from None
     fd = os.open(lock_dir / f"{uuid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise DomainBusy("another virtfreeze run is working on this domain", domain=name,
-                                 hint="wait for it to finish, then run the command again") from None
-            raise
+        deadline, delay, said = time.monotonic() + wait, 0.01, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DomainBusy("another virtfreeze run is working on this domain"
+                                 + (f" (waited {wait:g}s)" if wait else ""), domain=name,
+                                 hint="wait for it to finish, then run the command again (lock_wait: how long "
+                                      "a run waits)")
+            if not said:
+                log.info("domain %r: another virtfreeze run is working on it; waiting up to %gs", name, wait)
+                said = True
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.2)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield

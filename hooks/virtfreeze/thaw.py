@@ -233,7 +233,7 @@ def _release(rt: Runtime, ref: DomainRef, record: FrozenDomain | None) -> ThawRe
 def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None, force: bool = False) -> ThawResult:
     """Thaw one domain, unless another live run still holds its freeze (`force`: merge anyway)."""
     try:
-        with domain_lock(ref.uuid, ref.name), downtime.watched(rt.hv, ref.uuid) as down:
+        with domain_lock(ref.uuid, ref.name, wait=rt.config.lock_wait), downtime.watched(rt.hv, ref.uuid) as down:
             record = rt.journal.load(ref.uuid)
             me = holders.current()
             own = record is not None and any(h.same_run(me) for h in record.holders)

@@ -101,18 +101,28 @@ def test_overlay_directory_full(guest_factory, vf, tmp_path):
 
 def test_domain_held_by_another_run(guest_factory, vf):
     g = guest_factory([DiskSpec("vda")])
+    vf.write_config(lock_wait=0.5)
     lock = f"/run/virtfreeze/locks/{g.uuid}.lock"
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         line = one_error_line(vf("freeze", g.name, expect=4).stderr)
-        assert g.name in line and "another virtfreeze run" in line
+        assert g.name in line and "another virtfreeze run" in line and "waited 0.5s" in line
         assert_nothing_frozen(g, vf)
     vf("freeze", g.name)
     with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         one_error_line(vf("thaw", g.name, expect=4).stderr)
-    vf("thaw", g.name)
+    # A run that holds it for a moment only (e.g. a bare thaw of another schedule) is waited for.
+    vf.write_config(lock_wait=60)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        waiting = subprocess.Popen([*VIRTFREEZE, "--config", str(vf.config_path), "thaw", g.name],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=vf.env())
+        for line in waiting.stderr:  # it says when it starts waiting
+            if "waiting up to 60s" in line:
+                break
+    assert waiting.wait(timeout=120) == 0  # the lock was let go: it went on
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)
 

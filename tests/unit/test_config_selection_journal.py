@@ -166,6 +166,28 @@ def test_domain_lock_is_exclusive(tmp_path):
         pass
 
 
+def test_domain_lock_waits_for_a_run_that_lets_go(tmp_path):
+    import threading
+
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with domain_lock("u1", "web", lock_dir=tmp_path):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    held.wait(10)
+    with pytest.raises(DomainBusy, match="waited 0.05s"):
+        with domain_lock("u1", "web", lock_dir=tmp_path, wait=0.05):
+            pass
+    threading.Timer(0.1, release.set).start()  # the other run lets go while this one waits
+    with domain_lock("u1", "web", lock_dir=tmp_path, wait=10):
+        assert release.is_set()
+    t.join()
+
+
 def test_export_dir_name_cannot_escape():
     assert domain_dir_name("web 1 $(x)", "u") == "web 1 $(x)"
     for bad in ("..", ".", "a/b", ""):
