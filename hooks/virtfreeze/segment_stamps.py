@@ -1,0 +1,133 @@
+"""Which segments of a disk changed since the last run, and the stamps the segment view shows for them.
+
+Issue 13, second step (pure logic; nothing in freeze uses it yet). A stamp
+names one content of one segment: borg and restic re-read a segment exactly
+when its stamp (mtime/ctime in `segment_view`) moved. So:
+
+- a segment in the change set, or every segment when the previous state
+  cannot be trusted, gets this run's stamp; the others keep theirs;
+- this run's stamp is newer than every earlier one (never reused for other
+  content) and older than the run's freeze (borg keeps a files-cache entry
+  only when it is older than the newest file it read: the manifest);
+- whenever the previous state cannot be trusted, the answer is a full read,
+  with the reason, never a wrong archive.
+
+The change set comes from a dirty bitmap (qcow2) or from per-segment
+hashes of the frozen base (raw files, block devices): `changed_by_hash`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+MARGIN_NS = 10**9  # a stamp is at least this much older than the freeze (coarse file system clocks)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What says the base image is still the one the last run saw."""
+
+    path: str
+    device: int
+    inode: int
+    size: int
+    format: str
+
+    @classmethod
+    def of(cls, path: str, fmt: str) -> "Identity":
+        st = os.stat(path)
+        size = st.st_size if not _is_block(st.st_mode) else _block_size(path)
+        return cls(os.path.realpath(path), st.st_dev, st.st_ino, size, fmt)
+
+
+@dataclass
+class SegmentState:
+    """One disk's segments as the last run left them (kept in the state directory)."""
+
+    segment_size: int
+    identity: Identity
+    stamps: list[int]
+    hashes: list[str] = field(default_factory=list)  # per segment, when the change set comes from hashes
+    qemu: tuple[int, int] | None = None  # (pid, start time) of the QEMU that ran the guest, None: shut off
+
+    def to_json(self) -> dict:
+        return {"segment_size": self.segment_size, "identity": self.identity.__dict__, "stamps": self.stamps,
+                "hashes": self.hashes, "qemu": list(self.qemu) if self.qemu else None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SegmentState":
+        qemu = data.get("qemu")
+        return cls(data["segment_size"], Identity(**data["identity"]), list(data["stamps"]),
+                   list(data.get("hashes") or []), tuple(qemu) if qemu else None)
+
+
+def segment_count(size: int, segment_size: int) -> int:
+    return (size + segment_size - 1) // segment_size
+
+
+def distrust(previous: SegmentState | None, segment_size: int, identity: Identity,
+             qemu: tuple[int, int] | None, *, has_change_set: bool) -> str | None:
+    """Why the previous state cannot tell what changed (a full read is due), or None when it can."""
+    if previous is None:
+        return "first run (no earlier state)"
+    if previous.segment_size != segment_size:
+        return f"segment size changed ({previous.segment_size} -> {segment_size})"
+    if previous.identity != identity:
+        return "the base image is not the one the last run saw (path, device, inode, size or format changed)"
+    if len(previous.stamps) != segment_count(identity.size, segment_size):
+        return "the earlier state does not fit the disk"
+    if previous.qemu != qemu:  # a bitmap only knows what one QEMU wrote; hashes compare content anyway
+        return "the guest's QEMU process is not the one the last run saw (restarted, crashed or shut off)"
+    if not has_change_set:
+        return "no change set (dirty bitmap lost or inconsistent)"
+    return None
+
+
+def next_stamps(previous: SegmentState | None, changed: set[int] | None, count: int, freeze_ns: int) -> list[int]:
+    """The stamps of this run: `changed` None (untrusted) restamps every segment."""
+    newest = max(previous.stamps, default=0) if previous else 0
+    stamp = max(newest + 1, freeze_ns - MARGIN_NS)
+    if stamp >= freeze_ns:
+        raise ValueError("the clock went back: this run's stamp would not be older than its freeze")
+    if previous is None or changed is None or len(previous.stamps) != count:
+        return [stamp] * count
+    if any(i < 0 or i >= count for i in changed):
+        raise ValueError("a changed segment outside the disk")
+    return [stamp if i in changed else previous.stamps[i] for i in range(count)]
+
+
+def changed_by_hash(source: str, segment_size: int, previous: list[str]) -> tuple[set[int], list[str]]:
+    """(segments whose SHA-256 differs from `previous`, the new hashes) of a frozen raw image or device."""
+    hashes: list[str] = []
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while True:
+            block = os.read(fd, segment_size)
+            if not block:
+                break
+            while len(block) < segment_size:  # a short read before the end
+                more = os.read(fd, segment_size - len(block))
+                if not more:
+                    break
+                block += more
+            hashes.append(hashlib.sha256(block).hexdigest())
+    finally:
+        os.close(fd)
+    changed = {i for i, h in enumerate(hashes) if i >= len(previous) or previous[i] != h}
+    return changed, hashes
+
+
+def _is_block(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISBLK(mode)
+
+
+def _block_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
