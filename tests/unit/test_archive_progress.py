@@ -156,7 +156,7 @@ def test_failure_message_quotes_stderr_text_never_stdout():
 
 
 def test_a_raising_callback_stops_the_command():
-    child = "import time\nprint('one', flush=True)\ntime.sleep(60)"
+    child = "import signal\nprint('one', flush=True)\nsignal.pause()"  # runs until a signal ends it
 
     def on_line(_line):
         raise RuntimeError("parser bug")
@@ -168,7 +168,7 @@ def test_a_raising_callback_stops_the_command():
 
 
 def test_cancelling_a_followed_command_terminates_it():
-    child = "import time\nprint('one', flush=True)\ntime.sleep(60)"
+    child = "import signal\nprint('one', flush=True)\nsignal.pause()"  # runs until a signal ends it
     with runner.cancel_scope() as scope:
         with pytest.raises(VirtfreezeError, match="stopped: the domain paused"):
             runner.run([sys.executable, "-c", child], what="borg create",
