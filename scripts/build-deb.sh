@@ -14,15 +14,9 @@ log() { printf 'build-deb: %s\n' "$*" >&2; }
 
 packages=(build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-hatchling help2man
           lintian python3-click python3-jsonschema python3-libvirt python3-pluggy python3-rich python3-yaml)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing build dependencies: ${missing[*]}"
-  apt-get update -q >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-fi
+# shellcheck source=apt-ensure.sh
+. "$(dirname "$0")/apt-ensure.sh"
+apt_ensure "build dependencies" "${packages[@]}"
 
 version=$(dpkg-parsechangelog -l "$here/debian/changelog" -S Version)
 rm -rf "$out"

@@ -32,15 +32,9 @@ packages=(
   pipx python3-venv python3-build python3-hatchling   # the pipx install, tested with Debian's own libraries:
   python3-libvirt python3-click python3-pluggy python3-yaml python3-jsonschema python3-rich
 )
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing Debian packages: ${missing[*]}"
-  apt-get update -q >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-fi
+# shellcheck source=apt-ensure.sh
+. "$(dirname "$0")/apt-ensure.sh"
+apt_ensure "Debian packages" "${packages[@]}"
 
 # --- libvirtd -------------------------------------------------------------
 # libvirt runs swtpm_setup as the user tss; a certificate authority state that a run as root left

@@ -94,3 +94,26 @@ def guest_factory(libvirt_conn, tmp_path):
     yield make
     for g in made:
         g.remove()
+
+
+@pytest.fixture
+def apprise_endpoint():
+    """A local HTTP server that Apprise's json:// posts to; yields (its json:// URL, the messages received)."""
+    import http.server
+    import json
+
+    received: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"json://127.0.0.1:{server.server_address[1]}/", received
+    server.shutdown()

@@ -90,8 +90,8 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *
                     info_now = rt.hv.info(info.uuid)
                     if info_now is not None and info_now.io_error:  # before we listened
                         scope.cancel(why)
-                    live = getattr(rt.progress, "live", False)  # a terminal: show the bytes the plugin reports
-                    shown = ByteProgress(rt.progress, info.name, f"archiving to {target.name}") if live else None
+                    shown = (ByteProgress(rt.progress, info.name, f"archiving to {target.name}")
+                             if rt.progress.live else None)  # a terminal: show the bytes the plugin reports
                     with priority.archiving(archive_priority), progress_to(shown):  # behind the guests
                         archived = target.archive(ref, export_dir, manifest)
                     scope.check(f"archive to {target.name}")

@@ -178,7 +178,7 @@ def _run_guarded(fn, mutates: bool = False, ctx: Ctx | None = None):
         code = e.exit_code
         rt = ctx._rt if ctx is not None else None
         if rt is not None and not rt.reported:  # failed before any domain's report (e.g. libvirt unreachable)
-            _finished(rt, {"errors": [{"domain": e.domain, "message": str(e), "exit_code": e.exit_code}]})
+            _finished(rt, {"errors": [_error_entry(e.domain, e)]})
     except KeyboardInterrupt:
         click.echo("virtfreeze: interrupted; run `virtfreeze status` and `virtfreeze thaw`", err=True)
         code = 130
@@ -218,33 +218,36 @@ def _for_each(items, fn, jobs: int):
     return results, failures
 
 
+def _error_entry(domain: str | None, error) -> dict:
+    """One failure as --json and the virtfreeze_run_finished hook show it."""
+    return {"domain": domain, "message": str(error), "exit_code": getattr(error, "exit_code", errors.EXIT_FAILED)}
+
+
 def _report(rt, action: str, results, failures, skipped: dict[str, str] | None = None, **more) -> dict:
     """What --json prints for a command that works on domains; the virtfreeze_run_finished hook gets it too."""
     report = {action: [r.to_json() for r in results], **more, "skipped": skipped or {},
-              "errors": [{"domain": e.domain or item.name, "message": str(e), "exit_code": e.exit_code}
-                         for item, e in failures]}
+              "errors": [_error_entry(e.domain or item.name, e) for item, e in failures]}
     _finished(rt, report)
     return report
 
 
 def _finished(rt, report: dict) -> None:
-    """Tell the virtfreeze_run_finished hook; a plugin's bug never changes the outcome."""
+    """Tell the virtfreeze_run_finished hook (once per command)."""
+    from virtfreeze.plugins import tell
+
     rt.reported = True
-    try:
-        rt.pm.hook.virtfreeze_run_finished(command=rt.command, report=report)
-    except Exception as e:  # noqa: BLE001 - any plugin bug
-        log.warning("a virtfreeze_run_finished hook raised %s: %s", type(e).__name__, e)
+    tell(rt.pm, "virtfreeze_run_finished", None, command=rt.command, report=report)
 
 
-def _emit(ctx: Ctx, action: str, results, failures, line, skipped: dict[str, str] | None = None,
-          report: bool = True) -> int:
-    report = _report(ctx.rt, action, results, failures, skipped) if report else {}
+def _emit(ctx: Ctx, report: dict, results, failures, line) -> int:
+    """Print a command's report (as JSON, or a line per result and per skipped domain) and its failures;
+    return the exit code of the worst failure."""
     if ctx.as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         for r in results:
             click.echo(line(r))
-        for name, reason in (skipped or {}).items():
+        for name, reason in report.get("skipped", {}).items():
             click.echo(f"skipped {name}: {reason}")
     for _item, e in failures:
         _fail(e)
@@ -329,9 +332,9 @@ def freeze(ctx: Ctx, domains, all_, memory, quiesce):
                                                                               quiesce=quiesce), cfg.jobs)
         finally:
             export_view.write_index(cfg.export_directory)
-        return _emit(ctx, "frozen", results, failures, lambda r: (
+        return _emit(ctx, _report(rt, "frozen", results, failures, skipped), results, failures, lambda r: (
             f"frozen {r.name} ({r.consistency}): {', '.join(r.disks) or 'no disks'} -> {r.export_dir}"
-            + (f" (shared with {'; '.join(r.shared_with)})" if r.shared_with else "")), skipped)
+            + (f" (shared with {'; '.join(r.shared_with)})" if r.shared_with else "")))
 
     _run_guarded(run, mutates=True, ctx=ctx)
 
@@ -378,7 +381,7 @@ def thaw(ctx: Ctx, domains, all_, strategy, force):
                                               rt.config.jobs)
         finally:
             export_view.write_index(rt.config.export_directory)
-        return _emit(ctx, "thawed", results, failures, lambda r: (
+        return _emit(ctx, _report(rt, "thawed", results, failures), results, failures, lambda r: (
             f"thawed {r.name} ({r.strategy}, {r.overlay_bytes} overlay bytes, {r.seconds:.2f}s"
             + (f"; stopped {r.stopped_seconds:.2f}s for {r.offline_bytes} bytes" if r.stopped_seconds else "")
             + (f" after {r.rounds} live rounds" if r.rounds else "") + (f"; {r.note}" if r.note else "") + ")"
@@ -431,12 +434,7 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
                 rt, d, chosen_targets, memory=memory, quiesce=quiesce, strategy=strategy), jobs or cfg.jobs)
             verified = _verify_new_archives(rt, results, chosen_targets, verify_seconds) if verify_after else []
         report = _report(rt, "backups", results, failures, skipped, verified=[v.to_json() for v in verified])
-        if ctx.as_json:
-            click.echo(json.dumps(report, indent=2))
-            for _item, e in failures:
-                _fail(e)
-            code = _worst([e.exit_code for _i, e in failures])
-        else:
+        if not ctx.as_json:
             rows = [("DOMAIN", "CONSISTENCY", "TARGET", "ARCHIVE", "BYTES", "FREEZE", "ARCHIVE s", "THAW",
                      "OVERLAY", "RESULT")]
             for r in results:
@@ -451,7 +449,7 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
             for v in verified:
                 click.echo(f"verified {v.domain} from {v.source}: {'; '.join(v.checks)}" if v.ok
                            else f"FAILED verify of {v.domain} from {v.source}: {v.error}")
-            code = _emit(ctx, "backups", [], failures, str, skipped, report=False)
+        code = _emit(ctx, report, [], failures, str)  # the table above holds the results
         archive_failed = any(not r.ok for r in results) or any(not v.ok for v in verified)
         return code or (errors.EXIT_FAILED if archive_failed else errors.EXIT_OK)
 
@@ -603,8 +601,7 @@ def verify(ctx: Ctx, domains, target_names, archive, from_dir, seconds, check_co
                 results.append(verify_one(rt, source, seconds=seconds, check_command=command,
                                           keep_on_failure=keep_on_failure))
         report = {"verified": [r.to_json() for r in results],
-                  "errors": [{"domain": r.domain, "message": r.error, "exit_code": errors.EXIT_FAILED}
-                             for r in results if not r.ok]}
+                  "errors": [_error_entry(r.domain, r.error) for r in results if not r.ok]}
         _finished(rt, report)
         if ctx.as_json:
             click.echo(json.dumps({"verified": report["verified"]}, indent=2))

@@ -68,7 +68,8 @@ def bind_readonly(source: Path, target: Path) -> None:
     time starting them).
     """
     target.touch(mode=0o600, exist_ok=True)
-    _syscall(f"bind mount of {source}", target, _libc.mount(os.fsencode(source), os.fsencode(target), None, MS_BIND, None))
+    _syscall(f"bind mount of {source}", target,
+             _libc.mount(os.fsencode(source), os.fsencode(target), None, MS_BIND, None))
     try:
         kept = os.statvfs(target).f_flag & _KEPT_FLAGS  # as the mount program does: keep nosuid, nodev, noexec
         _syscall("read-only remount", target,

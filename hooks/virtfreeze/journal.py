@@ -26,9 +26,9 @@ from virtfreeze.errors import DomainBusy, VirtfreezeError
 from virtfreeze.holders import Holder
 from virtfreeze.model import DiskPlan, DomainRef
 
-# 1: the untyped record of virtfreeze 0.x (the same keys, no plugin_marks). 2: FrozenDomain.
 log = logging.getLogger(__name__)
 
+# 1: the untyped record of virtfreeze 0.x (the same keys, no plugin_marks). 2: FrozenDomain.
 VERSION = 2
 
 # Host-wide, not per state directory: two runs with different configs must

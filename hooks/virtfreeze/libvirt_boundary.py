@@ -98,7 +98,6 @@ class Hypervisor:
         self._lock = threading.Lock()  # the watchers table (the event thread reads it)
         self._reconnecting = threading.Lock()  # one reconnect at a time; worker threads share the connection
         self._watchers: dict[str, list[queue.Queue]] = {}
-        self._io_error_watchers: dict[str, list[Callable[[], None]]] = {}
         self._lifecycle_watchers: dict[str, list[Callable[[str, int], None]]] = {}
         self.generation = 0  # bumped on every reconnect: events in between were lost
         self._conn = self._open()
@@ -125,23 +124,14 @@ class Hypervisor:
             watchers = list(self._lifecycle_watchers.get(dom.UUIDString(), []))
         for callback in watchers:
             callback(_EVENTS.get(event, str(event)), detail)
-        if event != libvirt.VIR_DOMAIN_EVENT_SUSPENDED or detail != libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
-            return
-        with self._lock:
-            callbacks = list(self._io_error_watchers.get(dom.UUIDString(), []))
-        for callback in callbacks:
-            callback()
 
-    @contextlib.contextmanager
-    def on_io_error(self, uuid: str, callback: Callable[[], None]) -> Iterator[None]:
+    def on_io_error(self, uuid: str, callback: Callable[[], None]) -> contextlib.AbstractContextManager:
         """Call `callback` (from libvirt's event thread) if the domain pauses on an I/O error meanwhile."""
-        with self._lock:
-            self._io_error_watchers.setdefault(uuid, []).append(callback)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._io_error_watchers[uuid].remove(callback)
+        def on_event(event: str, detail: int) -> None:
+            if event == "suspended" and detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
+                callback()
+
+        return self.on_lifecycle(uuid, on_event)
 
     @contextlib.contextmanager
     def on_lifecycle(self, uuid: str, callback: Callable[[str, int], None]) -> Iterator[None]:

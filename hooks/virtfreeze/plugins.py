@@ -79,17 +79,18 @@ def configure(pm: pluggy.PluginManager, config, command: str | None) -> None:
             log.warning("plugin %s is off for this %s: %s", impl.plugin_name, command, e)
 
 
-def report_done(pm: pluggy.PluginManager, domain, step: str, result, command: str | None) -> None:
-    """Tell the virtfreeze_domain_done hook; a broken metrics plugin never changes the outcome."""
+def tell(pm: pluggy.PluginManager, hook: str, about: str | None, **kwargs) -> None:
+    """Call a reporting hook (results, failures: for metrics and alerts); a plugin's bug is logged,
+    for the domain named `about`, and never changes the outcome."""
     try:
-        pm.hook.virtfreeze_domain_done(domain=domain, step=step, result=result, command=command)
+        getattr(pm.hook, hook)(**kwargs)
     except Exception as e:  # noqa: BLE001 - any plugin bug
-        domain_log(log, domain.name).warning("a virtfreeze_domain_done hook raised %s: %s", type(e).__name__, e)
+        (domain_log(log, about) if about else log).warning("a %s hook raised %s: %s", hook, type(e).__name__, e)
+
+
+def report_done(pm: pluggy.PluginManager, domain, step: str, result, command: str | None) -> None:
+    tell(pm, "virtfreeze_domain_done", domain.name, domain=domain, step=step, result=result, command=command)
 
 
 def report_failure(pm: pluggy.PluginManager, domain, phase: str, error: Exception) -> None:
-    """Tell the virtfreeze_domain_failed hook; a broken alerting plugin never changes the outcome."""
-    try:
-        pm.hook.virtfreeze_domain_failed(domain=domain, phase=phase, error=error)
-    except Exception as e:  # noqa: BLE001 - any plugin bug
-        domain_log(log, domain.name).warning("a virtfreeze_domain_failed hook raised %s: %s", type(e).__name__, e)
+    tell(pm, "virtfreeze_domain_failed", domain.name, domain=domain, phase=phase, error=error)

@@ -38,6 +38,8 @@ import os
 import stat
 import sys
 
+from virtfreeze.segment_stamps import segment_count
+
 MODULE = "virtfreeze.segment_view"
 INO_BASE = 4096  # segment i is inode INO_BASE + i; the directory is inode 1
 NAME_WIDTH = 6  # 000000 ... 999999: `cat *` restores by hand, in order
@@ -45,10 +47,6 @@ NAME_WIDTH = 6  # 000000 ... 999999: `cat *` restores by hand, in order
 
 def segment_name(i: int) -> str:
     return f"{i:0{NAME_WIDTH}d}"
-
-
-def segment_count(size: int, segment_size: int) -> int:
-    return (size + segment_size - 1) // segment_size
 
 
 def argv_for(source: str, mountpoint: str, stamps: str, counters: str, ready_fd: int) -> list[str]:

@@ -213,16 +213,17 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None,
                       frozen_by=record.command)
 
 
-def _release(rt: Runtime, ref: DomainRef, record: FrozenDomain | None) -> ThawResult | None:
-    """This run lets go of the domain. A ThawResult (nothing merged) when another live run still
-    holds it, so the merge waits for that one; None when this thaw should merge."""
+def _release(rt: Runtime, ref: DomainRef, record: FrozenDomain | None, me: holders.Holder,
+             own: bool) -> ThawResult | None:
+    """This run (`me`; `own`: one of the record's holders) lets go of the domain. A ThawResult
+    (nothing merged) when another live run still holds it, so the merge waits for that one; None
+    when this thaw should merge."""
     if record is None or not record.holders:
         return None
-    me = holders.current()
     others = [h for h in record.holders if not h.same_run(me) and holders.alive(h)]
     if not others:
         return None  # the last holder, or only dead ones: they protect nothing
-    if any(h.same_run(me) for h in record.holders):
+    if own:
         rt.journal.note(record, holders=[h for h in record.holders if not h.same_run(me)])
     held = [h.describe() for h in others]
     domain_log(log, ref.name).info("left frozen: still held by %s (`thaw --force` merges it anyway)",
@@ -237,7 +238,7 @@ def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None, force:
             record = rt.journal.load(ref.uuid)
             me = holders.current()
             own = record is not None and any(h.same_run(me) for h in record.holders)
-            left = None if force else _release(rt, ref, record)
+            left = None if force else _release(rt, ref, record, me, own)
             result = left or thaw_locked(rt, ref, strategy, record)
             result.own_freeze = own
     except VirtfreezeError as e:

@@ -36,7 +36,7 @@ from virtfreeze.errors import VirtfreezeError
 from virtfreeze.journal import failpoint, write_atomic
 from virtfreeze.logs import domain_log
 from virtfreeze.model import DomainRef
-from virtfreeze.plugins import report_failure
+from virtfreeze.plugins import report_failure, tell
 from virtfreeze.restore import Source, recover as recover_restore, restore
 from virtfreeze.restore_plan import read_archive
 from virtfreeze.runtime import Runtime
@@ -222,10 +222,7 @@ def verify(rt: Runtime, source: Source, *, seconds: float = 30.0, check_command:
             record.parent.rmdir()
         result.seconds = time.monotonic() - t0
     if result.ok:  # the throwaway domain is gone, the figures are final
-        try:
-            rt.pm.hook.virtfreeze_verified(domain=domain, result=result)
-        except Exception as e:  # noqa: BLE001 - a plugin's bug never changes the outcome
-            dlog.warning("a virtfreeze_verified hook raised %s: %s", type(e).__name__, e)
+        tell(rt.pm, "virtfreeze_verified", domain, domain=domain, result=result)
     return result
 
 

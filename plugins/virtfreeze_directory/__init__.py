@@ -69,6 +69,23 @@ def check_tree(top: Path) -> None:
             check_data_only(Path(root) / name)
 
 
+def _read_sums(archive_dir: Path) -> dict[str, str]:
+    """An archive's SHA256SUMS: relative path -> sha256."""
+    sums_file = archive_dir / "SHA256SUMS"
+    try:
+        listed = sums_file.read_text().splitlines()
+    except OSError as e:
+        raise VirtfreezeError(f"cannot read the archive's checksums: {e.strerror}", path=str(sums_file),
+                              hint="an archive without SHA256SUMS is not a finished one") from None
+    sums = {}
+    for line in listed:
+        digest, sep, rel = line.partition("  ")
+        if not sep:
+            raise VirtfreezeError(f"malformed line in SHA256SUMS: {line[:80]!r}", path=str(sums_file))
+        sums[rel.strip()] = digest
+    return sums
+
+
 def copy_tree(src: Path, dst: Path, on_bytes=None) -> tuple[int, dict[str, str]]:
     """Copy a tree of regular files and directories (anything else, a symlink above all, is an
     error: never followed); return the bytes actually read and each file's sha256 (by relative
@@ -157,14 +174,7 @@ class DirectoryTarget(StorageTarget):
         wanted = None if paths is None else relative_paths(paths)
         src = self._archive_dir(archive)
         check_tree(src)  # before anything is copied
-        try:
-            listed = (src / "SHA256SUMS").read_text().splitlines()
-        except OSError as e:
-            raise VirtfreezeError(f"cannot read the archive's checksums: {e.strerror}", path=str(src / "SHA256SUMS"),
-                                  hint="an archive without SHA256SUMS is not a finished one") from None
-        if any("  " not in line for line in listed):
-            raise VirtfreezeError("malformed SHA256SUMS", path=str(src / "SHA256SUMS"))
-        want = {path.strip(): digest for digest, path in (line.split("  ", 1) for line in listed)}
+        want = _read_sums(src)
         destination = Path(destination)
         destination.mkdir(mode=0o700)
         if wanted is None:
@@ -188,31 +198,16 @@ class DirectoryTarget(StorageTarget):
             raise VirtfreezeError(f"checksum mismatch in {', '.join(bad)}", path=str(src))
         return destination
 
-
     def in_place(self, archive):
         """The archive's own directory, once every file matches SHA256SUMS (read, not copied)."""
         src = self._archive_dir(archive)
         check_tree(src)
-        try:
-            listed = (src / "SHA256SUMS").read_text().splitlines()
-        except OSError as e:
-            raise VirtfreezeError(f"cannot read the archive's checksums: {e.strerror}", path=str(src / "SHA256SUMS"),
-                                  hint="an archive without SHA256SUMS is not a finished one") from None
         bad = []
-        for line in listed:
-            digest, sep, rel = line.partition("  ")
-            if not sep:
-                raise VirtfreezeError(f"malformed line in SHA256SUMS: {line[:80]!r}", path=str(src / "SHA256SUMS"))
-            [rel] = relative_paths([rel.strip()])  # inside the archive, or refused
-            h = hashlib.sha256()
-            fd = os.open(src / rel, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                while chunk := os.read(fd, 1 << 20):
-                    h.update(chunk)
-            finally:
-                os.close(fd)
-            if h.hexdigest() != digest:
-                bad.append(rel)
+        for rel, digest in _read_sums(src).items():
+            [rel] = relative_paths([rel])  # inside the archive, or refused
+            with os.fdopen(os.open(src / rel, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fh:
+                if hashlib.file_digest(fh, "sha256").hexdigest() != digest:
+                    bad.append(rel)
         if bad:
             raise VirtfreezeError(f"checksum mismatch in {', '.join(sorted(bad))}", path=str(src))
         return src

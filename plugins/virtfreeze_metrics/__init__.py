@@ -11,11 +11,9 @@ processes in hook mode, and each keeps what the other wrote. Counters
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pathlib import Path
 
 from virtfreeze.errors import ConfigError
 from virtfreeze.hookspecs import hookimpl
+from virtfreeze.journal import write_atomic
 from virtfreeze.logs import domain_log
 
 log = logging.getLogger("virtfreeze.plugins.metrics")  # in virtfreeze's log tree: -q and -v apply
@@ -110,7 +109,7 @@ class Textfile:
             for family in text_string_to_metric_families(text):
                 for s in family.samples:
                     if s.name in FAMILIES:  # a series this version no longer writes is dropped
-                        samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+                        samples.setdefault(s.name, {})[_key(s.labels)] = s.value
         except ValueError as e:  # a file someone edited: start again rather than fail every run
             log.warning("metrics file %s is not in the text format (%s); writing it anew", self.path, e)
             return {}
@@ -132,18 +131,9 @@ class Textfile:
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector())
-        # A temporary file of our own (O_EXCL: never through a symlink someone put there), renamed over
-        # the old one: node_exporter reads the whole old file or the whole new one.
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(generate_latest(registry))
-                os.fchmod(out.fileno(), 0o644)
-            os.rename(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        # A temporary file of our own (O_EXCL: never through a symlink someone put there, and not named
+        # *.prom), renamed over the old one: node_exporter reads the whole old file or the whole new one.
+        write_atomic(self.path, generate_latest(registry), mode=0o644)
 
     def update(self, change) -> None:
         """Read the file, let `change(samples)` set what it knows, write it back: one step at a time."""
@@ -161,12 +151,16 @@ class Textfile:
 _textfile: Textfile | None = None
 
 
+def _key(labels: dict[str, str]) -> Labels:
+    return tuple(sorted(labels.items()))
+
+
 def _set(samples: Samples, name: str, value: float, **labels: str) -> None:
-    samples.setdefault(name, {})[tuple(sorted(labels.items()))] = float(value)
+    samples.setdefault(name, {})[_key(labels)] = float(value)
 
 
 def _get(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get(name, {}).get(tuple(sorted(labels.items())))
+    return samples.get(name, {}).get(_key(labels))
 
 
 def _one_of(samples: Samples, name: str, chosen: str, states: tuple[str, ...], domain: str) -> None:
@@ -187,9 +181,9 @@ def _update(domain: str, change) -> None:
 @hookimpl
 def virtfreeze_configure(config, command):
     global _textfile
+    _textfile = None  # off until the settings are known to work
     settings = config.metrics or {}
     if not settings.get("textfile"):
-        _textfile = None
         return
     try:
         import prometheus_client  # noqa: F401

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pty
 import shutil
 import stat
 import subprocess
@@ -112,3 +113,23 @@ def install_plugin(tmp_path: Path, dist: str, entry_point: str, source: str) -> 
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(site), str(src)], check=True, capture_output=True)
     return site
+
+
+def on_a_terminal(argv: list[str], env: dict, timeout: float = 300) -> tuple[int, str]:
+    """Run `argv` with a pseudo-terminal as stdin, stdout and stderr; its exit code and what it drew."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    screen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)  # blocks until output; EIO once the child closed the terminal
+            except OSError:
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        os.close(master)
+    return proc.wait(timeout=timeout), screen.decode(errors="replace")

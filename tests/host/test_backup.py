@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.host.conftest import VIRTFREEZE
 from tests.host.helpers import (
-    assert_all_acked_present, assert_archive_holds_disks, assert_back_on_base, install_plugin,
+    assert_all_acked_present, assert_archive_holds_disks, assert_back_on_base, install_plugin, on_a_terminal,
 )
 from tests.rig.guest import DiskSpec
 
@@ -261,30 +261,15 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 def test_progress_on_a_terminal_one_line_per_domain(guest_factory, vf, tmp_path):
     """`backup --jobs 2` under a pseudo-terminal: each progress line names one domain, never two."""
-    import pty
-
     guests = [guest_factory([DiskSpec("vda")]) for _ in range(2)]
     names = sorted(g.name for g in guests)
     (tmp_path / "dir").mkdir()
     vf.write_config(targets={"dir": {"type": "directory", "path": str(tmp_path / "dir")}})
     env = vf.env(TERM="xterm-256color", COLUMNS="100", LINES="30")
     env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([*VIRTFREEZE, "--config", str(vf.config_path), "backup", "--jobs", "2", *names],
-                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
-    os.close(slave)
-    screen = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)  # blocks until output; EIO once the child closed the terminal
-        except OSError:
-            break
-        if not chunk:
-            break
-        screen += chunk
-    os.close(master)
-    assert proc.wait(timeout=60) == 0, screen.decode(errors="replace")
-    text = screen.decode(errors="replace")
+    code, text = on_a_terminal([*VIRTFREEZE, "--config", str(vf.config_path), "backup", "--jobs", "2", *names], env,
+                               timeout=60)
+    assert code == 0, text
     fragments = [f.strip() for f in re.split(r"[\r\n]", ANSI.sub("\n", text)) if f.strip()]
     progress = [f for f in fragments if re.search(r"\b(freezing|archiving to|merging)\b", f)]
     assert {n for n in names if any(f.startswith(n) for f in progress)} == set(names), fragments

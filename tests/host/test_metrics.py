@@ -4,7 +4,6 @@ as an Apprise notification), a domain left frozen as on an overlay."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
@@ -126,30 +125,6 @@ def test_driver_and_hook_mode_runs_are_scraped_as_their_json_says(guest_factory,
         g.watcher.wait_acks(5, after=time.monotonic())
         assert_back_on_base(g, vf)
         assert_all_acked_present(g)
-
-
-@pytest.fixture
-def apprise_endpoint():
-    """A local HTTP server that Apprise's json:// posts to; yields (url, received messages)."""
-    received: list[dict] = []
-    arrived = threading.Condition()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            self.send_response(200)
-            self.end_headers()
-            with arrived:
-                received.append(body)
-                arrived.notify_all()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"json://127.0.0.1:{server.server_address[1]}/", received
-    server.shutdown()
 
 
 def test_a_failed_archive_is_a_failure_in_metrics_and_a_notification(guest_factory, vf, tmp_path, node_exporter,

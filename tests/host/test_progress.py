@@ -5,14 +5,12 @@ for progress output, and the log has one summary line per archive."""
 from __future__ import annotations
 
 import os
-import pty
 import re
-import subprocess
 
 import pytest
 
 from tests.host.conftest import VIRTFREEZE
-from tests.host.helpers import assert_all_acked_present, assert_back_on_base
+from tests.host.helpers import assert_all_acked_present, assert_back_on_base, on_a_terminal
 from tests.host.test_backup import ANSI, targets_config
 from tests.rig.guest import DiskSpec
 
@@ -30,26 +28,6 @@ def guest_with_data(guest_factory):
             fh.write(os.urandom(1 << 20))
     g.start()
     return g
-
-
-def on_a_terminal(argv: list[str], env: dict, timeout: float = 300) -> tuple[int, str]:
-    """Run `argv` with a pseudo-terminal as stdin, stdout and stderr; its exit code and what it drew."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
-    os.close(slave)
-    screen = b""
-    try:
-        while True:
-            try:
-                chunk = os.read(master, 65536)  # blocks until output; EIO once the child closed the terminal
-            except OSError:
-                break
-            if not chunk:
-                break
-            screen += chunk
-    finally:
-        os.close(master)
-    return proc.wait(timeout=timeout), screen.decode(errors="replace")
 
 
 def summary_lines(text: str, target: str) -> list[str]:

@@ -1,9 +1,5 @@
 """The notify plugin sends through the real Apprise library to a real local HTTP endpoint (Apprise's json://)."""
 
-import http.server
-import json
-import threading
-
 import pytest
 
 import virtfreeze_notify as notify
@@ -13,23 +9,9 @@ from virtfreeze.model import DomainRef
 
 
 @pytest.fixture
-def endpoint():
-    received = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"json://127.0.0.1:{server.server_address[1]}/", received
-    server.shutdown()
-    notify.virtfreeze_configure(config=parse({}), command="backup")
+def endpoint(apprise_endpoint):
+    yield apprise_endpoint
+    notify.virtfreeze_configure(config=parse({}), command="backup")  # the plugin off again
 
 
 def test_a_failure_arrives_with_domain_phase_and_what_to_do(endpoint, tmp_path):
