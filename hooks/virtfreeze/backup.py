@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,10 +64,11 @@ def _check_contents(ref: DomainRef, target: StorageTarget, archive: str, manifes
         return False
     short = short_of_data(manifest.get("sizes", {}), contents)
     if short:
-        disks = {d["file"]: t for t, d in manifest.get("disks", {}).items()}
+        disks = {d["file"]: t for t, d in manifest.get("disks", {}).items()}  # a segmented disk's: its directory
+        lacking = {disks.get(p) or disks.get(posixpath.dirname(p)) for p, _w, _g in short}
         raise VirtfreezeError(f"archive {archive} in target {target.name} lacks data: "
                               + "; ".join(describe_shortfall(*s) for s in short), domain=ref.name,
-                              disk=",".join(sorted({disks[p] for p, _w, _g in short if p in disks})) or None,
+                              disk=",".join(sorted(lacking - {None})) or None,
                               hint="the archive is incomplete; check the target plugin and the tool's log")
     return True
 

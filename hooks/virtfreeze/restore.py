@@ -29,12 +29,12 @@ from virtfreeze.journal import domain_lock, failpoint, write_atomic
 from virtfreeze.libvirt_boundary import PAUSED, RUNNING, SHUTOFF
 from virtfreeze.logs import domain_log
 from virtfreeze.restore_plan import (
-    ALWAYS_ALLOWED, SWTPM_DIR, Archive, ArchiveRefused, RestorePlan, left_out_disks, check_data, check_paths, memory_complete,
-    passthrough,
-    plan_restore, read_archive, relocate_xml,
+    ALWAYS_ALLOWED, SWTPM_DIR, Archive, ArchiveIncomplete, ArchiveRefused, Placement, RestorePlan, left_out_disks,
+    check_data, check_paths, memory_complete, passthrough, plan_restore, read_archive, relocate_xml,
 )
 from virtfreeze.runtime import Runtime
-from virtfreeze.sparse_copy import copy_file
+from virtfreeze.segment_view import segment_name
+from virtfreeze.sparse_copy import copy_file, copy_files_at
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,8 @@ def _undo(rt: Runtime, data: dict) -> None:
         else:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+    if data.get("staging"):  # first: it may lie in a directory this restore made
+        shutil.rmtree(data["staging"], ignore_errors=True)
     for path in reversed(data.get("dirs", [])):
         with contextlib.suppress(OSError):
             os.rmdir(path)  # only if empty: someone else may have put files there meanwhile
@@ -179,8 +181,6 @@ def _undo(rt: Runtime, data: dict) -> None:
             os.rename(aside, original)
     if data.get("replaced_xml") and hv.info(data["replaced_uuid"]) is None:
         hv.define(data["replaced_xml"], data.get("name", "?"))  # and so does the old definition
-    if data.get("staging"):
-        shutil.rmtree(data["staging"], ignore_errors=True)
 
 
 def _finish_start(hv, data: dict, info) -> None:
@@ -309,10 +309,16 @@ def _place_file(src: Path, dest: Path, record: RestoreRecord, *, link: bool, rep
         os.chmod(dest, 0o600, follow_symlinks=False)
         progress(os.stat(dest).st_size)
         return
+    _fill_and_link(dest, record, lambda fd: copy_file(src, fd, what=f"copy of {src}", on_bytes=progress))
+
+
+def _fill_and_link(dest: Path, record: RestoreRecord, fill) -> None:
+    """Write a new file through `fill(fd)` into an exclusively created partial file beside `dest`,
+    then link it into place (never over anything that appeared meanwhile)."""
     partial = dest.parent / f".{dest.name}.virtfreeze-partial"
     fd = _create_exclusive(partial, record)
     try:
-        copy_file(src, fd, what=f"copy of {src}", on_bytes=progress)
+        fill(fd)
     finally:
         os.close(fd)
     record.add("files", dest)
@@ -322,6 +328,38 @@ def _place_file(src: Path, dest: Path, record: RestoreRecord, *, link: bool, rep
         record.discard("files", dest)
         raise VirtfreezeError("appeared meanwhile; not overwriting it", path=str(dest)) from None
     os.unlink(partial)
+
+
+def reassemble(src_dir: Path, p: Placement, fd: int, progress=None) -> None:
+    """A segmented disk's guest bytes into `fd` (an empty file), sparsely, in segment order."""
+    got = copy_files_at((src_dir / segment_name(i) for i in range(p.segments.count)), fd,
+                        what=f"reassembly of {src_dir}", on_bytes=progress)
+    if got != p.segments.size:  # the files changed after they were checked
+        raise ArchiveIncomplete(f"disk {p.target}: its segments hold {got} of {p.segments.size} bytes",
+                                path=str(src_dir))
+
+
+def _place_segments(src_dir: Path, p: Placement, staging: Path, record: RestoreRecord, *, replace: bool,
+                    progress, domain: str) -> None:
+    """Put a segmented disk at `p.dest` in its format: raw reassembled into place; qcow2 reassembled
+    into the private staging directory, converted there (no backing file) and placed like a file."""
+    if p.format == "raw":
+        _make_dirs(p.dest.parent, record)
+        if replace and os.path.lexists(p.dest):
+            record.set_aside(p.dest)
+        _fill_and_link(p.dest, record, lambda fd: reassemble(src_dir, p, fd, progress))
+        return
+    raw, image = staging / f"{p.target}.segments.raw", staging / f"{p.target}.segments.qcow2"
+    fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        reassemble(src_dir, p, fd, progress)
+    finally:
+        os.close(fd)
+    runner.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(image)],
+               what="qemu-img convert", domain=domain, disk=p.target, path=str(image))
+    os.unlink(raw)
+    _place_file(image, p.dest, record, link=True, replace=replace, progress=lambda _n: None)
+    os.unlink(image)  # linked or copied: the staged name only holds space
 
 
 def _place_tree(src: Path, dest: Path, record: RestoreRecord, replace: bool) -> None:
@@ -582,7 +620,8 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
 
     # 4. Files into place, each created exclusively.
     written = 0
-    total = sum(os.stat(archive.root / p.source).st_size for p in plan.placements if p.kind != "tpm")
+    total = sum(p.segments.size if p.segments else os.stat(archive.root / p.source).st_size
+                for p in plan.placements if p.kind not in ("tpm", "overlay"))  # what is copied
     done = [0]
 
     def progress(n: int) -> None:
@@ -609,6 +648,11 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
             owner = swtpm_owner()
             if owner is not None:
                 _chown_tree(p.dest, owner)
+        elif p.segments is not None:
+            _place_segments(src, p, staging, record, replace=replace, progress=progress, domain=plan.name)
+            written += os.stat(p.dest).st_size
+            if source.directory is None:  # our extracted copy, now reassembled: its space back
+                shutil.rmtree(src)
         else:
             _place_file(src, p.dest, record, link=source.directory is None, replace=replace, progress=progress)
             written += os.stat(p.dest).st_size

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from virtfreeze.errors import UsageError, VirtfreezeError
+from virtfreeze.segment_stamps import segment_count
+from virtfreeze.segment_view import segment_name
 
 LIBVIRT_DIR = Path("/var/lib/libvirt")
 SWTPM_DIR = LIBVIRT_DIR / "swtpm"
@@ -50,11 +52,24 @@ class ArchivedImage:
 
 
 @dataclass(frozen=True)
+class SegmentLayout:
+    """A disk archived as its guest-visible bytes in fixed-size segment files (000000, 000001, ...)."""
+
+    segment_size: int
+    count: int
+    size: int  # guest-visible bytes; the last segment holds the rest
+
+    def length(self, i: int) -> int:
+        return min(self.segment_size, self.size - i * self.segment_size)
+
+
+@dataclass(frozen=True)
 class ArchivedDisk:
     target: str
-    image: ArchivedImage
+    image: ArchivedImage  # a segmented disk: `file` is its directory, `format` the one it comes back in
     type: str  # the disk's type when frozen: file or block
     backing: tuple[ArchivedImage, ...]  # its chain below, nearest first
+    segments: SegmentLayout | None = None  # None: one image file (layout "image")
 
 
 @dataclass
@@ -119,6 +134,38 @@ def _read_small(path: Path) -> str:
         os.close(fd)
 
 
+LAYOUTS = ("image", "segmented")
+
+
+def _segment_layout(target: str, d: dict, manifest_path: Path) -> SegmentLayout | None:
+    """A disk entry's layout: None for one image file, else its segments, each value checked."""
+    layout = d.get("layout", "image")
+    if layout not in LAYOUTS:
+        raise ArchiveRefused(f"disk {target}: unknown layout {layout!r}", path=str(manifest_path),
+                             hint=f"known: {', '.join(LAYOUTS)}; a newer virtfreeze's archive?")
+    if layout == "image":
+        return None
+    seg = d.get("segments")
+    values = [seg.get(k) for k in ("segment_size", "count", "size")] if isinstance(seg, dict) else []
+    if len(values) != 3 or not all(type(v) is int and v > 0 for v in values):
+        raise ArchiveRefused(f"disk {target}: segments needs positive integers segment_size, count and size",
+                             path=str(manifest_path), hint="not a virtfreeze manifest?")
+    layout = SegmentLayout(*values)
+    if layout.segment_size < 512 or layout.segment_size & (layout.segment_size - 1):
+        raise ArchiveRefused(f"disk {target}: segment_size {layout.segment_size} is not a power of two of at "
+                             "least 512", path=str(manifest_path))
+    if layout.count != segment_count(layout.size, layout.segment_size):
+        raise ArchiveRefused(f"disk {target}: {layout.count} segments cannot hold {layout.size} bytes in "
+                             f"segments of {layout.segment_size}", path=str(manifest_path))
+    if d.get("backing"):
+        raise ArchiveRefused(f"disk {target}: a segmented disk names a backing chain (its segments hold the "
+                             "guest's whole view)", path=str(manifest_path), hint="not a virtfreeze manifest?")
+    if d.get("size", layout.size) != layout.size:
+        raise ArchiveRefused(f"disk {target}: size {d.get('size')!r} disagrees with its segments' {layout.size}",
+                             path=str(manifest_path), hint="not a virtfreeze manifest?")
+    return layout
+
+
 def read_archive(root: Path, *, data: bool = True) -> Archive:
     """Read manifest.json and domain.xml under `root`; with `data`, also check the tree and every
     data file's size against the manifest."""
@@ -155,7 +202,8 @@ def read_archive(root: Path, *, data: bool = True) -> Archive:
                         for b in d.get("backing", []))
         disks.append(ArchivedDisk(target, ArchivedImage(safe_relpath(d.get("file"), f"disk {target}"),
                                                         str(d.get("format") or "raw"), str(d.get("base") or "")),
-                                  str(d.get("type") or "file"), backing))
+                                  str(d.get("type") or "file"), backing,
+                                  _segment_layout(target, d, root / "manifest.json")))
     for disk in disks:
         for img in (disk.image, *disk.backing):
             if img.format not in ("raw", "qcow2"):
@@ -199,9 +247,36 @@ def check_data(archive: Archive) -> None:
     if archive.tpm is not None and not (root / archive.tpm).is_dir():
         raise ArchiveIncomplete("the TPM state (tpm/) is missing from the archive", path=str(root))
     for disk in archive.disks:
+        if disk.segments is not None:
+            _check_segments(root, disk)
+            continue
         for img in (disk.image, *disk.backing):
             if not (root / img.file).is_file():
                 raise ArchiveIncomplete(f"disk {disk.target}: {img.file} is missing from the archive", path=str(root))
+
+
+def _check_segments(root: Path, disk: ArchivedDisk) -> None:
+    """A segmented disk's directory holds exactly its segments, each a regular file of its length."""
+    directory = root / disk.image.file
+    if not directory.is_dir():
+        raise ArchiveIncomplete(f"disk {disk.target}: {disk.image.file}/ is missing from the archive", path=str(root))
+    count = disk.segments.count
+    extra = sorted(n for n in os.listdir(directory)
+                   if not (n.isdigit() and int(n) < count and segment_name(int(n)) == n))
+    if extra:
+        raise ArchiveRefused(f"disk {disk.target}: {disk.image.file}/ holds {extra[0]}, which is not one of its "
+                             f"{count} segments", path=str(directory / extra[0]),
+                             hint="an archive is data: refusing it; check where it came from")
+    for i in range(count):
+        n = segment_name(i)
+        try:
+            st = os.lstat(directory / n)
+        except FileNotFoundError:
+            raise ArchiveIncomplete(f"disk {disk.target}: segment {disk.image.file}/{n} is missing from the archive",
+                                    path=str(directory)) from None
+        if not os.path.stat.S_ISREG(st.st_mode) or st.st_size != disk.segments.length(i):
+            raise ArchiveIncomplete(f"disk {disk.target}: segment {disk.image.file}/{n} holds {st.st_size} of "
+                                    f"{disk.segments.length(i)} bytes (truncated?)", path=str(directory / n))
 
 
 def memory_complete(archive: Archive) -> None:
@@ -243,6 +318,7 @@ class Placement:
     target: str | None = None
     backing_dest: Path | None = None  # a chain member's own backing file, once restored
     backing_format: str | None = None
+    segments: SegmentLayout | None = None  # a disk reassembled from the segment files in `source`
 
 
 @dataclass
@@ -335,7 +411,8 @@ def plan_restore(archive: Archive, *, name: str | None, disk_dir: Path | None, a
     For a verify: `isolate` ("memory": it resumes, so its NICs stay, their links taken down at
     start; "cold": NICs removed) drops host devices and shared directories and lets graphics
     pick free ports; `file_dir` takes its log files; with `overlay`, each disk without a backing
-    chain becomes a qcow2 overlay on the archived image, read in place (no copy)."""
+    chain becomes a qcow2 overlay on the archived image, read in place (no copy). A segmented disk
+    is always reassembled into its destination (its segments cannot be read in place)."""
     rng = rng or random.SystemRandom()
     new = name is not None and name != archive.name
     name = name or archive.name
@@ -362,7 +439,7 @@ def plan_restore(archive: Archive, *, name: str | None, disk_dir: Path | None, a
         else:
             dest = disk_dir / Path(disk.image.path).name if disk_dir else Path(disk.image.path)
         fmt = "raw" if block else disk.image.format
-        if overlay and not disk.backing:
+        if overlay and not disk.backing and disk.segments is None:  # segments cannot be read in place
             dest = (disk_dir or dest.parent) / f"{name}-{disk.target}.qcow2"
             placements.append(Placement(disk.image.file, dest, "overlay", "qcow2", disk.target,
                                         archive.root / disk.image.file, disk.image.format))
@@ -376,7 +453,7 @@ def plan_restore(archive: Archive, *, name: str | None, disk_dir: Path | None, a
                 chain_dests.append(disk_dir / Path(img.path).name if disk_dir else Path(img.path))
         below = list(zip(chain_dests, [i.format for i in disk.backing]))
         placements.append(Placement(disk.image.file, dest, "disk", fmt, disk.target,
-                                    *(below[0] if below else (None, None))))
+                                    *(below[0] if below else (None, None)), segments=disk.segments))
         for i, (img, cdest) in enumerate(zip(disk.backing, chain_dests)):
             nxt = below[i + 1] if i + 1 < len(below) else (None, None)
             placements.append(Placement(img.file, cdest, "backing", img.format, disk.target, *nxt))

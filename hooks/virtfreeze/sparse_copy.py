@@ -29,12 +29,9 @@ def _data_regions(fd: int, size: int):
         pos = end
 
 
-def copy_fd(src_fd: int, dst_fd: int, *, what: str, on_bytes: Callable[[int], None] | None = None,
-            digest: "hashlib._Hash | None" = None) -> int:
-    """Copy src to dst (an empty file), leaving holes for holes and zeros; fsync; return bytes read.
-
-    With `digest`, every byte of the source (holes as zeros) goes into it, in order.
-    """
+def _copy_regions(src_fd: int, dst_fd: int, offset: int, *, what: str,
+                  on_bytes: Callable[[int], None] | None, digest: "hashlib._Hash | None") -> tuple[int, int]:
+    """Copy src's data to dst at `offset`, all-zero chunks left out; (bytes read, src's size)."""
     size = os.fstat(src_fd).st_size
     done = 0
     for start, end in _data_regions(src_fd, size) if digest is None else [(0, size)]:
@@ -49,14 +46,39 @@ def copy_fd(src_fd: int, dst_fd: int, *, what: str, on_bytes: Callable[[int], No
             if chunk != _ZERO[: len(chunk)]:
                 written = 0
                 while written < len(chunk):  # a short write is not an error: write the rest
-                    written += os.pwrite(dst_fd, chunk[written:], pos + written)
+                    written += os.pwrite(dst_fd, chunk[written:], offset + pos + written)
             pos += len(chunk)
             done += len(chunk)
             if on_bytes:
                 on_bytes(len(chunk))
+    return done, size
+
+
+def copy_fd(src_fd: int, dst_fd: int, *, what: str, on_bytes: Callable[[int], None] | None = None,
+            digest: "hashlib._Hash | None" = None) -> int:
+    """Copy src to dst (an empty file), leaving holes for holes and zeros; fsync; return bytes read.
+
+    With `digest`, every byte of the source (holes as zeros) goes into it, in order.
+    """
+    done, size = _copy_regions(src_fd, dst_fd, 0, what=what, on_bytes=on_bytes, digest=digest)
     os.ftruncate(dst_fd, size)
     os.fsync(dst_fd)
     return done
+
+
+def copy_files_at(sources, dst_fd: int, *, what: str, on_bytes: Callable[[int], None] | None = None) -> int:
+    """Concatenate the files `sources` (in order, none followed if a symlink) into dst (an empty
+    file), sparsely as `copy_fd`; fsync; return dst's size (the sum of theirs)."""
+    offset = 0
+    for src in sources:
+        src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            offset += _copy_regions(src_fd, dst_fd, offset, what=what, on_bytes=on_bytes, digest=None)[1]
+        finally:
+            os.close(src_fd)
+    os.ftruncate(dst_fd, offset)
+    os.fsync(dst_fd)
+    return offset
 
 
 def copy_file(src, dst_fd: int, *, what: str, on_bytes: Callable[[int], None] | None = None,

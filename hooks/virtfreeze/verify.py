@@ -6,7 +6,7 @@ removed (a cold boot) or their links taken down before it runs (resumed from
 memory), and host devices and shared directories are dropped. Where the
 target keeps the archive as plain files (the directory target, `--from`),
 the disks are qcow2 overlays over the archived images: read in place, not
-copied. The domain must then stay running for the window without crashing,
+copied (a disk archived as segments is reassembled into the scratch directory). The domain must then stay running for the window without crashing,
 pausing on an I/O error or shutting off; its guest agent, where it has a
 channel, must answer a ping; a `--check-command` must exit 0. Whatever the
 outcome the domain and the scratch directory go (unless kept on failure).
