@@ -19,6 +19,8 @@ DEFAULT_URI = "qemu:///system"
 _QUIESCE = {"type": "string", "enum": ["auto", "require", "off"]}
 _STRATEGY = {"type": "string", "enum": ["auto", "live", "iterative", "offline"]}
 
+_LAYOUT = {"type": "string", "enum": ["image", "segmented"]}
+
 _DOMAIN_SCHEMA = {
     "type": "object",
     "additionalProperties": False,
@@ -36,6 +38,7 @@ _DOMAIN_SCHEMA = {
         },
         "quiesce": dict(_QUIESCE, description="Override the global quiesce setting.", example="require"),
         "strategy": dict(_STRATEGY, description="Override the global merge strategy.", example="iterative"),
+        "export_layout": dict(_LAYOUT, description="Override the global export layout.", example="segmented"),
     },
 }
 
@@ -73,6 +76,18 @@ SCHEMA: dict[str, Any] = {
             "type": ["string", "null"],
             "description": "Where overlays are created. Unset: beside each base image (block devices: under state_directory).",
             "example": "/var/lib/virtfreeze/overlays",
+        },
+        "export_layout": dict(_LAYOUT, description=(
+            "How disks appear in the export view: image (each base image as one file, read whole by every "
+            "run) or segmented (the guest-visible bytes as fixed-size segment files, disks/<target>.segments/; "
+            "borg and restic then read only the segments that changed since the last run: a dirty bitmap "
+            "tells for qcow2 disks of running domains, segment hashes for the rest)."), example="image"),
+        "segment_size": {
+            "type": "integer", "enum": [1 << n for n in range(20, 31)],
+            "description": "Segmented layout: bytes per segment, a power of two from 1 MiB to 1 GiB. Smaller "
+                           "segments re-read less after scattered writes; more segments cost more file-cache "
+                           "entries. Changing it makes the next run read every disk whole.",
+            "example": 16777216,
         },
         "memory": {
             "type": "boolean",
@@ -254,6 +269,7 @@ class DomainSettings:
     memory: bool | None = None
     quiesce: str | None = None
     strategy: str | None = None
+    export_layout: str | None = None
 
 
 @dataclass(frozen=True)
@@ -274,6 +290,8 @@ class Config:
     export_directory: Path = Path("/run/virtfreeze/export")
     state_directory: Path = Path("/var/lib/virtfreeze")
     overlay_directory: Path | None = None
+    export_layout: str = "image"
+    segment_size: int = 16 << 20
     memory: bool = False
     quiesce: str = "auto"
     quiesce_timeout: float = 10.0
@@ -314,6 +332,10 @@ class Config:
 
     def for_domain(self, name: str) -> DomainSettings:
         return self.domains.get(name, DomainSettings())
+
+    def export_layout_of(self, name: str) -> str:
+        """The domain's own export_layout, else the global one."""
+        return self.for_domain(name).export_layout or self.export_layout
 
     def effective(self, name: str, *, memory: bool | None = None, quiesce: str | None = None,
                   strategy: str | None = None) -> Effective:

@@ -35,9 +35,10 @@ def argv_for(device: str, mountpoint: str, ready_fd: int) -> list[str]:
             str(ready_fd)]
 
 
-def mountpoint_of(argv: list[str]) -> str | None:
-    """The mountpoint a device view process serves, from its argv (None: not a device view)."""
-    if MODULE not in argv[:3] or "--mountpoint" not in argv:
+def mountpoint_of(argv: list[str], module: str = MODULE) -> str | None:
+    """The mountpoint a view process (`module`: a device view by default) serves, from its argv
+    (None: not one)."""
+    if module not in argv[:3] or "--mountpoint" not in argv:
         return None
     i = argv.index("--mountpoint")
     return argv[i + 1] if i + 1 < len(argv) else None

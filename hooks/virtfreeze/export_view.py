@@ -10,8 +10,13 @@ export directory may be on tmpfs:
   of the device's size, through a FUSE view (`virtfreeze.device_view`, one
   small process per device): borg would store a device node as a 0-byte
   node and restic cannot read one, so every tool must see its data as a
-  file. A view is found again by the mountpoint in its argv, so a crashed
-  run's view is stopped by the next `thaw` too.
+  file;
+- a disk in the segmented layout (`segmented_export`) as a directory of
+  segment files, disks/<target>.segments/, through a segment view
+  (`virtfreeze.segment_view`).
+
+A view is found again by the mountpoint in its argv, so a crashed run's
+view is stopped by the next `thaw` too.
 """
 
 from __future__ import annotations
@@ -23,15 +28,14 @@ import json
 import logging
 import os
 import re
-import select
 import shutil
-import signal
 import stat
 from pathlib import Path
 
-from virtfreeze import device_view, runner
+from virtfreeze import device_view, guest_view, runner, segment_view
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.journal import write_atomic
+from virtfreeze.segment_stamps import segment_count
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +117,9 @@ def image_size(path: str | Path) -> int:
         raise VirtfreezeError(f"cannot read the image: {e.strerror}", path=str(path)) from None
 
 
-def device_view_pids(directory: Path) -> list[int]:
-    """Pids of the device views (virtfreeze.device_view processes) serving a file under `directory`."""
+def pids_serving(directory: Path) -> list[int]:
+    """Pids of the views serving a file under `directory`: device views, segment views and guest views
+    (qemu-storage-daemon), found by the mountpoint in their argv."""
     prefix = str(directory).rstrip("/") + "/"
     pids = []
     for entry in os.scandir("/proc"):
@@ -125,28 +130,11 @@ def device_view_pids(directory: Path) -> list[int]:
                 argv = [a.decode(errors="surrogateescape") for a in fh.read().split(b"\0") if a]
         except OSError:
             continue  # exited meanwhile
-        mountpoint = device_view.mountpoint_of(argv)
+        mountpoint = (device_view.mountpoint_of(argv) or segment_view.mountpoint_of(argv)
+                      or guest_view.mountpoint_of(argv))
         if mountpoint and mountpoint.startswith(prefix):
             pids.append(int(entry.name))
     return pids
-
-
-def _stop(pid: int) -> None:
-    """SIGTERM a device view (it unmounts) and wait for it to exit; SIGKILL if it does not."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(fd, sig)
-            if select.select([fd], [], [], VIEW_STOP_TIMEOUT)[0]:  # readable once the process exited
-                return
-            log.warning("device view (pid %d) did not exit within %.0fs of SIGTERM; killing it", pid,
-                        VIEW_STOP_TIMEOUT)
-    finally:
-        os.close(fd)
 
 
 def expose_device(device: Path, mountpoint: Path) -> None:
@@ -172,6 +160,16 @@ def _raise_readahead(mountpoint: Path) -> None:
         log.debug("path %s: cannot raise the read-ahead of its device view: %s", mountpoint, e.strerror)
 
 
+def expose_segments(source: str, mountpoint: Path, stamps: Path, counters: Path, *, domain: str,
+                    disk: str) -> None:
+    """Show `source` as segment files in the directory `mountpoint` (created here; segment_view)."""
+    mountpoint.mkdir(mode=0o500)
+    runner.start_daemon(lambda fd: segment_view.argv_for(source, str(mountpoint), str(stamps), str(counters), fd),
+                        what="segment view", timeout=VIEW_START_TIMEOUT, domain=domain, disk=disk, path=source,
+                        install_hint="it needs /dev/fuse and libfuse3 (Debian: libfuse3-3)")
+    _raise_readahead(mountpoint)
+
+
 def unescape_mountinfo(field: str) -> str:
     """Undo the octal escapes (\\040 for a space, ...) of a /proc/self/mountinfo field."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
@@ -192,13 +190,14 @@ def mounts_under(directory: Path) -> list[Path]:
 
 
 def stop_device_views(directory: Path) -> None:
-    """Stop every device view serving a file under `directory` (also a crashed run's)."""
-    for pid in device_view_pids(directory):
-        _stop(pid)
+    """Stop every view serving a file under `directory` (also a crashed run's)."""
+    for pid in pids_serving(directory):
+        runner.stop_pid(pid, timeout=VIEW_STOP_TIMEOUT, what="view")
 
 
-def remove(directory: Path) -> None:
-    """Unmount everything under a domain's export directory, stop its device views, delete it."""
+def remove(directory: Path, guest_views: Path | None = None) -> None:
+    """Unmount everything under a domain's export directory, stop its views, delete it; then stop the
+    guest views (`guest_view`) under `guest_views` the segment views read."""
     for mp in mounts_under(directory):  # stacked mounts (a device view) are listed once per layer
         unmount(mp)
     stop_device_views(directory)
@@ -208,6 +207,8 @@ def remove(directory: Path) -> None:
         raise VirtfreezeError("export view still has mounts; not deleting it", path=str(directory),
                               hint="check what holds them open (borg or restic still running?)")
     shutil.rmtree(directory, ignore_errors=True)
+    if guest_views is not None:
+        guest_view.stop_all(guest_views)
 
 
 def backing_name(target: str, depth: int, fmt: str) -> str:
@@ -217,11 +218,13 @@ def backing_name(target: str, depth: int, fmt: str) -> str:
 
 def create(directory: Path, *, inactive_xml: str, disks: dict[str, tuple[str, str, tuple]],
            memory_file: Path | None, nvram: str | None, tpm_dir: Path | None,
-           manifest: dict) -> dict:
+           manifest: dict, segmented: dict | None = None) -> dict:
     """Build a domain's export view; return the manifest as written.
 
     `disks` maps target -> (base image path, format, backing chain of the base).
     A base on a backing chain (a template) is exported with its whole chain.
+    A disk in `segmented` (target -> segmented_export.SegmentedDisk) is
+    exported instead as segment files of its guest-visible bytes.
     The manifest gains `files` (what the view holds) and `sizes` (the bytes
     an archive must hold for each data file), and each disk its `size`.
     """
@@ -229,14 +232,15 @@ def create(directory: Path, *, inactive_xml: str, disks: dict[str, tuple[str, st
         remove(directory)
     directory.mkdir(parents=True, mode=0o700)
     try:
-        return _populate(directory, inactive_xml, disks, memory_file, nvram, tpm_dir, manifest)
+        return _populate(directory, inactive_xml, disks, memory_file, nvram, tpm_dir, manifest, segmented or {})
     except BaseException:
         remove(directory)  # no half-built view, no daemon left behind
         raise
 
 
 def _populate(directory: Path, inactive_xml: str, disks: dict[str, tuple[str, str, tuple]],
-              memory_file: Path | None, nvram: str | None, tpm_dir: Path | None, manifest: dict) -> dict:
+              memory_file: Path | None, nvram: str | None, tpm_dir: Path | None, manifest: dict,
+              segmented: dict) -> dict:
     paths: list[Path] = []
     sizes: dict[str, int] = {}
 
@@ -255,6 +259,16 @@ def _populate(directory: Path, inactive_xml: str, disks: dict[str, tuple[str, st
     disk_dir = directory / "disks"
     disk_dir.mkdir(mode=0o700)
     for target, (base, fmt, chain) in sorted(disks.items()):
+        if target in segmented:
+            seg = segmented[target]
+            dst = disk_dir / f"{target}.segments"
+            expose_segments(seg.source, dst, seg.stamps_file, seg.counters_file, domain=manifest.get("domain"),
+                            disk=target)
+            for i in range(segment_count(seg.size, seg.segment_size)):
+                sizes[f"disks/{target}.segments/{segment_view.segment_name(i)}"] = \
+                    min(seg.segment_size, seg.size - i * seg.segment_size)
+            paths.append(dst)
+            continue
         expose(Path(base), disk_dir / f"{target}.{fmt}")
         for depth, (image, image_fmt) in enumerate(chain, 1):
             expose(Path(image), directory / backing_name(target, depth, image_fmt))
@@ -273,7 +287,8 @@ def _populate(directory: Path, inactive_xml: str, disks: dict[str, tuple[str, st
         paths.append(dst)
 
     manifest_path = directory / "manifest.json"
-    disk_entries = {t: dict(d, size=sizes.get(d.get("file"))) for t, d in manifest.get("disks", {}).items()}
+    disk_entries = {t: segmented[t].manifest_entry(dict(d, size=segmented[t].size)) if t in segmented
+                    else dict(d, size=sizes.get(d.get("file"))) for t, d in manifest.get("disks", {}).items()}
     manifest = dict(manifest, disks=disk_entries, files=[str(p.relative_to(directory)) for p in paths],
                     sizes=sizes)
     write_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from virtfreeze import __version__, downtime, export_view, holders, memory_freeze, qemu_img
+from virtfreeze import __version__, downtime, export_view, holders, memory_freeze, qemu_img, segmented_export
 from virtfreeze.domain_xml import (
     has_agent_channel, has_swtpm, ineligible_reason, is_overlay, nvram_path, overlay_path, parse_disks, snapshot_xml,
 )
@@ -196,6 +196,10 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
     memory, quiesce = wanted.memory and state != SHUTOFF, wanted.quiesce
     disks, plan, skipped = _plan(rt, info, live_xml)
     _check_overlay_dirs(info, plan, rt)
+    tracker = None
+    if rt.config.export_layout_of(info.name) == "segmented" and plan:
+        tracker = segmented_export.Tracker(rt.state_dir, info, rt.config.segment_size)
+        tracker.before_snapshot(rt.hv, state, plan, live_xml)  # this run's checkpoint, while on the bases
 
     memory_file = None
     if memory:
@@ -251,10 +255,11 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
             "virtfreeze": __version__,
         }
         tpm_dir = SWTPM_DIR / info.uuid if has_swtpm(inactive_xml) else None
+        segmented = tracker.after_snapshot(plan) if tracker else None
         manifest = export_view.create(export_dir, inactive_xml=inactive_xml,
                                       disks={p.target: (p.base, p.base_format, p.backing) for p in plan},
                                       memory_file=memory_file, nvram=nvram_path(inactive_xml), tpm_dir=tpm_dir,
-                                      manifest=manifest)
+                                      manifest=manifest, segmented=segmented)
         failpoint("freeze-after-export")
         rt.pm.hook.virtfreeze_after_freeze(domain=ref, manifest=manifest)
     except VirtfreezeError as e:

@@ -384,6 +384,27 @@ class Hypervisor:
         self._call("external snapshot", lambda c: c.lookupByUUIDString(uuid).snapshotCreateXML(xml, flags),
                    domain=name)
 
+    # -- checkpoints (persistent dirty bitmaps, for the segmented layout) --------
+    def checkpoint_names(self, uuid: str, name: str) -> list[str]:
+        return self._call("list checkpoints", lambda c: [cp.getName() for cp in
+                                                         c.lookupByUUIDString(uuid).listAllCheckpoints(0)],
+                          read_only=True, domain=name)
+
+    def create_checkpoint(self, uuid: str, name: str, xml: str) -> None:
+        self._call("create checkpoint", lambda c: c.lookupByUUIDString(uuid).checkpointCreateXML(xml, 0),
+                   domain=name)
+
+    def delete_checkpoint(self, uuid: str, name: str, checkpoint: str) -> None:
+        """Delete a checkpoint and its bitmaps; only its metadata when its bitmaps are gone already."""
+        def op(conn):
+            cp = conn.lookupByUUIDString(uuid).checkpointLookupByName(checkpoint)
+            try:
+                cp.delete(0)
+            except libvirt.libvirtError:
+                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+
+        self._call(f"delete checkpoint {checkpoint}", op, domain=name)
+
     def set_agent_timeout(self, uuid: str, name: str, seconds: float) -> None:
         with contextlib.suppress(VirtfreezeError, AttributeError):
             self._call("set agent timeout",

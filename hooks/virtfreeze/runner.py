@@ -267,3 +267,21 @@ def start_daemon(argv_with_ready_fd: Callable[[int], list[str]], *, what: str, t
         why = last_lines(err.read().decode(errors="replace")) or silent or f"exit {code}"
         raise VirtfreezeError(f"{what} did not start: {why}", domain=domain, disk=disk, path=path,
                               hint=install_hint)
+
+
+def stop_pid(pid: int, *, timeout: float = 30.0, what: str = "helper") -> None:
+    """SIGTERM a helper that is not our child (a view, a forked qemu-nbd) and wait for it to exit;
+    SIGKILL it if it does not within `timeout`."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, sig)
+            if select.select([fd], [], [], timeout)[0]:  # readable once the process exited
+                return
+            log.warning("%s (pid %d) did not exit within %.0fs of SIGTERM; killing it", what, pid, timeout)
+    finally:
+        os.close(fd)

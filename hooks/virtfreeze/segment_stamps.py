@@ -50,17 +50,16 @@ class SegmentState:
     identity: Identity
     stamps: list[int]
     hashes: list[str] = field(default_factory=list)  # per segment, when the change set comes from hashes
-    qemu: tuple[int, int] | None = None  # (pid, start time) of the QEMU that ran the guest, None: shut off
+    qemu: str | None = None  # which QEMU process ran the guest (boot, pid, start time); None: shut off
 
     def to_json(self) -> dict:
         return {"segment_size": self.segment_size, "identity": self.identity.__dict__, "stamps": self.stamps,
-                "hashes": self.hashes, "qemu": list(self.qemu) if self.qemu else None}
+                "hashes": self.hashes, "qemu": self.qemu}
 
     @classmethod
     def from_json(cls, data: dict) -> "SegmentState":
-        qemu = data.get("qemu")
         return cls(data["segment_size"], Identity(**data["identity"]), list(data["stamps"]),
-                   list(data.get("hashes") or []), tuple(qemu) if qemu else None)
+                   list(data.get("hashes") or []), data.get("qemu"))
 
 
 def segment_count(size: int, segment_size: int) -> int:
@@ -68,7 +67,7 @@ def segment_count(size: int, segment_size: int) -> int:
 
 
 def distrust(previous: SegmentState | None, segment_size: int, identity: Identity,
-             qemu: tuple[int, int] | None, *, has_change_set: bool) -> str | None:
+             qemu: str | None, *, has_change_set: bool) -> str | None:
     """Why the previous state cannot tell what changed (a full read is due), or None when it can."""
     if previous is None:
         return "first run (no earlier state)"
@@ -78,7 +77,7 @@ def distrust(previous: SegmentState | None, segment_size: int, identity: Identit
         return "the base image is not the one the last run saw (path, device, inode, size or format changed)"
     if len(previous.stamps) != segment_count(identity.size, segment_size):
         return "the earlier state does not fit the disk"
-    if previous.qemu != qemu:  # a bitmap only knows what one QEMU wrote; hashes compare content anyway
+    if qemu is None or previous.qemu != qemu:  # a bitmap only knows what one running QEMU wrote
         return "the guest's QEMU process is not the one the last run saw (restarted, crashed or shut off)"
     if not has_change_set:
         return "no change set (dirty bitmap lost or inconsistent)"

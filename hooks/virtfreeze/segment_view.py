@@ -55,6 +55,13 @@ def argv_for(source: str, mountpoint: str, stamps: str, counters: str, ready_fd:
             "--counters", counters, "--ready-fd", str(ready_fd)]
 
 
+def mountpoint_of(argv: list[str]) -> str | None:
+    """The directory a segment view process serves, from its argv (None: not a segment view)."""
+    from virtfreeze import device_view
+
+    return device_view.mountpoint_of(argv, MODULE)
+
+
 def read_stamps(path: str, size: int) -> tuple[int, list[int]]:
     """(segment size, one stamp in ns per segment) from a stamps file made for a source of `size` bytes."""
     with open(path) as fh:

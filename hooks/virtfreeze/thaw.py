@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from virtfreeze import downtime, export_view, holders, qemu_img
+from virtfreeze import downtime, export_view, guest_view, holders, qemu_img
 from virtfreeze.domain_xml import is_overlay, parse_disks
 from virtfreeze.errors import DomainNotFound, LeftOnOverlay, MergeRefused, VirtfreezeError
 from virtfreeze.journal import FrozenDomain, domain_lock, failpoint
@@ -143,8 +143,8 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None,
     asked = "live" if wanted == "auto" else wanted
     if record.export_dir:
         # The backup is over: nothing may read a base while it is merged into, and no
-        # device view (a FUSE process) outlives the freeze.
-        export_view.remove(Path(record.export_dir))
+        # view (a FUSE process or qemu-storage-daemon) outlives the freeze.
+        export_view.remove(Path(record.export_dir), guest_view.directory(rt.state_dir, record.uuid))
 
     def merge_of(pending: list[DiskPlan]) -> DomainMerge:
         return DomainMerge(rt.hv, rt.journal, record, pending, rt.config, asked, rt.pm, rt.progress, at_start=defs,

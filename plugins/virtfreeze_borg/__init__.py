@@ -79,9 +79,10 @@ class BorgTarget(StorageTarget):
     type = "borg"
     schema = SCHEMA
 
-    def _run(self, args: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+    def _run(self, args: list[str], what: str, *, extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
         s = self.settings
-        env = dict(os.environ, BORG_EXIT_CODES="legacy", **secret_env(s, "passphrase", "BORG_PASSPHRASE"))
+        env = dict(os.environ, BORG_EXIT_CODES="legacy", **secret_env(s, "passphrase", "BORG_PASSPHRASE"),
+                   **(extra_env or {}))
         # exit 1: warnings (e.g. a file changed while read)
         return runner.run([s.get("borg", "borg"), *args], what=f"borg {what}", path=s["repository"], env=env,
                           ok=(0, 1), stderr_text=log_text, **kw)
@@ -107,7 +108,11 @@ class BorgTarget(StorageTarget):
             args += ["--compression", s["compression"]]
         args += [*s.get("extra_args", []), f"{s['repository']}::{name}", "."]
         t0 = time.monotonic()
-        proc = self._run(args, "create", cwd=export_dir, **follow)
+        # A segmented disk is read only where it changed when borg's files cache remembers its segments:
+        # one cache per domain, so that the other domains' runs never age its entries out (TTL 20).
+        segmented = any(d.get("layout") == "segmented" for d in manifest.get("disks", {}).values())
+        extra_env = {"BORG_FILES_CACHE_SUFFIX": f"virtfreeze-{manifest['uuid']}"} if segmented else None
+        proc = self._run(args, "create", cwd=export_dir, extra_env=extra_env, **follow)
         stats = json.loads(proc.stdout)["archive"]["stats"]
         return ArchiveResult(self.name, name, stats["original_size"], time.monotonic() - t0)
 

@@ -55,5 +55,6 @@ def vf(tmp_path) -> VF:
     runner = VF(tmp_path)
     yield runner
     stop_device_views(runner.export)
+    stop_device_views(runner.state)  # the guest views (qemu-storage-daemon) of segmented disks
     for mp in mounts_under(runner.export):
         unmount(mp)

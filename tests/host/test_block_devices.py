@@ -15,7 +15,7 @@ from pathlib import Path
 from tests.host.helpers import assert_all_acked_present, assert_archive_holds_disks, assert_back_on_base
 from tests.rig.guest import DiskSpec
 
-from virtfreeze.export_view import device_view_pids
+from virtfreeze.export_view import pids_serving
 
 # A raw LV stand-in and a qcow2 file: the guest writes to both throughout.
 BLOCK_AND_FILE = [DiskSpec("vda", "raw", size_mib=32, block=True), DiskSpec("vdb", "qcow2")]
@@ -46,7 +46,7 @@ def test_export_view_shows_a_block_device_as_a_read_only_file(guest_factory, vf)
     assert manifest["disks"]["vda"]["size"] == 32 << 20
     assert manifest["sizes"]["disks/vda.raw"] == 32 << 20
     assert manifest["sizes"]["disks/vdb.qcow2"] == os.stat(g.disks["vdb"]).st_size
-    assert len(device_view_pids(export)) == 1
+    assert len(pids_serving(export)) == 1
     # Its attributes stand still while it is read (borg warns when a file's ctime moves during the read).
     before = os.stat(view)
     with open(view, "rb") as fh:
@@ -56,7 +56,7 @@ def test_export_view_shows_a_block_device_as_a_read_only_file(guest_factory, vf)
     assert (after.st_ctime_ns, after.st_mtime_ns, after.st_size) == (before.st_ctime_ns, before.st_mtime_ns,
                                                                      before.st_size)
     vf("thaw", g.name)
-    assert device_view_pids(export) == [], "the device view outlived the freeze"
+    assert pids_serving(export) == [], "the device view outlived the freeze"
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)
 
@@ -88,10 +88,10 @@ def test_freeze_killed_with_a_device_view_then_thaw_stops_it(guest_factory, vf):
     g.watcher.wait_acks(20)
     vf("freeze", g.name, expect=-signal.SIGKILL, env=vf.env(VIRTFREEZE_FAILPOINT="freeze-after-export"))
     export = vf.export / g.name
-    assert len(device_view_pids(export)) == 1, "the daemon outlives the killed freeze"
+    assert len(pids_serving(export)) == 1, "the daemon outlives the killed freeze"
     g.watcher.wait_acks(20)
     vf("thaw", g.name)
-    assert device_view_pids(export) == []
+    assert pids_serving(export) == []
     assert not export.exists()
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)

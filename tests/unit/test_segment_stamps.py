@@ -11,7 +11,7 @@ from virtfreeze.segment_stamps import (
 
 MIB = 1 << 20
 ID = Identity("/v/web.qcow2", 1, 2, 8 * MIB, "qcow2")
-QEMU = (4242, 777)
+QEMU = "boot:4242:777"
 
 
 def _state(**kw) -> SegmentState:
@@ -43,7 +43,7 @@ def test_an_untrusted_or_first_run_restamps_everything_and_never_reuses_a_stamp(
     (dict(segment_size=2 * MIB), "segment size changed"),
     (dict(identity=Identity("/v/web.qcow2", 1, 3, 8 * MIB, "qcow2")), "not the one the last run saw"),
     (dict(identity=Identity("/v/web.qcow2", 1, 2, 9 * MIB, "qcow2")), "not the one the last run saw"),
-    (dict(qemu=(4242, 778)), "QEMU process"),
+    (dict(qemu="boot:4242:778"), "QEMU process"),
     (dict(qemu=None), "QEMU process"),
     (dict(has_change_set=False), "bitmap lost"),
 ])

@@ -1,0 +1,71 @@
+"""A frozen qcow2 base's guest-visible bytes as a read-only raw file, for the segmented layout.
+
+The segment view serves guest data, not qcow2 clusters: the same layout
+for every format, restorable with `cat`, and a backing chain (a template)
+read through. For a qcow2 base, qemu-storage-daemon opens it read-only
+beside QEMU (force-share) and exports it through FUSE as a raw file; the
+segment view reads that file. ``--daemonize`` returns once the export is
+mounted.
+
+The files live under ``<state_directory>/guest-views/<uuid>/`` (0700), not
+in the export view, which borgmatic archives whole. A daemon is found again
+by the ``mountpoint=`` in its argv, so `thaw` stops a crashed run's too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from virtfreeze import runner
+from virtfreeze.dirty_bitmap import image_opts
+
+log = logging.getLogger(__name__)
+
+PROGRAM = "qemu-storage-daemon"
+
+
+def directory(state_dir: Path, uuid: str) -> Path:
+    return state_dir / "guest-views" / uuid
+
+
+def _escaped(path: str | Path) -> str:
+    return str(path).replace(",", ",,")
+
+
+def start(base: str, fmt: str, view: Path, *, block: bool = False, domain: str, disk: str) -> Path:
+    """Export `base` (qcow2 or raw; with `block` on a block device) as the raw file `view`; return `view`."""
+    view.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(view.parent, 0o700)
+    view.touch(mode=0o400, exist_ok=True)
+    runner.run([PROGRAM, "--blockdev", f"node-name=guest,read-only=on,{image_opts(base, fmt, block=block)}",
+                "--export", f"type=fuse,id=guest,node-name=guest,writable=off,mountpoint={_escaped(view)}",
+                "--daemonize", "--pidfile", str(view.with_suffix(".pid"))],
+               what="qemu-storage-daemon (guest view)", domain=domain, disk=disk, path=base,
+               install_hint="install qemu-system-common (qemu-storage-daemon) and fuse3")
+    return view
+
+
+def mountpoint_of(argv: list[str]) -> str | None:
+    """The file a guest-view daemon serves, from its argv (None: not one)."""
+    if not argv or os.path.basename(argv[0]) != PROGRAM or "--export" not in argv:
+        return None
+    spec = argv[argv.index("--export") + 1] if argv.index("--export") + 1 < len(argv) else ""
+    for part in spec.replace(",,", "\0").split(","):
+        key, _, value = part.partition("=")
+        if key == "mountpoint":
+            return value.replace("\0", ",")
+    return None
+
+
+def stop_all(views: Path) -> None:
+    """Stop every guest-view daemon serving a file under `views` (also a crashed run's); delete it."""
+    from virtfreeze.export_view import VIEW_STOP_TIMEOUT, pids_serving, unmount, mounts_under
+
+    for pid in pids_serving(views):
+        runner.stop_pid(pid, timeout=VIEW_STOP_TIMEOUT, what="guest view")
+    for mp in mounts_under(views):
+        unmount(mp)
+    shutil.rmtree(views, ignore_errors=True)

@@ -1,0 +1,179 @@
+"""The segmented layout (``export_layout: segmented``): what changed since the last run, per segment.
+
+A segmented disk appears in the export view as ``disks/<target>.segments/``,
+fixed-size files of the guest-visible bytes (`segment_view`). borg and
+restic re-read a segment exactly when its stamp moved, so each run decides,
+while the domain is frozen, which segments changed since the last one:
+
+- a qcow2 disk of a running domain: from the dirty bitmap of the libvirt
+  checkpoint the last run made just before its snapshot (`dirty_bitmap`),
+  when the same QEMU process has run the guest since (nothing else could
+  have written the image) and the bitmap is there and consistent;
+- otherwise (raw files, block devices, a shut-off domain, the first run, a
+  restarted guest, a lost bitmap): by comparing each segment's SHA-256 with
+  the last run's. That reads the whole disk here, but the backup tool still
+  reads only what changed; the reason is logged.
+
+The state between runs is ``<state_directory>/segments/<uuid>/state.json``;
+the stamps the view shows and the bytes it served (``<target>.read.json``,
+written when the view stops) are beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from virtfreeze import dirty_bitmap, guest_view
+from virtfreeze.domain_xml import parse_disks
+from virtfreeze.errors import VirtfreezeError
+from virtfreeze.export_view import image_size
+from virtfreeze.journal import write_atomic
+from virtfreeze.libvirt_boundary import PAUSED, RUNNING, DomainInfo
+from virtfreeze.logs import domain_log
+from virtfreeze.model import DiskPlan
+from virtfreeze.segment_stamps import Identity, SegmentState, changed_by_hash, distrust, next_stamps, segment_count
+
+log = logging.getLogger(__name__)
+
+QEMU_PID_DIR = Path("/run/libvirt/qemu")
+
+
+@dataclass(frozen=True)
+class SegmentedDisk:
+    """One disk as this run exports it in segments."""
+
+    target: str
+    source: str  # what the segment view reads: the raw base, or a qcow2 base's guest view
+    size: int  # guest-visible bytes
+    segment_size: int
+    stamps_file: Path
+    counters_file: Path
+    changed: int  # segments this run's archive reads
+    change_source: str  # "dirty bitmap" or "hashes"
+    why_full: str | None  # why the dirty bitmap could not be used (None: it was, or the disk has none)
+
+    def manifest_entry(self, base_entry: dict) -> dict:
+        count = segment_count(self.size, self.segment_size)
+        return dict(base_entry, layout="segmented", file=f"disks/{self.target}.segments", backing=[],
+                    segments={"segment_size": self.segment_size, "count": count, "size": self.size},
+                    changes={"segments": self.changed, "source": self.change_source, "why_full": self.why_full})
+
+
+def state_directory(state_dir: Path, uuid: str) -> Path:
+    return state_dir / "segments" / uuid
+
+
+def qemu_identity(name: str) -> str | None:
+    """Which QEMU process runs domain `name` (boot, pid, start time), None when it cannot be told."""
+    try:
+        pid = int((QEMU_PID_DIR / f"{name}.pid").read_text().strip())
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        with open(f"/proc/{pid}/stat") as fh:
+            started = fh.read().rsplit(")", 1)[1].split()[19]  # field 22, after the command name
+    except (OSError, ValueError, IndexError):
+        return None
+    return f"{boot}:{pid}:{started}"
+
+
+class Tracker:
+    """One domain's change tracking in one freeze: `before_snapshot`, then `after_snapshot`."""
+
+    def __init__(self, state_dir: Path, info: DomainInfo, segment_size: int):
+        self.info = info
+        self.dir = state_directory(state_dir, info.uuid)
+        self.views = guest_view.directory(state_dir, info.uuid)
+        self.segment_size = segment_size
+        self.log = domain_log(log, info.name)
+        try:
+            data = json.loads((self.dir / "state.json").read_text())
+            self.previous_checkpoint = data.get("checkpoint")
+            self.previous = {t: SegmentState.from_json(d) for t, d in (data.get("disks") or {}).items()}
+        except FileNotFoundError:
+            self.previous_checkpoint, self.previous = None, {}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.log.warning("unreadable segment state %s (%s); every disk is compared in full",
+                             self.dir / "state.json", e)
+            self.previous_checkpoint, self.previous = None, {}
+        self.qemu: str | None = None
+        self.checkpoint: str | None = None
+
+    def before_snapshot(self, hv, state: str, plan: list[DiskPlan], live_xml: str) -> None:
+        """While the guest still writes its bases: drop older checkpoints of ours, make this run's."""
+        if state not in (RUNNING, PAUSED):
+            return
+        self.qemu = qemu_identity(self.info.name)
+        tracked = [p.target for p in plan if p.base_format == "qcow2"]
+        if not tracked or self.qemu is None:
+            return
+        for name in hv.checkpoint_names(self.info.uuid, self.info.name):
+            if name.startswith(dirty_bitmap.CHECKPOINT_PREFIX) and name != self.previous_checkpoint:
+                hv.delete_checkpoint(self.info.uuid, self.info.name, name)
+        untracked = [d.target for d in parse_disks(live_xml) if d.target and d.target not in tracked]
+        name = f"{dirty_bitmap.CHECKPOINT_PREFIX}{time.time_ns()}"
+        try:
+            hv.create_checkpoint(self.info.uuid, self.info.name, dirty_bitmap.checkpoint_xml(name, tracked, untracked))
+            self.checkpoint = name
+        except VirtfreezeError as e:
+            self.log.warning("no dirty bitmap for the next run (%s); it compares hashes instead", e.message)
+
+    def after_snapshot(self, plan: list[DiskPlan]) -> dict[str, SegmentedDisk]:
+        """While frozen: each disk's source, change set and stamps; the state for the next run."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        freeze_ns = time.time_ns()
+        disks, states = {}, {}
+        for p in plan:
+            try:
+                disks[p.target], states[p.target] = self._disk(p, freeze_ns)
+            except (OSError, ValueError) as e:  # the caller rolls the freeze back on a VirtfreezeError
+                raise VirtfreezeError(f"cannot tell which segments changed: {e}", domain=self.info.name,
+                                      disk=p.target, path=p.base) from None
+        state = {"checkpoint": self.checkpoint, "disks": {t: s.to_json() for t, s in states.items()}}
+        write_atomic(self.dir / "state.json", json.dumps(state).encode())
+        return disks
+
+    def _disk(self, p: DiskPlan, freeze_ns: int) -> tuple[SegmentedDisk, SegmentState]:
+        seg = self.segment_size
+        if p.base_format == "raw":
+            source = p.base
+        else:
+            source = str(guest_view.start(p.base, p.base_format, self.views / f"{p.target}.raw",
+                                          block=p.base_type == "block", domain=self.info.name, disk=p.target))
+        size = image_size(source)
+        count = segment_count(size, seg)
+        st = os.stat(p.base)
+        identity = Identity(os.path.realpath(p.base), st.st_dev, st.st_ino, size, p.base_format)
+        prev = self.previous.get(p.target)
+        fits = prev is not None and prev.segment_size == seg and len(prev.stamps) == count
+
+        why_full = None
+        if p.base_format == "qcow2":
+            why_full = distrust(prev, seg, identity, self.qemu, has_change_set=True)
+            if why_full is None and not self.previous_checkpoint:
+                why_full = "the last run made no checkpoint"
+            if why_full is None:
+                why_full = dirty_bitmap.bitmap_problem(p.base, self.previous_checkpoint, self.info.name, p.target)
+        if p.base_format == "qcow2" and why_full is None:
+            changed = dirty_bitmap.segments_of(
+                dirty_bitmap.dirty_ranges(p.base, self.previous_checkpoint, self.info.name, p.target,
+                                          block=p.base_type == "block"), seg)
+            old = prev.hashes if len(prev.hashes) == count else [""] * count
+            hashes = ["" if i in changed else h for i, h in enumerate(old)]  # unknown until hashed again
+            how = "dirty bitmap"
+        else:
+            if why_full is not None:
+                (self.log.info if why_full.startswith("first run") else self.log.warning)(
+                    "disk %s: %s; comparing the hash of every segment (a full read here)", p.target, why_full)
+            changed, hashes = changed_by_hash(source, seg, prev.hashes if fits else [])
+            how = "hashes"
+        stamps = next_stamps(prev if fits else None, changed, count, freeze_ns)
+        stamps_file = self.dir / f"{p.target}.stamps.json"
+        write_atomic(stamps_file, json.dumps({"segment_size": seg, "stamps": stamps}).encode())
+        self.log.info("disk %s: %d of %d segments changed (%s)", p.target, len(changed), count, how)
+        disk = SegmentedDisk(p.target, source, size, seg, stamps_file, self.dir / f"{p.target}.read.json",
+                             len(changed), how, why_full)
+        return disk, SegmentState(seg, identity, stamps, hashes, self.qemu)
