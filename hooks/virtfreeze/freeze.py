@@ -200,6 +200,8 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
     if rt.config.export_layout_of(info.name) == "segmented" and plan:
         tracker = segmented_export.Tracker(rt.state_dir, info, rt.config.segment_size)
         tracker.before_snapshot(rt.hv, state, plan, live_xml)  # this run's checkpoint, while on the bases
+    elif segmented_export.state_directory(rt.state_dir, info.uuid).exists():
+        segmented_export.forget(rt.hv, rt.state_dir, info)
 
     memory_file = None
     if memory:

@@ -99,23 +99,37 @@ def next_stamps(previous: SegmentState | None, changed: set[int] | None, count: 
 
 def changed_by_hash(source: str, segment_size: int, previous: list[str]) -> tuple[set[int], list[str]]:
     """(segments whose SHA-256 differs from `previous`, the new hashes) of a frozen raw image or device."""
-    hashes: list[str] = []
     fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        while True:
-            block = os.read(fd, segment_size)
-            if not block:
-                break
-            while len(block) < segment_size:  # a short read before the end
-                more = os.read(fd, segment_size - len(block))
-                if not more:
-                    break
-                block += more
-            hashes.append(hashlib.sha256(block).hexdigest())
+        count = segment_count(os.lseek(fd, 0, os.SEEK_END), segment_size)
+        hashes = [_segment_hash(fd, segment_size, i) for i in range(count)]
     finally:
         os.close(fd)
     changed = {i for i, h in enumerate(hashes) if i >= len(previous) or previous[i] != h}
     return changed, hashes
+
+
+def rehash(source: str, segment_size: int, previous: list[str], changed: set[int]) -> list[str]:
+    """`previous` with the hashes of the `changed` segments read again (the others are known unchanged),
+    so that a later run that must compare hashes re-reads only what really changed."""
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        count = segment_count(os.lseek(fd, 0, os.SEEK_END), segment_size)
+        old = previous if len(previous) == count else [""] * count
+        return [_segment_hash(fd, segment_size, i) if i in changed or not old[i] else old[i] for i in range(count)]
+    finally:
+        os.close(fd)
+
+
+def _segment_hash(fd: int, segment_size: int, i: int) -> str:
+    digest, pos, end = hashlib.sha256(), i * segment_size, (i + 1) * segment_size
+    while pos < end:
+        block = os.pread(fd, min(end - pos, 4 << 20), pos)
+        if not block:  # the end of the source: the last segment is shorter
+            break
+        digest.update(block)
+        pos += len(block)
+    return digest.hexdigest()
 
 
 def _is_block(mode: int) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,9 @@ from virtfreeze.journal import write_atomic
 from virtfreeze.libvirt_boundary import PAUSED, RUNNING, DomainInfo
 from virtfreeze.logs import domain_log
 from virtfreeze.model import DiskPlan
-from virtfreeze.segment_stamps import Identity, SegmentState, changed_by_hash, distrust, next_stamps, segment_count
+from virtfreeze.segment_stamps import (
+    Identity, SegmentState, changed_by_hash, distrust, next_stamps, rehash, segment_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,17 @@ def qemu_identity(name: str) -> str | None:
     except (OSError, ValueError, IndexError):
         return None
     return f"{boot}:{pid}:{started}"
+
+
+def forget(hv, state_dir: Path, info: DomainInfo) -> None:
+    """The domain left the segmented layout: delete its checkpoints and state (a checkpoint costs its
+    bitmap's upkeep on every write, and keeps e.g. `virsh undefine` from working without
+    --checkpoints-metadata)."""
+    for name in hv.checkpoint_names(info.uuid, info.name):
+        if name.startswith(dirty_bitmap.CHECKPOINT_PREFIX):
+            hv.delete_checkpoint(info.uuid, info.name, name)
+    shutil.rmtree(state_directory(state_dir, info.uuid), ignore_errors=True)
+    domain_log(log, info.name).info("not in the segmented layout any more: its checkpoints and state are removed")
 
 
 class Tracker:
@@ -161,8 +175,7 @@ class Tracker:
             changed = dirty_bitmap.segments_of(
                 dirty_bitmap.dirty_ranges(p.base, self.previous_checkpoint, self.info.name, p.target,
                                           block=p.base_type == "block"), seg)
-            old = prev.hashes if len(prev.hashes) == count else [""] * count
-            hashes = ["" if i in changed else h for i, h in enumerate(old)]  # unknown until hashed again
+            hashes = rehash(source, seg, prev.hashes, changed)  # for a run that must compare hashes
             how = "dirty bitmap"
         else:
             if why_full is not None:

@@ -150,6 +150,11 @@ def test_borg_driver_mode_reads_what_changed_and_falls_back_to_hashes(guest_fact
     assert len(ours) == 2, ours  # the one this run read and the one it made; older ones are deleted
     assert_back_on_base(g, vf)
 
+    vf.write_config(export_layout="image")  # back to whole images: no checkpoint or state stays behind
+    image_run = json.loads(vf("--json", "backup", "--target", "dir", g.name, env=env).stdout)
+    assert image_run["backups"][0]["ok"], image_run
+    assert [c.getName() for c in g.dom.listAllCheckpoints(0)] == [] and not _state(vf, g).exists()
+
     # The last archive restores as a new domain holding every write acknowledged before its freeze.
     out = json.loads(vf("--json", "restore", g.name, "--target", "borg", "--name", f"{g.name}-inc", "--no-start",
                         "--disk-dir", str(tmp_path / "restored"), env=env).stdout)["restore"]
@@ -186,7 +191,7 @@ def test_restic_hook_mode_restores_byte_identical_to_the_frozen_disk(guest_facto
     for _ in range(2):  # as contrib/restic/restic-backup-vms does: freeze, back up the export view, thaw
         g.watcher.wait_acks(20, after=time.monotonic())
         t_before = time.monotonic()
-        log = vf("freeze", g.name).stderr
+        log = vf("freeze", "--memory", g.name).stderr  # a checkpoint beside a memory snapshot too
         frozen_sha = {t: _guest_sha256(p, "qcow2", tmp_path) for t, p in g.disks.items()}  # stable while frozen
         subprocess.run(["restic", "-q", "backup", "--host", "h", str(export)], check=True, env=env)
         vf("thaw", g.name)

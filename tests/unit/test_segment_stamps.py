@@ -6,7 +6,7 @@ import os
 import pytest
 
 from virtfreeze.segment_stamps import (
-    MARGIN_NS, Identity, SegmentState, changed_by_hash, distrust, next_stamps, segment_count,
+    MARGIN_NS, Identity, SegmentState, changed_by_hash, distrust, next_stamps, rehash, segment_count,
 )
 
 MIB = 1 << 20
@@ -71,3 +71,17 @@ def test_hashes_find_exactly_the_changed_segments(tmp_path):
     changed, second = changed_by_hash(str(image), MIB, first)
     assert changed == {1} and second[0] == first[0] and second[1] != first[1]
     assert Identity.of(str(image), "raw").size == 3 * MIB + 4096
+
+
+def test_rehash_reads_the_changed_segments_and_keeps_the_others(tmp_path):
+    image = tmp_path / "vda.raw"
+    image.write_bytes(os.urandom(3 * MIB + 4096))
+    _changed, first = changed_by_hash(str(image), MIB, [])
+    with open(image, "r+b") as fh:
+        fh.seek(2 * MIB)
+        fh.write(b"y")
+    stale = ["kept"] + first[1:]  # an unchanged segment's hash is taken as it was, not read again
+    again = rehash(str(image), MIB, stale, {2})
+    assert again[0] == "kept" and again[1] == first[1] and again[3] == first[3]
+    assert again[2] == changed_by_hash(str(image), MIB, [])[1][2] != first[2]
+    assert rehash(str(image), MIB, [], {2}) == changed_by_hash(str(image), MIB, [])[1]  # nothing known: all read
