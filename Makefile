@@ -29,6 +29,7 @@ bench: prepare
 	$(PY) bench/libvirt_calls.py
 	$(PY) bench/restore.py
 	$(PY) bench/memory_freeze.py
+	$(PY) bench/incremental.py
 
 ## deb: the Debian package (build/deb/virtfreeze_<version>_all.deb), built with Debian's tools, lintian-checked
 deb:

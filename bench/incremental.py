@@ -1,27 +1,29 @@
 #!/usr/bin/env python3
 """Benchmark: nightly cost in proportion to what changed (issue 13, `export_layout: segmented`).
 
-One writing guest with a qcow2 disk (default 4 GiB) full of random data, backed
-up with `virtfreeze backup` into a borg and a restic repository (lz4 for borg),
-each the way a nightly run would: into the same repository again.
+One writing guest with a qcow2 disk (default 4 GiB) full of random data,
+backed up with `virtfreeze backup` the way a nightly run does: into the same
+repository again. Each layout has its own borg repository (lz4) and restic
+repository, so neither profits from chunks the other stored. Per case, each
+run first changes the disk, then backs it up in the image layout (every
+byte read: today's cost), then in the segmented layout:
 
-- full: the image layout, where every run reads every byte (the baseline);
-- segmented after the guest changed 16 MiB (the issue's goal case: at most
-  64 MiB read), 1 %, 10 % and 50 % of the disk: 4 MiB extents at random
-  places, written through the guest's own virtio device (QEMU's block layer,
-  as the guest's writes go, so the dirty bitmap sees them), with a new byte
-  pattern each run;
-- the hash fallback: the same after the guest was restarted (every segment
-  hashed here, still only the changed ones archived), with 1 % changed;
-- per way, the guest's largest write stall, and a window with no backup.
+- nothing changed (only the guest's own small writes);
+- 16 MiB changed (the issue's goal case: at most 64 MiB read), 1 %, 10 %
+  and 50 % of the disk: 4 MiB extents at random places, written through the
+  guest's own virtio device (QEMU's block layer, as the guest's writes go,
+  so the dirty bitmap sees them), with a new byte pattern each run;
+- the hash fallback: the guest restarted before the run (every segment
+  hashed here, still only the changed ones archived), with 1 % changed.
 
-It prints medians of --runs runs: wall time of the `backup` command, bytes
-read through the segment view (the view's own counters), and ratios to the
-full archive. Patterned extents compress to almost nothing, so the figures
-for changed data understate what random data would cost to store; what
-is read and chunked is the same.
+It prints medians of --runs runs: the wall time of each `backup` command
+and their ratio, the bytes read through the segment view (its own
+counters) and their share of the disk, and the guest's largest write stall
+during each, against a window with no backup. Patterned extents compress
+to almost nothing, so storing them costs less than random data would;
+what is read and chunked is the same.
 
-Usage: bench/incremental.py [--runs 3] [--size-mib 4096] [--tools borg,restic]
+Usage: bench/incremental.py [--runs 3] [--size-mib 4096] [--segment-mib 16] [--tools borg,restic]
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ from tests.rig.guest import DiskSpec, create_guest  # noqa: E402
 
 from archive import VF_ENV  # noqa: E402
 
-SEG = 16 << 20
 EXTENT = 4 << 20
 DEVICE = "/machine/peripheral/virtio-disk0/virtio-backend"
 
@@ -78,23 +79,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size-mib", type=int, default=4096)
+    ap.add_argument("--segment-mib", type=int, default=16)
     ap.add_argument("--tools", default="borg,restic")
     args = ap.parse_args()
     tools = args.tools.split(",")
-    size = args.size_mib << 20
+    size, seg = args.size_mib << 20, args.segment_mib << 20
     libvirt.registerErrorHandler(lambda ctx, err: None, None)
     conn = libvirt.open("qemu:///system")
     work = Path(tempfile.mkdtemp(prefix="vf-bench-incremental-", dir="/var/tmp"))
     (work / "restic.pass").write_text("bench\n")
-    targets = (f"targets:\n  borg: {{type: borg, repository: '{work}/repo.borg', compression: lz4}}\n"
-               f"  restic: {{type: restic, repository: '{work}/repo.restic', password_file: '{work}/restic.pass'}}\n")
-    common = f"state_directory: {work}/state\nexport_directory: {work}/export\n{targets}"
-    (work / "image.yaml").write_text(common)
-    (work / "segmented.yaml").write_text(common + f"export_layout: segmented\nsegment_size: {SEG}\n")
     env = dict(VF_ENV, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")
-    subprocess.run(["borg", "init", "-e", "none", f"{work}/repo.borg"], check=True, capture_output=True, env=env)
-    subprocess.run(["restic", "-q", "init"], check=True, capture_output=True,
-                   env=dict(env, RESTIC_REPOSITORY=f"{work}/repo.restic", RESTIC_PASSWORD="bench"))
+    for layout, extra in (("image", ""), ("segmented", f"export_layout: segmented\nsegment_size: {seg}\n")):
+        (work / f"{layout}.yaml").write_text(
+            f"state_directory: {work}/state\nexport_directory: {work}/export\n{extra}"
+            f"targets:\n  borg: {{type: borg, repository: '{work}/{layout}.borg', compression: lz4}}\n"
+            f"  restic: {{type: restic, repository: '{work}/{layout}.restic', password_file: '{work}/restic.pass'}}\n")
+        subprocess.run(["borg", "init", "-e", "none", f"{work}/{layout}.borg"], check=True, capture_output=True,
+                       env=env)
+        subprocess.run(["restic", "-q", "init"], check=True, capture_output=True,
+                       env=dict(env, RESTIC_REPOSITORY=f"{work}/{layout}.restic", RESTIC_PASSWORD="bench"))
     g = create_guest(conn, work / "vm", [DiskSpec("vda", "qcow2", size_mib=args.size_mib)],
                      name="vf-bench-incremental", start=False)
     rng = random.Random(13)
@@ -104,13 +107,13 @@ def main() -> int:
         g.start()
         read_file = work / "state" / "segments" / g.uuid / "vda.read.json"
 
-        def backup(config: str, tool: str) -> tuple[float, int | None, float]:
-            """(seconds, bytes read through the view or None, the guest's largest stall)."""
+        def backup(layout: str, tool: str) -> tuple[float, int | None, float]:
+            """(seconds, bytes read through the segment view or None, the guest's largest stall)."""
             read_file.unlink(missing_ok=True)
             drop_caches()
             g.watcher.wait_acks(20)
             t0 = time.monotonic()
-            proc = subprocess.run([*VIRTFREEZE, "-q", "--json", "--config", str(work / config), "backup",
+            proc = subprocess.run([*VIRTFREEZE, "-q", "--json", "--config", str(work / f"{layout}.yaml"), "backup",
                                    "--target", tool, g.name], capture_output=True, text=True, env=env)
             t1 = time.monotonic()
             if proc.returncode != 0 or not json.loads(proc.stdout)["backups"][0]["ok"]:
@@ -120,33 +123,32 @@ def main() -> int:
             return t1 - t0, read, max_gap(g.watcher.snapshot(), t0, t1)
 
         def changed(nbytes: int) -> None:
-            pattern[0] = pattern[0] % 250 + 1
-            change(g.name, size, nbytes, rng, pattern[0])
+            if nbytes:
+                pattern[0] = pattern[0] % 250 + 1
+                change(g.name, size, nbytes, rng, pattern[0])
 
-        cases = [("16 MiB changed", 16 << 20), ("1 % changed", size // 100), ("10 % changed", size // 10),
-                 ("50 % changed", size // 2)]
-        rows: dict[str, dict[str, tuple[float, float | None, float]]] = {}
+        cases = [("nothing changed", 0, False), ("16 MiB changed", 16 << 20, False),
+                 ("1 % changed", size // 100, False), ("10 % changed", size // 10, False),
+                 ("50 % changed", size // 2, False), ("hash fallback, 1 % changed", size // 100, True)]
+        rows: dict[str, dict[str, tuple]] = {}
         for tool in tools:
-            got: dict[str, list[tuple[float, int | None, float]]] = {}
-            backup("image.yaml", tool)  # the repository holds the disk once, as after the first night
-            got["full (image layout)"] = [backup("image.yaml", tool) for _ in range(args.runs)]
-            backup("segmented.yaml", tool)  # the first segmented run reads everything
-            for label, nbytes in cases:
-                got[label] = []
+            backup("image", tool)  # each repository holds the disk once, as after the first night
+            backup("segmented", tool)
+            rows[tool] = {}
+            for label, nbytes, restart in cases:
+                image, segmented = [], []
                 for _ in range(args.runs):
+                    if restart:
+                        g.dom.destroy()  # another QEMU process: its bitmap cannot be trusted
+                        g.start()
                     changed(nbytes)
-                    got[label].append(backup("segmented.yaml", tool))
-            got["hash fallback, 1 % changed"] = []
-            for _ in range(args.runs):
-                g.dom.destroy()  # another QEMU process: the bitmap cannot be trusted
-                g.start()
-                changed(size // 100)
-                got["hash fallback, 1 % changed"].append(backup("segmented.yaml", tool))
-            rows[tool] = {k: (med([s for s, _r, _x in v]),
-                              med([r for _s, r, _x in v]) if all(r is not None for _s, r, _x in v) else None,
-                              med([x for _s, _r, x in v])) for k, v in got.items()}
+                    image.append(backup("image", tool))
+                    segmented.append(backup("segmented", tool))
+                rows[tool][label] = (med([t for t, _r, _s in image]), med([t for t, _r, _s in segmented]),
+                                     med([r for _t, r, _s in segmented]), med([s for _t, _r, s in image]),
+                                     med([s for _t, _r, s in segmented]))
 
-        window = med([rows[t]["full (image layout)"][0] for t in tools])
+        window = med([rows[t]["nothing changed"][0] for t in tools])
         base = []
         for _ in range(args.runs):
             g.watcher.wait_acks(20)
@@ -155,17 +157,16 @@ def main() -> int:
             base.append(max_gap(g.watcher.snapshot(), t0, t0 + window))
         base_stall = med(base)
 
-        print(f"\nincremental reads: {args.size_mib} MiB qcow2 disk of random data, segments of {SEG >> 20} MiB, "
+        print(f"\nincremental reads: {args.size_mib} MiB qcow2 disk of random data, segments of {seg >> 20} MiB, "
               f"changes in {EXTENT >> 20} MiB extents, medians of {args.runs} runs")
         print(f"guest stall with no backup ({window:.1f} s window): {base_stall * 1000:.0f} ms")
         for tool in tools:
-            full_s = rows[tool]["full (image layout)"][0]
-            print(f"\n  {tool:34} {'time':>8} {'× full':>7} {'read':>10} {'× disk':>7} {'stall':>8} {'× base':>7}")
-            for label, (secs, read, stall) in rows[tool].items():
-                read_text = "all" if read is None else f"{read / 2**20:.0f} MiB"
-                read_ratio = "1.00" if read is None else f"{read / size:.3f}"
-                print(f"  {label:34} {secs:7.2f}s {secs / full_s:7.2f} {read_text:>10} {read_ratio:>7} "
-                      f"{stall * 1000:6.0f}ms {stall / base_stall:7.1f}")
+            print(f"\n  {tool:28} {'image':>8} {'segmented':>10} {'ratio':>6} {'read':>10} {'of disk':>8} "
+                  f"{'stall image':>12} {'stall segm.':>12}")
+            for label, (t_img, t_seg, read, s_img, s_seg) in rows[tool].items():
+                print(f"  {label:28} {t_img:7.2f}s {t_seg:9.2f}s {t_seg / t_img:6.2f} {read / 2**20:6.0f} MiB "
+                      f"{read / size:7.1%} {s_img * 1000:6.0f}ms {s_img / base_stall:4.1f}x "
+                      f"{s_seg * 1000:6.0f}ms {s_seg / base_stall:4.1f}x")
     finally:
         thaw_everything(work / "segmented.yaml")
         g.remove()

@@ -63,8 +63,9 @@ def _version(argv: list[str]) -> str | None:
     return text[0] if text else "?"
 
 
-def host_findings(rt: Runtime, needs_fuse: bool) -> list[Finding]:
-    """The host's findings; `needs_fuse`: a checked domain has a block-device disk to export."""
+def host_findings(rt: Runtime, needs_fuse: bool, needs_qsd: bool = False) -> list[Finding]:
+    """The host's findings; `needs_fuse`: a checked domain has a block-device disk or segments to export;
+    `needs_qsd`: a checked domain has a qcow2 disk in the segmented layout."""
     cfg, hv = rt.config, rt.hv
     out = []
     lib, qemu = hv.versions()
@@ -110,10 +111,15 @@ def host_findings(rt: Runtime, needs_fuse: bool) -> list[Finding]:
             try:
                 importlib.import_module("virtfreeze._vendor.mfusepy")  # loads libfuse3
 
-                out.append(Finding(OK, "host", "fuse", "/dev/fuse and libfuse3: block-device disks are exported as "
-                                                      "files"))
+                out.append(Finding(OK, "host", "fuse", "/dev/fuse and libfuse3: block-device disks and segments "
+                                                      "are exported"))
             except (ImportError, OSError) as e:
                 out.append(Finding(ERROR, "host", "fuse", f"libfuse3 cannot be loaded ({e}): install libfuse3-3"))
+    if needs_qsd:
+        version = _version(["qemu-storage-daemon", "--version"])
+        out.append(Finding(OK, "host", "qemu-storage-daemon", version) if version else
+                   Finding(ERROR, "host", "qemu-storage-daemon", "not found, and a qcow2 disk is in the segmented "
+                                                                 "layout: install qemu-system-common"))
     return out
 
 
@@ -125,11 +131,14 @@ def findings(rt: Runtime, domains: list[DomainInfo], missing: list[str]) -> list
             per_domain += domain_findings(rt, d)
         except DomainNotFound:
             missing.append(d.name)  # undefined meanwhile
-    needs_fuse = any(f.message.startswith("frozen:") and BLOCK_NOTE in f.message for f in per_domain)
-    return host_findings(rt, needs_fuse) + per_domain + [missing_domain(n) for n in missing]
+    needs_fuse = any(f.message.startswith("frozen:") and BLOCK_NOTE in f.message for f in per_domain) \
+        or any(f.topic == "layout" for f in per_domain)
+    needs_qsd = any(f.topic == "layout" and QCOW2_SEGMENTS in f.message for f in per_domain)
+    return host_findings(rt, needs_fuse, needs_qsd) + per_domain + [missing_domain(n) for n in missing]
 
 
 BLOCK_NOTE = "block device, exported as a file through FUSE"
+QCOW2_SEGMENTS = "qcow2, read through qemu-storage-daemon"
 
 
 def domain_findings(rt: Runtime, info: DomainInfo) -> list[Finding]:
@@ -153,6 +162,8 @@ def domain_findings(rt: Runtime, info: DomainInfo) -> list[Finding]:
                 out.append(Finding(ERROR, name, topic, f"only {free >> 20} MiB free for its overlay in {where.parent}, "
                                                        f"below overlay_min_free ({cfg.overlay_min_free >> 20} MiB): "
                                                        "freeze refuses"))
+            if cfg.export_layout_of(name) == "segmented":
+                out.append(_layout_finding(name, topic, disk, info.state))
         elif disk.device == "disk" and disk.type not in ("file", "block"):
             out.append(Finding(WARNING, name, topic, f"left out: {reason}; its data is NOT in the backup"))
         else:
@@ -185,6 +196,26 @@ def domain_findings(rt: Runtime, info: DomainInfo) -> list[Finding]:
         out.append(Finding(WARNING, name, "memory", f"{' and '.join(passthrough)} devices: its memory state "
                                                     "cannot be saved (--memory fails)"))
     return out
+
+
+def _layout_finding(name: str, topic: str, disk, state: str) -> Finding:
+    """How the segmented layout finds out what changed on this disk."""
+    if disk.format != "qcow2":
+        return Finding(OK, name, "layout", f"segmented, {topic}: {disk.format or 'raw'}, so each run compares "
+                                           "segment hashes (reads the disk here; the backup tool reads what changed)")
+    from virtfreeze import qemu_img
+
+    try:
+        compat = qemu_img.info(disk.source, name, disk.target).get("format-specific", {}).get("data", {}).get("compat")
+    except VirtfreezeError as e:
+        return Finding(WARNING, name, "layout", f"segmented, {topic}: cannot read the image ({e.message})")
+    how = f"segmented, {topic}: {QCOW2_SEGMENTS}; "
+    if compat == "0.10":
+        return Finding(WARNING, name, "layout", how + "compat 0.10 holds no dirty bitmap, so each run compares "
+                                                      "hashes (`qemu-img amend -o compat=1.1` while it is shut off)")
+    if state not in (RUNNING, PAUSED):
+        return Finding(OK, name, "layout", how + f"{state}: hashes while it is not running, a dirty bitmap after")
+    return Finding(OK, name, "layout", how + "a dirty bitmap tells what changed from the second run on")
 
 
 def missing_domain(name: str) -> Finding:

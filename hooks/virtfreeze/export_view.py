@@ -198,8 +198,11 @@ def stop_device_views(directory: Path) -> None:
 def remove(directory: Path, guest_views: Path | None = None) -> None:
     """Unmount everything under a domain's export directory, stop its views, delete it; then stop the
     guest views (`guest_view`) under `guest_views` the segment views read."""
+    views = pids_serving(directory)
     for mp in mounts_under(directory):  # stacked mounts (a device view) are listed once per layer
         unmount(mp)
+    for pid in views:  # unmounted, each exits on its own (a segment view writes its counters first)
+        runner.stop_pid(pid, timeout=VIEW_STOP_TIMEOUT, what="view", grace=VIEW_STOP_TIMEOUT)
     stop_device_views(directory)
     for mp in mounts_under(directory):
         unmount(mp)

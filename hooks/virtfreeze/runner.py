@@ -269,14 +269,17 @@ def start_daemon(argv_with_ready_fd: Callable[[int], list[str]], *, what: str, t
                               hint=install_hint)
 
 
-def stop_pid(pid: int, *, timeout: float = 30.0, what: str = "helper") -> None:
-    """SIGTERM a helper that is not our child (a view, a forked qemu-nbd) and wait for it to exit;
-    SIGKILL it if it does not within `timeout`."""
+def stop_pid(pid: int, *, timeout: float = 30.0, what: str = "helper", grace: float = 0.0) -> None:
+    """Stop a helper that is not our child (a view, a forked qemu-nbd) and wait for it to exit: first
+    `grace` seconds for it to exit on its own (e.g. once unmounted), then SIGTERM, then after `timeout`
+    SIGKILL."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
     try:
+        if grace > 0 and select.select([fd], [], [], grace)[0]:
+            return
         for sig in (signal.SIGTERM, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(fd, sig)

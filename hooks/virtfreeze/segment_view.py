@@ -37,6 +37,7 @@ import json
 import os
 import stat
 import sys
+from pathlib import Path
 
 from virtfreeze.segment_stamps import segment_count
 
@@ -97,8 +98,9 @@ def _operations(source: str, stamps_file: str, counters: str, ready_fd: int):
             os.close(ready_fd)
 
         def destroy(self, path):
-            with open(counters, "w") as fh:
-                json.dump({"bytes_read": self.served}, fh)
+            from virtfreeze.journal import write_atomic
+
+            write_atomic(Path(counters), json.dumps({"bytes_read": self.served}).encode())
 
         def _length(self, i: int) -> int:
             return min(self.segment_size, self.size - i * self.segment_size)

@@ -82,3 +82,17 @@ def test_an_overlay_directory_below_its_reserve_and_a_missing_domain(guest_facto
     # Nothing named: the host only, exit 1 for the same reason.
     f = run_check(vf, libvirt_conn, expect=1)
     assert {scope for scope, _topic in f} == {"host"}
+
+
+def test_the_segmented_layout_says_how_each_disk_is_tracked(guest_factory, vf, tmp_path, libvirt_conn):
+    g = guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw"), DiskSpec("vdc", "qcow2")], start=False)
+    import subprocess
+
+    subprocess.run(["qemu-img", "amend", "-f", "qcow2", "-o", "compat=0.10", str(g.disks["vdc"])], check=True)
+    vf.write_config(domains={g.name: {"export_layout": "segmented"}})
+    f = run_check(vf, libvirt_conn, g.name, expect=0)
+    by_disk = {m["message"].split(":")[0]: (m["level"], m["message"]) for m in f[(g.name, "layout")]}
+    assert by_disk["segmented, disk vda"][0] == "ok" and "dirty bitmap after" in by_disk["segmented, disk vda"][1]
+    assert by_disk["segmented, disk vdb"][0] == "ok" and "compares segment hashes" in by_disk["segmented, disk vdb"][1]
+    assert by_disk["segmented, disk vdc"][0] == "warning" and "compat 0.10" in by_disk["segmented, disk vdc"][1]
+    assert one(f, "host", "qemu-storage-daemon")[0] == "ok" and one(f, "host", "fuse")[0] == "ok"
