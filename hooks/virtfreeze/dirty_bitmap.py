@@ -16,11 +16,13 @@ of the base exporting the bitmap, and ``qemu-img map`` with
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from virtfreeze import qemu_img, runner
+from virtfreeze.errors import VirtfreezeError
 
 CHECKPOINT_PREFIX = "virtfreeze-"
 
@@ -52,14 +54,20 @@ def dirty_ranges(image: str, bitmap: str, domain: str, disk: str, *, block: bool
                     "--socket", str(sock), "--image-opts", image_opts(image, block=block)],
                    what="qemu-nbd (dirty bitmap)", domain=domain, disk=disk, path=image,
                    install_hint="install qemu-utils")
+        # Held from now on: the server waits for its one client, then exits by itself; a pid alone
+        # could name another process by the time it is signalled.
+        server = os.pidfd_open(int(pidfile.read_text()))
         try:
             out = runner.run(["qemu-img", "map", "--output=json", "--image-opts",
                               f"driver=nbd,server.type=unix,server.path={sock},"
                               f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}"],
                              what="qemu-img map (dirty bitmap)", domain=domain, disk=disk, path=image).stdout
         finally:
-            runner.stop_pid(int(pidfile.read_text()))
+            runner.stop_pidfd(server, what="qemu-nbd")
         return [(e["start"], e["length"]) for e in json.loads(out) if not e["data"]]
+    except (OSError, ValueError) as e:
+        raise VirtfreezeError(f"cannot read dirty bitmap {bitmap}: {e}", domain=domain, disk=disk,
+                              path=image) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -29,6 +29,7 @@ class Disk:
     shareable: bool = False
     snapshot: str | None = None  # the disk's own snapshot= attribute
     backing: list[tuple[str, str | None]] = field(default_factory=list)  # chain below source, top first
+    index: str | None = None  # a live definition's block node of the source (libvirt's <source index=>)
 
 
 def _source_path(disk_type: str, elem: ET.Element | None) -> str | None:
@@ -70,6 +71,7 @@ def parse_disks(xml: str) -> list[Disk]:
             shareable=d.find("shareable") is not None,
             snapshot=d.get("snapshot"),
             backing=_backing_chain(d),
+            index=d.find("source").get("index") if d.find("source") is not None else None,
         ))
     return disks
 

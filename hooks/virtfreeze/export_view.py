@@ -267,8 +267,9 @@ def _populate(directory: Path, inactive_xml: str, disks: dict[str, tuple[str, st
             dst = disk_dir / f"{target}.segments"
             expose_segments(seg.source, dst, seg.stamps_file, seg.counters_file, domain=manifest.get("domain"),
                             disk=target)
-            for i in range(segment_count(seg.size, seg.segment_size)):
-                sizes[f"disks/{target}.segments/{segment_view.segment_name(i)}"] = \
+            count = segment_count(seg.size, seg.segment_size)
+            for i in range(count):
+                sizes[f"disks/{target}.segments/{segment_view.segment_name(i, count)}"] = \
                     min(seg.segment_size, seg.size - i * seg.segment_size)
             paths.append(dst)
             continue

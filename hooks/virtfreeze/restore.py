@@ -332,7 +332,7 @@ def _fill_and_link(dest: Path, record: RestoreRecord, fill) -> None:
 
 def reassemble(src_dir: Path, p: Placement, fd: int, progress=None) -> None:
     """A segmented disk's guest bytes into `fd` (an empty file), sparsely, in segment order."""
-    got = copy_files_at((src_dir / segment_name(i) for i in range(p.segments.count)), fd,
+    got = copy_files_at((src_dir / segment_name(i, p.segments.count) for i in range(p.segments.count)), fd,
                         what=f"reassembly of {src_dir}", on_bytes=progress)
     if got != p.segments.size:  # the files changed after they were checked
         raise ArchiveIncomplete(f"disk {p.target}: its segments hold {got} of {p.segments.size} bytes",

@@ -262,13 +262,13 @@ def _check_segments(root: Path, disk: ArchivedDisk) -> None:
         raise ArchiveIncomplete(f"disk {disk.target}: {disk.image.file}/ is missing from the archive", path=str(root))
     count = disk.segments.count
     extra = sorted(n for n in os.listdir(directory)
-                   if not (n.isdigit() and int(n) < count and segment_name(int(n)) == n))
+                   if not (n.isdigit() and int(n) < count and segment_name(int(n), count) == n))
     if extra:
         raise ArchiveRefused(f"disk {disk.target}: {disk.image.file}/ holds {extra[0]}, which is not one of its "
                              f"{count} segments", path=str(directory / extra[0]),
                              hint="an archive is data: refusing it; check where it came from")
     for i in range(count):
-        n = segment_name(i)
+        n = segment_name(i, count)
         try:
             st = os.lstat(directory / n)
         except FileNotFoundError:

@@ -277,6 +277,11 @@ def stop_pid(pid: int, *, timeout: float = 30.0, what: str = "helper", grace: fl
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
+    stop_pidfd(fd, timeout=timeout, what=f"{what} (pid {pid})", grace=grace)
+
+
+def stop_pidfd(fd: int, *, timeout: float = 30.0, what: str = "helper", grace: float = 0.0) -> None:
+    """`stop_pid` of the process a pidfd holds (no pid reuse can redirect a signal); closes the pidfd."""
     try:
         if grace > 0 and select.select([fd], [], [], grace)[0]:
             return
@@ -285,6 +290,6 @@ def stop_pid(pid: int, *, timeout: float = 30.0, what: str = "helper", grace: fl
                 signal.pidfd_send_signal(fd, sig)
             if select.select([fd], [], [], timeout)[0]:  # readable once the process exited
                 return
-            log.warning("%s (pid %d) did not exit within %.0fs of SIGTERM; killing it", what, pid, timeout)
+            log.warning("%s did not exit within %.0fs of SIGTERM; killing it", what, timeout)
     finally:
         os.close(fd)

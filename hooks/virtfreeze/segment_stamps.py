@@ -87,9 +87,8 @@ def distrust(previous: SegmentState | None, segment_size: int, identity: Identit
 def next_stamps(previous: SegmentState | None, changed: set[int] | None, count: int, freeze_ns: int) -> list[int]:
     """The stamps of this run: `changed` None (untrusted) restamps every segment."""
     newest = max(previous.stamps, default=0) if previous else 0
-    stamp = max(newest + 1, freeze_ns - MARGIN_NS)
-    if stamp >= freeze_ns:
-        raise ValueError("the clock went back: this run's stamp would not be older than its freeze")
+    stamp = max(newest + 1, freeze_ns - MARGIN_NS)  # never an earlier one, even if the clock went back: then
+    # it is not older than the freeze, and borg does not cache it (one more read next time), never a wrong one
     if previous is None or changed is None or len(previous.stamps) != count:
         return [stamp] * count
     if any(i < 0 or i >= count for i in changed):

@@ -43,11 +43,12 @@ from virtfreeze.segment_stamps import segment_count
 
 MODULE = "virtfreeze.segment_view"
 INO_BASE = 4096  # segment i is inode INO_BASE + i; the directory is inode 1
-NAME_WIDTH = 6  # 000000 ... 999999: `cat *` restores by hand, in order
+NAME_WIDTH = 6  # at least 000000 ... 999999; all of a disk's names are as wide: `cat *` restores in order
 
 
-def segment_name(i: int) -> str:
-    return f"{i:0{NAME_WIDTH}d}"
+def segment_name(i: int, count: int) -> str:
+    """Segment i's file name among `count`: zero-padded to one width for the whole disk."""
+    return f"{i:0{max(NAME_WIDTH, len(str(max(count - 1, 0))))}d}"
 
 
 def argv_for(source: str, mountpoint: str, stamps: str, counters: str, ready_fd: int) -> list[str]:
@@ -89,7 +90,7 @@ def _operations(source: str, stamps_file: str, counters: str, ready_fd: int):
             self.fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
             self.segment_size, self.stamps = read_stamps(stamps_file, self.size)
-            self.index = {"/" + segment_name(i): i for i in range(len(self.stamps))}
+            self.index = {"/" + segment_name(i, len(self.stamps)): i for i in range(len(self.stamps))}
             self.newest = max(self.stamps, default=1)
             self.served = 0
 

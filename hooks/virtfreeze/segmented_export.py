@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtfreeze import dirty_bitmap, guest_view
+from virtfreeze import dirty_bitmap, guest_view, qemu_img
 from virtfreeze.domain_xml import parse_disks
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.export_view import image_size
@@ -86,10 +86,18 @@ def qemu_identity(name: str) -> str | None:
 def forget(hv, state_dir: Path, info: DomainInfo) -> None:
     """The domain left the segmented layout: delete its checkpoints and state (a checkpoint costs its
     bitmap's upkeep on every write, and keeps e.g. `virsh undefine` from working without
-    --checkpoints-metadata)."""
-    for name in hv.checkpoint_names(info.uuid, info.name):
-        if name.startswith(dirty_bitmap.CHECKPOINT_PREFIX):
-            hv.delete_checkpoint(info.uuid, info.name, name)
+    --checkpoints-metadata). libvirt deletes a checkpoint's bitmaps only from a running domain: a shut-off
+    one keeps its state until a run finds it running."""
+    if info.state not in (RUNNING, PAUSED):
+        return
+    try:
+        for name in hv.checkpoint_names(info.uuid, info.name):
+            if name.startswith(dirty_bitmap.CHECKPOINT_PREFIX):
+                hv.delete_checkpoint(info.uuid, info.name, name)
+    except VirtfreezeError as e:
+        domain_log(log, info.name).warning("not in the segmented layout any more, but its checkpoints stay (%s); "
+                                           "the next run tries again", e.message)
+        return
     shutil.rmtree(state_directory(state_dir, info.uuid), ignore_errors=True)
     domain_log(log, info.name).info("not in the segmented layout any more: its checkpoints and state are removed")
 
@@ -113,42 +121,64 @@ class Tracker:
             self.log.warning("unreadable segment state %s (%s); every disk is compared in full",
                              self.dir / "state.json", e)
             self.previous_checkpoint, self.previous = None, {}
-        self.qemu: str | None = None
+        self.qemu: dict[str, str] = {}  # target -> the QEMU process and block node writing it (see writer())
         self.checkpoint: str | None = None
 
     def before_snapshot(self, hv, state: str, plan: list[DiskPlan], live_xml: str) -> None:
-        """While the guest still writes its bases: drop older checkpoints of ours, make this run's."""
-        if state not in (RUNNING, PAUSED):
+        """While the guest still writes its bases: drop older checkpoints of ours, make this run's.
+
+        A problem here only costs the next run its bitmap (it compares hashes): it is logged, never fatal."""
+        process = qemu_identity(self.info.name) if state in (RUNNING, PAUSED) else None
+        if process is None:
             return
-        self.qemu = qemu_identity(self.info.name)
-        tracked = [p.target for p in plan if p.base_format == "qcow2"]
-        if not tracked or self.qemu is None:
+        nodes = {d.target: d.index for d in parse_disks(live_xml)}
+        # A disk unplugged and plugged in again (edited meanwhile?) is a new block node: not the same writer.
+        self.qemu = {p.target: f"{process}/{nodes.get(p.target)}" for p in plan}
+        tracked = [p.target for p in plan if p.base_format == "qcow2" and self._can_hold_bitmaps(p)]
+        if not tracked:
             return
-        for name in hv.checkpoint_names(self.info.uuid, self.info.name):
-            if name.startswith(dirty_bitmap.CHECKPOINT_PREFIX) and name != self.previous_checkpoint:
-                hv.delete_checkpoint(self.info.uuid, self.info.name, name)
-        untracked = [d.target for d in parse_disks(live_xml) if d.target and d.target not in tracked]
+        untracked = [t for t in nodes if t and t not in tracked]
         name = f"{dirty_bitmap.CHECKPOINT_PREFIX}{time.time_ns()}"
         try:
+            for old in hv.checkpoint_names(self.info.uuid, self.info.name):
+                if old.startswith(dirty_bitmap.CHECKPOINT_PREFIX) and old != self.previous_checkpoint:
+                    hv.delete_checkpoint(self.info.uuid, self.info.name, old)
             hv.create_checkpoint(self.info.uuid, self.info.name, dirty_bitmap.checkpoint_xml(name, tracked, untracked))
             self.checkpoint = name
         except VirtfreezeError as e:
             self.log.warning("no dirty bitmap for the next run (%s); it compares hashes instead", e.message)
 
+    def _can_hold_bitmaps(self, p: DiskPlan) -> bool:
+        """A qcow2 of compat 0.10 cannot: its checkpoint would fail for every disk of the domain."""
+        try:
+            compat = qemu_img.info(p.base, self.info.name, p.target).get("format-specific", {}).get("data", {})
+        except VirtfreezeError:
+            return False
+        if compat.get("compat") == "0.10":
+            self.log.info("disk %s: qcow2 compat 0.10 holds no dirty bitmap; its segments are compared by hash",
+                          p.target)
+            return False
+        return True
+
     def after_snapshot(self, plan: list[DiskPlan]) -> dict[str, SegmentedDisk]:
-        """While frozen: each disk's source, change set and stamps; the state for the next run."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        freeze_ns = time.time_ns()
-        disks, states = {}, {}
-        for p in plan:
-            try:
+        """While frozen: each disk's source, change set and stamps; the state for the next run.
+
+        Any failure is a VirtfreezeError, on which the caller rolls the freeze back."""
+        target = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            freeze_ns = time.time_ns()
+            disks, states = {}, {}
+            for p in plan:
+                target = p.target
                 disks[p.target], states[p.target] = self._disk(p, freeze_ns)
-            except (OSError, ValueError) as e:  # the caller rolls the freeze back on a VirtfreezeError
-                raise VirtfreezeError(f"cannot tell which segments changed: {e}", domain=self.info.name,
-                                      disk=p.target, path=p.base) from None
-        state = {"checkpoint": self.checkpoint, "disks": {t: s.to_json() for t, s in states.items()}}
-        write_atomic(self.dir / "state.json", json.dumps(state).encode())
-        return disks
+            target = None
+            state = {"checkpoint": self.checkpoint, "disks": {t: s.to_json() for t, s in states.items()}}
+            write_atomic(self.dir / "state.json", json.dumps(state).encode())
+            return disks
+        except (OSError, ValueError) as e:
+            raise VirtfreezeError(f"cannot tell which segments changed: {e}", domain=self.info.name, disk=target,
+                                  path=str(self.dir)) from None
 
     def _disk(self, p: DiskPlan, freeze_ns: int) -> tuple[SegmentedDisk, SegmentState]:
         seg = self.segment_size
@@ -166,7 +196,7 @@ class Tracker:
 
         why_full = None
         if p.base_format == "qcow2":
-            why_full = distrust(prev, seg, identity, self.qemu, has_change_set=True)
+            why_full = distrust(prev, seg, identity, self.qemu.get(p.target), has_change_set=True)
             if why_full is None and not self.previous_checkpoint:
                 why_full = "the last run made no checkpoint"
             if why_full is None:
@@ -189,4 +219,4 @@ class Tracker:
         self.log.info("disk %s: %d of %d segments changed (%s)", p.target, len(changed), count, how)
         disk = SegmentedDisk(p.target, source, size, seg, stamps_file, self.dir / f"{p.target}.read.json",
                              len(changed), how, why_full)
-        return disk, SegmentState(seg, identity, stamps, hashes, self.qemu)
+        return disk, SegmentState(seg, identity, stamps, hashes, self.qemu.get(p.target))

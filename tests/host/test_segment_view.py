@@ -60,7 +60,7 @@ class View:
 
 def _joined(directory: Path) -> bytes:
     names = sorted(os.listdir(directory))
-    assert names == [segment_view.segment_name(i) for i in range(SEGMENTS)]
+    assert names == [segment_view.segment_name(i, SEGMENTS) for i in range(SEGMENTS)]
     return b"".join((directory / n).read_bytes() for n in names)
 
 

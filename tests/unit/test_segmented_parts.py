@@ -31,6 +31,12 @@ def test_the_checkpoint_tracks_the_given_disks_and_no_other():
         {"vda": "bitmap", "vdb": "no", "sda": "no"}
 
 
+def test_segment_names_have_one_width_per_disk_so_they_sort_in_order():
+    assert segment_view.segment_name(5, 10) == "000005"
+    names = [segment_view.segment_name(i, 1_000_001) for i in (0, 99_999, 100_000, 999_999, 1_000_000)]
+    assert names == sorted(names) and names[-1] == "1000000" and names[0] == "0000000"
+
+
 def test_image_opts_double_commas_so_a_path_cannot_add_options():
     opts = dirty_bitmap.image_opts("/v/a,b.qcow2,driver=raw", block=True)
     assert opts == "driver=qcow2,force-share=on,file.driver=host_device,file.filename=/v/a,,b.qcow2,,driver=raw"
