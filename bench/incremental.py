@@ -90,8 +90,8 @@ def main() -> int:
     (work / "restic.pass").write_text("bench\n")
     env = dict(VF_ENV, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")
     for layout, extra in (("image", ""), ("segmented", f"export_layout: segmented\nsegment_size: {seg}\n")):
-        (work / f"{layout}.yaml").write_text(
-            f"state_directory: {work}/state\nexport_directory: {work}/export\n{extra}"
+        (work / f"{layout}.yaml").write_text(  # each its own state: a run of the other layout would forget it
+            f"state_directory: {work}/state-{layout}\nexport_directory: {work}/export\n{extra}"
             f"targets:\n  borg: {{type: borg, repository: '{work}/{layout}.borg', compression: lz4}}\n"
             f"  restic: {{type: restic, repository: '{work}/{layout}.restic', password_file: '{work}/restic.pass'}}\n")
         subprocess.run(["borg", "init", "-e", "none", f"{work}/{layout}.borg"], check=True, capture_output=True,
@@ -105,7 +105,7 @@ def main() -> int:
     try:
         fill_random(g.disks["vda"], args.size_mib, work)
         g.start()
-        read_file = work / "state" / "segments" / g.uuid / "vda.read.json"
+        read_file = work / "state-segmented" / "segments" / g.uuid / "vda.read.json"
 
         def backup(layout: str, tool: str) -> tuple[float, int | None, float]:
             """(seconds, bytes read through the segment view or None, the guest's largest stall)."""
@@ -169,6 +169,7 @@ def main() -> int:
                       f"{s_seg * 1000:6.0f}ms {s_seg / base_stall:4.1f}x")
     finally:
         thaw_everything(work / "segmented.yaml")
+        thaw_everything(work / "image.yaml")
         g.remove()
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -381,6 +381,10 @@ def thaw(ctx: Ctx, domains, all_, strategy, force):
                                               rt.config.jobs)
         finally:
             export_view.write_index(rt.config.export_directory)
+        if not (domains or all_):
+            from virtfreeze import guest_view
+
+            guest_view.sweep(rt.state_dir, rt.journal)
         return _emit(ctx, _report(rt, "thawed", results, failures), results, failures, lambda r: (
             f"thawed {r.name} ({r.strategy}, {r.overlay_bytes} overlay bytes, {r.seconds:.2f}s"
             + (f"; stopped {r.stopped_seconds:.2f}s for {r.offline_bytes} bytes" if r.stopped_seconds else "")

@@ -143,10 +143,10 @@ def expose_device(device: Path, mountpoint: Path) -> None:
     runner.start_daemon(lambda fd: device_view.argv_for(str(device), str(mountpoint), fd), what="device view",
                         timeout=VIEW_START_TIMEOUT, path=str(device),
                         install_hint="it needs /dev/fuse and libfuse3 (Debian: libfuse3-3)")
-    _raise_readahead(mountpoint)
+    raise_readahead(mountpoint)
 
 
-def _raise_readahead(mountpoint: Path) -> None:
+def raise_readahead(mountpoint: Path) -> None:
     """A FUSE mount reads ahead 128 KiB by default: too little to keep a backup tool busy.
 
     Measured here (bench/block_view.py's setup, no guest running): borg through the view at
@@ -167,7 +167,7 @@ def expose_segments(source: str, mountpoint: Path, stamps: Path, counters: Path,
     runner.start_daemon(lambda fd: segment_view.argv_for(source, str(mountpoint), str(stamps), str(counters), fd),
                         what="segment view", timeout=VIEW_START_TIMEOUT, domain=domain, disk=disk, path=source,
                         install_hint="it needs /dev/fuse and libfuse3 (Debian: libfuse3-3)")
-    _raise_readahead(mountpoint)
+    raise_readahead(mountpoint)
 
 
 def unescape_mountinfo(field: str) -> str:

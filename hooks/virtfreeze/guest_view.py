@@ -45,6 +45,9 @@ def start(base: str, fmt: str, view: Path, *, block: bool = False, domain: str, 
                 "--daemonize", "--pidfile", str(view.with_suffix(".pid"))],
                what="qemu-storage-daemon (guest view)", domain=domain, disk=disk, path=base,
                install_hint="install qemu-system-common (qemu-storage-daemon) and fuse3")
+    from virtfreeze.export_view import raise_readahead
+
+    raise_readahead(view)  # hashing a 1 GiB disk through it here: 3.8 s with FUSE's 128 KiB, 1.3 s with 4 MiB
     return view
 
 
@@ -58,6 +61,23 @@ def mountpoint_of(argv: list[str]) -> str | None:
         if key == "mountpoint":
             return value.replace("\0", ",")
     return None
+
+
+def sweep(state_dir: Path, journal) -> None:
+    """Stop the guest views of every domain no freeze is recorded for (left by a run whose journal record
+    is gone); a domain another run is working on is left alone."""
+    from virtfreeze.errors import DomainBusy
+    from virtfreeze.journal import domain_lock
+
+    root = state_dir / "guest-views"
+    for views in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            with domain_lock(views.name, views.name):
+                if journal.load(views.name) is None:
+                    log.warning("stopping the guest views of domain %s, which no freeze is recorded for", views.name)
+                    stop_all(views)
+        except DomainBusy:
+            continue
 
 
 def stop_all(views: Path) -> None:

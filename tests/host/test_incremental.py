@@ -284,3 +284,17 @@ def test_restic_driver_mode_reads_what_changed(guest_factory, vf, tmp_path, libv
         assert_acked_in({"vda": Path(out["files"][0])}, {"vda": "qcow2"}, g.acked(until=second.t_before))
     finally:
         libvirt_conn.lookupByName(f"{g.name}-r").undefine()
+
+
+def test_a_bare_thaw_stops_guest_views_no_freeze_is_recorded_for(vf, tmp_path):
+    """A guest view (qemu-storage-daemon) whose run lost its journal record does not outlive the next thaw."""
+    from virtfreeze import guest_view
+    from virtfreeze.export_view import mounts_under, pids_serving
+
+    image = tmp_path / "lost.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    views = guest_view.directory(vf.state, "00000000-0000-4000-8000-00000000dead")
+    guest_view.start(str(image), "qcow2", views / "vda.raw", domain="lost", disk="vda")
+    assert len(pids_serving(views)) == 1 and mounts_under(views)
+    vf("thaw")
+    assert pids_serving(views) == [] and not views.exists()
