@@ -85,9 +85,11 @@ SCHEMA: dict[str, Any] = {
         "segment_size": {
             "type": "integer", "enum": [1 << n for n in range(20, 31)],
             "description": "Segmented layout: bytes per segment, a power of two from 1 MiB to 1 GiB. Smaller "
-                           "segments re-read less after scattered writes; more segments cost more file-cache "
-                           "entries. Changing it makes the next run read every disk whole.",
-            "example": 16777216,
+                           "segments re-read less after scattered writes (4 MiB: 10 % of a disk changed in 4 MiB "
+                           "pieces reads 10 %; 16 MiB: 34 %); more segments cost more file-cache entries (a "
+                           "1 TiB disk is 262144 files of 4 MiB). Changing it makes the next run read every disk "
+                           "whole.",
+            "example": 4194304,
         },
         "memory": {
             "type": "boolean",
@@ -291,7 +293,7 @@ class Config:
     state_directory: Path = Path("/var/lib/virtfreeze")
     overlay_directory: Path | None = None
     export_layout: str = "image"
-    segment_size: int = 16 << 20
+    segment_size: int = 4 << 20
     memory: bool = False
     quiesce: str = "auto"
     quiesce_timeout: float = 10.0
