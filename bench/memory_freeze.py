@@ -27,10 +27,9 @@ Usage: bench/memory_freeze.py [--runs 5] [--memory-mib 1024] [--downtime-ms 20]
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,35 +42,7 @@ import libvirt  # noqa: E402
 from tests.rig.acks import max_gap  # noqa: E402
 from tests.rig.guest import DiskSpec, create_guest, remove_domain  # noqa: E402
 from virtfreeze.domain_xml import parse_disks, snapshot_xml  # noqa: E402
-
-
-class BackgroundWriteback:
-    """While the memory file grows, push its dirty pages to disk every `interval` seconds."""
-
-    def __init__(self, path: Path, interval: float = 0.1):
-        self.path, self.interval = path, interval
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        fd = None
-        while not self.done.wait(self.interval):
-            if fd is None:
-                try:
-                    fd = os.open(self.path, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue
-            os.fdatasync(fd)
-        if fd is not None:
-            os.close(fd)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
+from virtfreeze.memory_freeze import written_back  # noqa: E402
 
 
 def raw_snapshot(dom, work: Path, n: int, *, downtime_ms: int | None, precreate: bool, writeback: bool) -> dict:
@@ -92,10 +63,7 @@ def raw_snapshot(dom, work: Path, n: int, *, downtime_ms: int | None, precreate:
         if downtime_ms is not None:
             dom.migrateSetMaxDowntime(downtime_ms, 0)
         t0 = time.monotonic()
-        if writeback:
-            with BackgroundWriteback(memory_file):
-                dom.snapshotCreateXML(snapshot_xml(disks, overlays, memory_file), flags)
-        else:
+        with written_back(memory_file) if writeback else contextlib.nullcontext():
             dom.snapshotCreateXML(snapshot_xml(disks, overlays, memory_file), flags)
         seconds = time.monotonic() - t0
     finally:

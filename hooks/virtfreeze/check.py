@@ -203,14 +203,14 @@ def _layout_finding(name: str, topic: str, disk, state: str) -> Finding:
     if disk.format != "qcow2":
         return Finding(OK, name, "layout", f"segmented, {topic}: {disk.format or 'raw'}, so each run compares "
                                            "segment hashes (reads the disk here; the backup tool reads what changed)")
-    from virtfreeze import qemu_img
+    from virtfreeze.dirty_bitmap import holds_bitmaps
 
     try:
-        compat = qemu_img.info(disk.source, name, disk.target).get("format-specific", {}).get("data", {}).get("compat")
+        bitmaps = holds_bitmaps(disk.source, name, disk.target)
     except VirtfreezeError as e:
         return Finding(WARNING, name, "layout", f"segmented, {topic}: cannot read the image ({e.message})")
     how = f"segmented, {topic}: {QCOW2_SEGMENTS}; "
-    if compat == "0.10":
+    if not bitmaps:
         return Finding(WARNING, name, "layout", how + "compat 0.10 holds no dirty bitmap, so each run compares "
                                                       "hashes (`qemu-img amend -o compat=1.1` while it is shut off)")
     if state not in (RUNNING, PAUSED):

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from xml.sax.saxutils import quoteattr
 
 from virtfreeze import qemu_img, runner
 from virtfreeze.errors import VirtfreezeError
@@ -32,6 +33,11 @@ def image_opts(path: str, fmt: str = "qcow2", *, block: bool = False) -> str:
     (commas in the path doubled)."""
     protocol = "host_device" if block else "file"
     return f"driver={fmt},force-share=on,file.driver={protocol},file.filename={path.replace(',', ',,')}"
+
+
+def holds_bitmaps(image: str, domain: str, disk: str) -> bool:
+    """Whether a qcow2 image can hold persistent bitmaps (compat 1.1; 0.10 cannot)."""
+    return qemu_img.info(image, domain, disk).get("format-specific", {}).get("data", {}).get("compat") != "0.10"
 
 
 def bitmap_problem(image: str, bitmap: str, domain: str, disk: str) -> str | None:
@@ -83,8 +89,6 @@ def segments_of(ranges: list[tuple[int, int]], segment_size: int) -> set[int]:
 
 def checkpoint_xml(name: str, tracked: list[str], untracked: list[str]) -> str:
     """A checkpoint with a bitmap in each `tracked` disk and none in the others."""
-    from xml.sax.saxutils import quoteattr
-
     disks = "".join(f"<disk name={quoteattr(t)} checkpoint='bitmap'/>" for t in tracked)
     disks += "".join(f"<disk name={quoteattr(t)} checkpoint='no'/>" for t in untracked)
     return f"<domaincheckpoint><name>{name}</name><disks>{disks}</disks></domaincheckpoint>"

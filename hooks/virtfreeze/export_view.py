@@ -97,7 +97,7 @@ def unmount(target: Path) -> None:
 # -- block devices: a read-only regular file through a FUSE view (virtfreeze.device_view) --------------
 
 VIEW_START_TIMEOUT = 30.0  # seconds a device view gets to mount
-VIEW_STOP_TIMEOUT = 30.0  # seconds a device view gets to unmount and exit after SIGTERM
+VIEW_STOP_TIMEOUT = runner.STOP_TIMEOUT  # seconds a view gets to unmount and exit after SIGTERM
 VIEW_READAHEAD_KB = 4096
 
 
@@ -189,7 +189,7 @@ def mounts_under(directory: Path) -> list[Path]:
     return sorted((Path(p) for p in _mountinfo_paths() if p.startswith(prefix)), key=lambda p: -len(str(p)))
 
 
-def stop_device_views(directory: Path) -> None:
+def stop_views(directory: Path) -> None:
     """Stop every view serving a file under `directory` (also a crashed run's)."""
     for pid in pids_serving(directory):
         runner.stop_pid(pid, timeout=VIEW_STOP_TIMEOUT, what="view")
@@ -203,7 +203,6 @@ def remove(directory: Path, guest_views: Path | None = None) -> None:
         unmount(mp)
     for pid in views:  # unmounted, each exits on its own (a segment view writes its counters first)
         runner.stop_pid(pid, timeout=VIEW_STOP_TIMEOUT, what="view", grace=VIEW_STOP_TIMEOUT)
-    stop_device_views(directory)
     for mp in mounts_under(directory):
         unmount(mp)
     if mounts_under(directory):

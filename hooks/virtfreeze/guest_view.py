@@ -84,6 +84,8 @@ def stop_all(views: Path) -> None:
     """Stop every guest-view daemon serving a file under `views` (also a crashed run's); delete it."""
     from virtfreeze.export_view import VIEW_STOP_TIMEOUT, pids_serving, unmount, mounts_under
 
+    if not views.is_dir():  # a domain without segmented qcow2 disks: no /proc scan on its every thaw
+        return
     for pid in pids_serving(views):
         runner.stop_pid(pid, timeout=VIEW_STOP_TIMEOUT, what="guest view")
     for mp in mounts_under(views):

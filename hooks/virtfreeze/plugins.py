@@ -85,7 +85,7 @@ def tell(pm: pluggy.PluginManager, hook: str, about: str | None, **kwargs) -> No
     try:
         getattr(pm.hook, hook)(**kwargs)
     except Exception as e:  # noqa: BLE001 - any plugin bug
-        (domain_log(log, about) if about else log).warning("a %s hook raised %s: %s", hook, type(e).__name__, e)
+        domain_log(log, about).warning("a %s hook raised %s: %s", hook, type(e).__name__, e)
 
 
 def report_done(pm: pluggy.PluginManager, domain, step: str, result, command: str | None) -> None:

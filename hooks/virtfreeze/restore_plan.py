@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import stat
 import uuid as uuid_mod
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -105,8 +106,8 @@ def _walk_checked(root: Path) -> None:
         for entry in (*dirnames, *filenames):
             p = Path(dirpath) / entry
             mode = os.lstat(p).st_mode
-            if not (os.path.stat.S_ISREG(mode) or os.path.stat.S_ISDIR(mode)):
-                kind = "a symlink" if os.path.stat.S_ISLNK(mode) else "a special file"
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                kind = "a symlink" if stat.S_ISLNK(mode) else "a special file"
                 raise ArchiveRefused(f"archive holds {kind}: {p.relative_to(root)}",
                                      path=str(p), hint="an archive is data: refusing it; check where it came from")
 
@@ -120,7 +121,7 @@ def _read_small(path: Path) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
-        if not os.path.stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode):
             raise ArchiveRefused(f"archive's {path.name} is not a regular file", path=str(path))
         if st.st_size > METADATA_LIMIT:
             raise ArchiveRefused(f"archive's {path.name} is {st.st_size} bytes; not a virtfreeze archive",
@@ -274,7 +275,7 @@ def _check_segments(root: Path, disk: ArchivedDisk) -> None:
         except FileNotFoundError:
             raise ArchiveIncomplete(f"disk {disk.target}: segment {disk.image.file}/{n} is missing from the archive",
                                     path=str(directory)) from None
-        if not os.path.stat.S_ISREG(st.st_mode) or st.st_size != disk.segments.length(i):
+        if not stat.S_ISREG(st.st_mode) or st.st_size != disk.segments.length(i):
             raise ArchiveIncomplete(f"disk {disk.target}: segment {disk.image.file}/{n} holds {st.st_size} of "
                                     f"{disk.segments.length(i)} bytes (truncated?)", path=str(directory / n))
 

@@ -269,7 +269,7 @@ def start_daemon(argv_with_ready_fd: Callable[[int], list[str]], *, what: str, t
                               hint=install_hint)
 
 
-def stop_pid(pid: int, *, timeout: float = 30.0, what: str = "helper", grace: float = 0.0) -> None:
+def stop_pid(pid: int, *, timeout: float = STOP_TIMEOUT, what: str = "helper", grace: float = 0.0) -> None:
     """Stop a helper that is not our child (a view, a forked qemu-nbd) and wait for it to exit: first
     `grace` seconds for it to exit on its own (e.g. once unmounted), then SIGTERM, then after `timeout`
     SIGKILL."""
@@ -280,7 +280,7 @@ def stop_pid(pid: int, *, timeout: float = 30.0, what: str = "helper", grace: fl
     stop_pidfd(fd, timeout=timeout, what=f"{what} (pid {pid})", grace=grace)
 
 
-def stop_pidfd(fd: int, *, timeout: float = 30.0, what: str = "helper", grace: float = 0.0) -> None:
+def stop_pidfd(fd: int, *, timeout: float = STOP_TIMEOUT, what: str = "helper", grace: float = 0.0) -> None:
     """`stop_pid` of the process a pidfd holds (no pid reuse can redirect a signal); closes the pidfd."""
     try:
         if grace > 0 and select.select([fd], [], [], grace)[0]:

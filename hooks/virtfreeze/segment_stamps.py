@@ -36,9 +36,15 @@ class Identity:
     format: str
 
     @classmethod
-    def of(cls, path: str, fmt: str) -> "Identity":
+    def of(cls, path: str, fmt: str, size: int | None = None) -> "Identity":
+        """`size`: the guest-visible bytes (a qcow2's), None: the bytes in the file or device."""
         st = os.stat(path)
-        size = st.st_size if not _is_block(st.st_mode) else _block_size(path)
+        if size is None:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
         return cls(os.path.realpath(path), st.st_dev, st.st_ino, size, fmt)
 
 
@@ -50,7 +56,7 @@ class SegmentState:
     identity: Identity
     stamps: list[int]
     hashes: list[str] = field(default_factory=list)  # per segment, when the change set comes from hashes
-    qemu: str | None = None  # which QEMU process ran the guest (boot, pid, start time); None: shut off
+    qemu: str | None = None  # which QEMU process and block node wrote the disk; None: not running
 
     def to_json(self) -> dict:
         return {"segment_size": self.segment_size, "identity": self.identity.__dict__, "stamps": self.stamps,
@@ -80,7 +86,7 @@ def distrust(previous: SegmentState | None, segment_size: int, identity: Identit
     if qemu is None or previous.qemu != qemu:  # a bitmap only knows what one running QEMU wrote
         return "the guest's QEMU process is not the one the last run saw (restarted, crashed or shut off)"
     if not has_change_set:
-        return "no change set (dirty bitmap lost or inconsistent)"
+        return "no dirty bitmap from the last run (none made, or bitmap lost)"
     return None
 
 
@@ -130,16 +136,3 @@ def _segment_hash(fd: int, segment_size: int, i: int) -> str:
         pos += len(block)
     return digest.hexdigest()
 
-
-def _is_block(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISBLK(mode)
-
-
-def _block_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtfreeze import dirty_bitmap, guest_view, qemu_img
+from virtfreeze import dirty_bitmap, guest_view
 from virtfreeze.domain_xml import parse_disks
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.export_view import image_size
@@ -121,7 +120,7 @@ class Tracker:
             self.log.warning("unreadable segment state %s (%s); every disk is compared in full",
                              self.dir / "state.json", e)
             self.previous_checkpoint, self.previous = None, {}
-        self.qemu: dict[str, str] = {}  # target -> the QEMU process and block node writing it (see writer())
+        self.qemu: dict[str, str] = {}  # target -> the QEMU process and block node writing it (running only)
         self.checkpoint: str | None = None
 
     def before_snapshot(self, hv, state: str, plan: list[DiskPlan], live_xml: str) -> None:
@@ -149,16 +148,14 @@ class Tracker:
             self.log.warning("no dirty bitmap for the next run (%s); it compares hashes instead", e.message)
 
     def _can_hold_bitmaps(self, p: DiskPlan) -> bool:
-        """A qcow2 of compat 0.10 cannot: its checkpoint would fail for every disk of the domain."""
+        """Not a qcow2 of compat 0.10: its checkpoint would fail for every disk of the domain."""
         try:
-            compat = qemu_img.info(p.base, self.info.name, p.target).get("format-specific", {}).get("data", {})
+            if dirty_bitmap.holds_bitmaps(p.base, self.info.name, p.target):
+                return True
         except VirtfreezeError:
             return False
-        if compat.get("compat") == "0.10":
-            self.log.info("disk %s: qcow2 compat 0.10 holds no dirty bitmap; its segments are compared by hash",
-                          p.target)
-            return False
-        return True
+        self.log.info("disk %s: qcow2 compat 0.10 holds no dirty bitmap; its segments are compared by hash", p.target)
+        return False
 
     def after_snapshot(self, plan: list[DiskPlan]) -> dict[str, SegmentedDisk]:
         """While frozen: each disk's source, change set and stamps; the state for the next run.
@@ -189,16 +186,14 @@ class Tracker:
                                           block=p.base_type == "block", domain=self.info.name, disk=p.target))
         size = image_size(source)
         count = segment_count(size, seg)
-        st = os.stat(p.base)
-        identity = Identity(os.path.realpath(p.base), st.st_dev, st.st_ino, size, p.base_format)
+        identity = Identity.of(p.base, p.base_format, size)
         prev = self.previous.get(p.target)
         fits = prev is not None and prev.segment_size == seg and len(prev.stamps) == count
 
         why_full = None
         if p.base_format == "qcow2":
-            why_full = distrust(prev, seg, identity, self.qemu.get(p.target), has_change_set=True)
-            if why_full is None and not self.previous_checkpoint:
-                why_full = "the last run made no checkpoint"
+            why_full = distrust(prev, seg, identity, self.qemu.get(p.target),
+                                has_change_set=self.previous_checkpoint is not None)
             if why_full is None:
                 why_full = dirty_bitmap.bitmap_problem(p.base, self.previous_checkpoint, self.info.name, p.target)
         if p.base_format == "qcow2" and why_full is None:

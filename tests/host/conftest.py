@@ -50,11 +50,11 @@ class VF:
 @pytest.fixture
 def vf(tmp_path) -> VF:
     """A virtfreeze runner; its export view's mounts and device views are undone at teardown, pass or fail."""
-    from virtfreeze.export_view import mounts_under, stop_device_views, unmount
+    from virtfreeze.export_view import mounts_under, stop_views, unmount
 
     runner = VF(tmp_path)
     yield runner
-    stop_device_views(runner.export)
-    stop_device_views(runner.state)  # the guest views (qemu-storage-daemon) of segmented disks
+    stop_views(runner.export)
+    stop_views(runner.state)  # the guest views (qemu-storage-daemon) of segmented disks
     for mp in mounts_under(runner.export):
         unmount(mp)

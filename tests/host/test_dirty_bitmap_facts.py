@@ -16,6 +16,7 @@ import pytest
 
 from tests.host.helpers import assert_all_acked_present, assert_back_on_base
 from tests.rig.guest import DiskSpec
+from virtfreeze.dirty_bitmap import dirty_ranges
 
 CHECKPOINT = ("<domaincheckpoint><name>vf-facts</name><disks><disk name='vda' checkpoint='bitmap'/></disks>"
               "</domaincheckpoint>")
@@ -27,24 +28,8 @@ def _bitmaps(image: Path) -> list[dict]:
     return json.loads(out).get("format-specific", {}).get("data", {}).get("bitmaps") or []
 
 
-def _dirty(image: Path, bitmap: str, work: Path) -> list[tuple[int, int]]:
-    """(offset, length) of the bitmap's dirty ranges, read through qemu-nbd (read-only, shared)."""
-    sock, pid = work / "nbd.sock", work / "nbd.pid"
-    subprocess.run(["qemu-nbd", "--fork", "--pid-file", str(pid), "-r", "-B", bitmap, "-k", str(sock),
-                    "--image-opts", f"driver=qcow2,force-share=on,file.driver=file,file.filename={image}"],
-                   check=True, capture_output=True, text=True)  # --fork: returns once it serves
-    try:
-        out = subprocess.run(["qemu-img", "map", "--output=json", "--image-opts",
-                              f"driver=nbd,server.type=unix,server.path={sock},"
-                              f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}"],
-                             check=True, capture_output=True, text=True).stdout
-    finally:
-        subprocess.run(["kill", pid.read_text().strip()], check=False)
-    return [(e["start"], e["length"]) for e in json.loads(out) if not e["data"]]  # "data": false = dirty
-
-
 @pytest.mark.parametrize("strategy", ["live", "iterative", "offline"])
-def test_a_checkpoint_bitmap_survives_freeze_and_thaw_and_covers_every_write(guest_factory, vf, tmp_path, strategy):
+def test_a_checkpoint_bitmap_survives_freeze_and_thaw_and_covers_every_write(guest_factory, vf, strategy):
     g = guest_factory([DiskSpec("vda", "qcow2")])
     base = g.disks["vda"]
     g.watcher.wait_acks(10)
@@ -59,7 +44,7 @@ def test_a_checkpoint_bitmap_survives_freeze_and_thaw_and_covers_every_write(gue
         g.watcher.wait_acks(20, after=time.monotonic())  # writes into the base again
         until = time.monotonic()
         vf("freeze", g.name)  # the next run reads the bitmap while the domain is frozen
-        dirty = _dirty(base, "vf-facts", tmp_path)
+        dirty = dirty_ranges(str(base), "vf-facts", g.name, "vda")  # the reader freeze uses
         size = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(base)], check=True,
                                          capture_output=True, text=True).stdout)["virtual-size"]
         written = {(a.seq % (size // 512)) * 512 for a in g.watcher.snapshot()
