@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Benchmark: guest downtime of each merge strategy after an archive window.
 
-Strategies: live; iterative with its last overlay merged with the guest's
-vCPUs paused (the default final step); iterative with the last overlay merged
-with the guest saved (`iter+save`, what runs where libvirt refuses commits
-with the guest running); offline.
+Strategies: live (the copy held to commit_bandwidth with the base written
+back as it goes, the default); live with `commit_bandwidth: 0` (`live fast`:
+the copy at full speed, the default before); iterative with its last overlay
+merged with the guest's vCPUs paused (the default final step); iterative
+with the last overlay merged with the guest saved (`iter+save`, what runs
+where libvirt refuses commits with the guest running); offline.
 
 A guest writes continuously (one 512-byte record per 64 KiB cluster, so its
 overlays grow as a busy VM's would) while it is frozen for an archive window
@@ -15,8 +17,9 @@ length and strategy, medians over several runs of:
   guest's serial socket, at most ~20 ms),
 - the time the domain was not running, from libvirt lifecycle events,
 - the overlay bytes merged with the guest stopped,
-each strategy's stall also as a ratio to `offline` in the same run, and the
-no-backup baseline stall for a window of the same length.
+each strategy's stall also as a ratio to the no-backup baseline stall of a
+window of the same length just before (median of the per-run ratios) and to
+`offline` in the same run.
 
 Usage: bench/downtime.py [--runs 3] [--windows 10 40]
 """
@@ -42,9 +45,10 @@ from tests.conftest import start_libvirt_event_loop  # noqa: E402
 from tests.rig.acks import max_gap  # noqa: E402
 from tests.rig.guest import DiskSpec, create_guest  # noqa: E402
 
-# Row label -> (thaw --strategy, iterative_final_step in the config used for the thaw).
-STRATEGIES = {"live": ("live", "auto"), "iterative": ("iterative", "pause"),
-              "iter+save": ("iterative", "save"), "offline": ("offline", "auto")}
+# Row label -> (thaw --strategy, what the config used for the thaw adds to the defaults).
+STRATEGIES = {"live": ("live", ""), "live fast": ("live", "commit_bandwidth: 0\n"),
+              "iterative": ("iterative", "iterative_final_step: pause\n"),
+              "iter+save": ("iterative", "iterative_final_step: save\n"), "offline": ("offline", "")}
 STOPS = {libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED}
 STARTS = {libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED}
 
@@ -83,8 +87,8 @@ def wait_until(g, end: float) -> None:
 
 
 def one_cycle(work: Path, g, life: Lifecycle, label: str, window: float) -> dict:
-    strategy, final_step = STRATEGIES[label]
-    config = work / f"virtfreeze-{final_step}.yaml"
+    strategy = STRATEGIES[label][0]
+    config = work / f"virtfreeze-{label.replace(' ', '-').replace('+', '-')}.yaml"
     t0 = time.monotonic()
     vf(config, "freeze", g.name)
     wait_until(g, time.monotonic() + window)
@@ -105,10 +109,10 @@ def main() -> int:
     libvirt.registerErrorHandler(lambda ctx, err: None, None)
     conn = libvirt.open("qemu:///system")
     work = Path(tempfile.mkdtemp(prefix="virtfreeze-downtime-", dir="/var/tmp"))
-    for final_step in {f for _, f in STRATEGIES.values()}:
-        (work / f"virtfreeze-{final_step}.yaml").write_text(
-            f"state_directory: {work}/state\nexport_directory: {work}/export\niterative_final_step: {final_step}\n")
-    config = work / "virtfreeze-auto.yaml"
+    for label, (_, extra) in STRATEGIES.items():
+        (work / f"virtfreeze-{label.replace(' ', '-').replace('+', '-')}.yaml").write_text(
+            f"state_directory: {work}/state\nexport_directory: {work}/export\n{extra}")
+    config = work / "virtfreeze-live.yaml"
     guest = create_guest(conn, work / "g", [DiskSpec("vda", "qcow2", 4096), DiskSpec("vdb", "raw", 4096)],
                          name="vf-downtime", stride=128)
     life = Lifecycle(conn, guest.dom)
@@ -116,7 +120,7 @@ def main() -> int:
     try:
         for window in args.windows:
             per = {s: [] for s in STRATEGIES}
-            baseline, ratios = [], {s: [] for s in STRATEGIES}
+            baseline, ratios, to_base = [], {s: [] for s in STRATEGIES}, {s: [] for s in STRATEGIES}
             for r in range(args.runs):
                 b0 = time.monotonic()
                 wait_until(guest, b0 + window + 2)
@@ -125,15 +129,16 @@ def main() -> int:
                 for s in STRATEGIES:
                     per[s].append(run[s])
                     ratios[s].append(run[s]["stall"] / run["offline"]["stall"])
+                    to_base[s].append(run[s]["stall"] / baseline[-1])
                 print(f"window {window:.0f}s run {r + 1}/{args.runs}: " + ", ".join(
                     f"{s} stall {run[s]['stall'] * 1000:.0f}ms down {run[s]['down'] * 1000:.0f}ms "
                     f"offline {run[s]['offline_bytes'] / 2**20:.1f}MiB" for s in STRATEGIES)
                     + f"; baseline stall {baseline[-1] * 1000:.0f}ms", flush=True)
             for s in STRATEGIES:
                 m = lambda k: statistics.median(x[k] for x in per[s])  # noqa: E731
-                rows.append((window, s, m("stall"), statistics.median(ratios[s]), m("down"),
-                             m("offline_bytes"), m("rounds")))
-            rows.append((window, "no backup", statistics.median(baseline), None, 0.0, 0, 0))
+                rows.append((window, s, m("stall"), statistics.median(to_base[s]), statistics.median(ratios[s]),
+                             m("down"), m("offline_bytes"), m("rounds")))
+            rows.append((window, "no backup", statistics.median(baseline), 1.0, None, 0.0, 0, 0))
         # Integrity once at the end: every acknowledged write is in the merged disks.
         guest.dom.destroy()
         for t in guest.disks:
@@ -146,14 +151,15 @@ def main() -> int:
 
     print()
     print(f"medians over {args.runs} runs; guest writes one record per 64 KiB cluster on 2 disks")
-    print(f"{'window':>7} {'strategy':>10} {'stall':>10} {'vs offline':>10} {'not running':>12} "
-          f"{'merged offline':>15} {'rounds':>6}")
-    for window, s, stall, ratio, down, off, rounds in rows:
-        print(f"{window:>6.0f}s {s:>10} {stall * 1000:>8.0f}ms {'' if ratio is None else f'{ratio:.2f}':>10} "
-              f"{down * 1000:>10.0f}ms {off / 2**20:>12.1f}MiB {rounds:>6.0f}")
-    offline = {w: d for w, s, _, _, d, _, _ in rows if s == "offline"}
+    print(f"{'window':>7} {'strategy':>10} {'stall':>10} {'vs no backup':>12} {'vs offline':>10} "
+          f"{'not running':>12} {'merged offline':>15} {'rounds':>6}")
+    for window, s, stall, vs_base, ratio, down, off, rounds in rows:
+        print(f"{window:>6.0f}s {s:>10} {stall * 1000:>8.0f}ms {vs_base:>11.1f}x "
+              f"{'' if ratio is None else f'{ratio:.2f}':>10} {down * 1000:>10.0f}ms {off / 2**20:>12.1f}MiB "
+              f"{rounds:>6.0f}")
+    offline = {w: d for w, s, _, _, _, d, _, _ in rows if s == "offline"}
     for label in ("iterative", "iter+save"):
-        stopped = {w: d for w, s, _, _, d, _, _ in rows if s == label}
+        stopped = {w: d for w, s, _, _, _, d, _, _ in rows if s == label}
         for w in offline:
             if stopped.get(w):
                 print(f"window {w:.0f}s: offline stops the guest {offline[w] / stopped[w]:.1f}x longer than {label}")

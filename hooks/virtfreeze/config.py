@@ -129,9 +129,12 @@ SCHEMA: dict[str, Any] = {
         },
         "commit_bandwidth": {
             "type": "integer", "minimum": 0,
-            "description": "Limit of a live commit's copy rate in bytes per second (0: none), to spare the host's "
-                           "disks; a busy guest can then out-write it (see live_converge_timeout).",
-            "example": 0,
+            "description": "Bytes per second a commit copies while the guest runs (0: no limit). A copy at full "
+                           "speed stalls a writing guest (its flushes wait behind the host's writeback of the "
+                           "base); held to this rate, with the base written back as it goes, it does not. A live "
+                           "commit's limit is lifted once it has caught up (for the pivot), or when it has not "
+                           "caught up in twice the time its overlay needs at this rate (the guest out-writes it).",
+            "example": 104857600,
         },
         "pivot_attempts": {
             "type": "integer", "minimum": 1,
@@ -301,7 +304,7 @@ class Config:
     lock_wait: float = 10.0
     commit_ready_timeout: float = 3600.0
     live_converge_timeout: float = 600.0
-    commit_bandwidth: int = 0
+    commit_bandwidth: int = 100 << 20
     pivot_attempts: int = 5
     strategy: str = "auto"
     iterative_factor: float = 2.0

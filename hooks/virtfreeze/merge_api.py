@@ -168,12 +168,14 @@ class DomainMerge:
         with self._hv.block_job_events(self.domain.uuid) as events:
             yield JobWatch(self, events)
 
-    def start_commit(self, disk: DiskPlan, top: str | None = None) -> None:
+    def start_commit(self, disk: DiskPlan, top: str | None = None, bandwidth: int | None = None) -> None:
         """Commit into `disk.base` while the guest runs: the whole active chain (top None: an active
         commit, ready to pivot once it caught up), or the layer `top` below the active one (it
-        completes by itself). Raises `MergeRefused` when libvirt refuses to start it."""
+        completes by itself), copying at most `bandwidth` bytes/s (None: the config's
+        commit_bandwidth; 0: no limit). Raises `MergeRefused` when libvirt refuses to start it."""
         self._hv.block_commit(self.domain.uuid, self.domain.name, disk.target, disk.base, top=top,
-                              active=top is None, bandwidth=self.config.commit_bandwidth)
+                              active=top is None,
+                              bandwidth=self.config.commit_bandwidth if bandwidth is None else bandwidth)
 
     def set_speed(self, disk: DiskPlan, bandwidth: int) -> None:
         """Change the copy rate of the disk's running job (bytes/s, 0: unlimited)."""
@@ -279,6 +281,14 @@ class DomainMerge:
     def _progress(self, target: str, job: dict) -> None:
         if job.get("end"):
             self.progress(f"disk {target}: committing {100.0 * job.get('cur', 0) / job['end']:.0f}%")
+
+
+def allocated_bytes(path: str) -> int:
+    """Bytes an overlay holds on disk (0 when it is gone or cannot be seen)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
 
 
 def resume_paused(merge: DomainMerge) -> None:

@@ -29,21 +29,15 @@ import logging
 import os
 import time
 
+from virtfreeze.base_writeback import written_back
 from virtfreeze.errors import MergeRefused, VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.journal import failpoint
-from virtfreeze.merge_api import PAUSED, RUNNING
+from virtfreeze.merge_api import PAUSED, RUNNING, allocated_bytes
 from virtfreeze.model import MergeResult
 from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
-
-
-def _allocated(path: str) -> int:
-    try:
-        return os.stat(path).st_blocks * 512
-    except FileNotFoundError:
-        return 0
 
 
 def one_round(merge, disks, tops: dict[str, str]) -> dict[str, str]:
@@ -56,14 +50,17 @@ def one_round(merge, disks, tops: dict[str, str]) -> dict[str, str]:
     merge.note(iterative_round=n)
     merge.progress(f"round {n - 1}: committing live")
     merge.new_overlays(new)
-    empty = {t: _allocated(p) for t, p in new.items()}  # qcow2 metadata of a fresh overlay, not data
+    empty = {t: allocated_bytes(p) for t, p in new.items()}  # qcow2 metadata of a fresh overlay, not data
     merge.note(iterative_empty=empty)
     failpoint("iterative-snapshot")
     with merge.watch_jobs() as watch:
         for d in disks:
             merge.start_commit(d, top=tops[d.target])
         failpoint("iterative-commit-started")
-        watch.wait(disks, "completed")
+        with contextlib.ExitStack() as written:  # QEMU's flush as each commit ends then finds little to do
+            for d in disks:
+                written.enter_context(written_back(merge.domain.name, d.target, d.base))
+            watch.wait(disks, "completed")
     live = merge.definitions().live or {}
     for d in disks:
         if live.get(d.target) != new[d.target]:
@@ -88,7 +85,7 @@ def merge_paused(merge, disks) -> tuple[int, float]:
     bounded = dataclasses.replace(merge.config, commit_ready_timeout=min(merge.config.commit_ready_timeout,
                                                                          PAUSED_READY_TIMEOUT))
     live = merge.definitions().live or {}
-    merged = sum(_allocated(live[d.target]) for d in disks if d.is_ours(live.get(d.target)))
+    merged = sum(allocated_bytes(live[d.target]) for d in disks if d.is_ours(live.get(d.target)))
     t0 = time.monotonic()
     with merge.guest_paused() as paused:
         merge.progress(f"last {merged >> 20} MiB: guest paused")
@@ -132,7 +129,7 @@ def virtfreeze_merge(merge):
 
     def data_bytes(tops):
         empty = merge.record.iterative_empty
-        return sum(max(0, _allocated(tops[d.target]) - empty.get(d.target, 0)) for d in disks)
+        return sum(max(0, allocated_bytes(tops[d.target]) - empty.get(d.target, 0)) for d in disks)
 
     size = data_bytes(tops)
     config = merge.config

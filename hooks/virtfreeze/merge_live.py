@@ -2,8 +2,11 @@
 
 Waits for the READY event (never polls cur == end), bounded in time, with
 progress; retries the pivot with backoff; survives a libvirtd restart (the
-block-job waiter reconnects and reads the job's state). Uses only the
-public merge API (`virtfreeze.merge_api`).
+block-job waiter reconnects and reads the job's state). While the guest runs
+the copy is held to `commit_bandwidth` with the base written back as it goes
+(`base_writeback`), and the limit is lifted once the commit has caught up:
+the guest then notices the merge no more than a quiet minute
+(`bench/downtime.py`). Uses only the public merge API (`virtfreeze.merge_api`).
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from __future__ import annotations
 import logging
 import time
 
+from virtfreeze.base_writeback import written_back
 from virtfreeze.errors import CommitNotReady, NotReadyToPivot, VirtfreezeError
 from virtfreeze.hookspecs import hookimpl
 from virtfreeze.journal import failpoint
-from virtfreeze.merge_api import PAUSED, RUNNING
+from virtfreeze.merge_api import PAUSED, RUNNING, allocated_bytes
 from virtfreeze.model import MergeResult
 from virtfreeze.logs import domain_log
 
@@ -48,6 +52,7 @@ def commit_and_pivot(merge, disk) -> float:
     """Merge one disk's overlay into its recorded base while the guest runs; returns the seconds the
     guest was paused for it (0 unless the commit did not converge under strategy auto)."""
     name = merge.domain.name
+    running = merge.state() == RUNNING
     with merge.watch_jobs() as watch:
         job = merge.job(disk)
         if job == "commit":
@@ -64,13 +69,15 @@ def commit_and_pivot(merge, disk) -> float:
         else:
             domain_log(log, name, disk.target).info("live commit of %s into %s",
                                                     (merge.at_start.live or {}).get(disk.target), disk.base)
-            merge.start_commit(disk)  # MergeRefused when libvirt refuses: the caller may go offline
+            # MergeRefused when libvirt refuses: the caller may go offline
+            merge.start_commit(disk, bandwidth=merge.config.commit_bandwidth if running else 0)
         failpoint("thaw-commit-started")
         stopped = 0.0
-        converge = merge.auto_fallback and merge.state() == RUNNING
+        converge = merge.auto_fallback and running
         try:
-            watch.wait([disk], "ready", timeout=min(merge.config.live_converge_timeout,
-                                                    merge.config.commit_ready_timeout) if converge else None)
+            _wait_caught_up(merge, disk, watch, min(merge.config.live_converge_timeout,
+                                                    merge.config.commit_ready_timeout) if converge
+                            else merge.config.commit_ready_timeout, limited=running)
         except CommitNotReady:
             if not converge:
                 raise
@@ -87,6 +94,32 @@ def commit_and_pivot(merge, disk) -> float:
                               disk=disk.target, path=disk.base)
     domain_log(log, name, disk.target).info("back on %s", disk.base)
     return stopped
+
+
+def _wait_caught_up(merge, disk, watch, timeout: float, limited: bool) -> None:
+    """Wait (up to `timeout` s) for the commit to become ready, with the base written back as the copy
+    goes; then lift its bandwidth limit, so that the pivot copies the last writes at full speed. A
+    copy held to commit_bandwidth that has not caught up in twice the time its overlay needs at that
+    rate (at least 10 s) gets its limit lifted early: the guest out-writes the limit."""
+    bandwidth = merge.config.commit_bandwidth if limited else 0
+    with written_back(merge.domain.name, disk.target, disk.base):
+        if not bandwidth:
+            watch.wait([disk], "ready", timeout=timeout)
+            return
+        allowed = max(10.0, 2 * allocated_bytes(disk.overlay) / bandwidth)
+        t0 = time.monotonic()
+        try:
+            watch.wait([disk], "ready", timeout=min(allowed, timeout))
+        except CommitNotReady:
+            if allowed >= timeout:
+                raise
+            domain_log(log, merge.domain.name, disk.target).info(
+                "the commit, held to %g MiB/s, has not caught up with the guest's writes in %.0fs; lifting the "
+                "limit", bandwidth / 2**20, allowed)
+            merge.set_speed(disk, 0)
+            watch.wait([disk], "ready", timeout=timeout - (time.monotonic() - t0))
+            return
+    merge.set_speed(disk, 0)
 
 
 # Longest wait for the commit to become ready while the guest is paused; after it the

@@ -175,6 +175,25 @@ def test_a_third_party_merge_plugin_from_its_own_distribution(guest_factory, vf,
     assert_all_acked_present(g)
 
 
+def test_live_commit_held_to_a_bandwidth_the_guest_outwrites_is_lifted_not_paused(guest_factory, vf):
+    """A commit held to 1 MiB/s against a guest that dirties ~9 MiB/s never catches up; after twice the
+    time its overlay needs at that rate (at least 10 s) the limit is lifted and it pivots with the guest
+    running, well before live_converge_timeout would pause it."""
+    g = guest_factory([DiskSpec("vda", "qcow2", size_mib=64)], stride=128)
+    vf.write_config(commit_bandwidth=1 << 20, live_converge_timeout=300)
+    vf("freeze", g.name)
+    g.watcher.wait_acks(30)
+    out = vf("--json", "thaw", g.name)
+    thawed = json.loads(out.stdout)["thawed"][0]
+    assert thawed["strategy"] == "live" and thawed["stopped_seconds"] == 0 and not thawed["note"], thawed
+    assert f"domain {g.name!r} disk vda: the commit, held to 1 MiB/s, has not caught up" in out.stderr
+    assert "lifting the limit" in out.stderr
+    assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    g.watcher.wait_acks(20, after=time.monotonic())
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
+
+
 def test_auto_live_commit_that_cannot_converge_pauses_the_guest_briefly(guest_factory, vf):
     """Strategy auto: a commit held to 512 KiB/s against a guest that dirties a new 64 KiB cluster with
     every write never becomes ready; after live_converge_timeout the rest is merged with the guest paused."""
