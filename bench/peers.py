@@ -16,7 +16,12 @@ each, and the order rotating between runs:
   again with borg under `nice -n 19 ionice -c 3`;
 - virtfreeze driver mode: `backup --target borg` with the default
   `archive_priority` (nice 19, ionice idle, cgroup CPU weight 10), and with
-  `archive_priority` normal.
+  `archive_priority` normal;
+- the same with `export_layout: segmented` and no state from an earlier run,
+  so that every segment is read: the disks then come through the segment
+  view (the raw disk, read with O_DIRECT) and the guest view (the qcow2 one,
+  qemu-storage-daemon with `cache.direct=on`) instead of bind mounts read
+  through the page cache.
 
 It prints, per way, the median wall time and the median of the guest's
 largest write stall, with the stall's ratio to the baseline's and the wall
@@ -67,6 +72,7 @@ def main() -> int:
            f"targets:\n  borg: {{type: borg, repository: '{repo}', compression: lz4}}\n"
     (work / "low.yaml").write_text(base)
     (work / "normal.yaml").write_text(base + "archive_priority: {nice: 0, ionice: none, cpu_weight: null}\n")
+    (work / "segmented.yaml").write_text(base + "export_layout: segmented\n")
     g = guest_with_data(conn, work / "vm", "vf-bench-peers", args.size_mib)
     name, disks = g.name, dict(g.disks)
 
@@ -104,6 +110,9 @@ def main() -> int:
         "virtfreeze backup, archive_priority default (low)": lambda: vf("low.yaml", "backup", "--target", "borg",
                                                                       name),
         "virtfreeze backup, archive_priority normal": lambda: vf("normal.yaml", "backup", "--target", "borg", name),
+        "virtfreeze backup, segmented layout, everything read": lambda: (
+            shutil.rmtree(work / "state" / "segments", ignore_errors=True),
+            vf("segmented.yaml", "backup", "--target", "borg", name)),
     }
     walls: dict[str, list[float]] = {w: [] for w in ways}
     stalls: dict[str, list[float]] = {w: [] for w in ["baseline (no backup)", *ways]}

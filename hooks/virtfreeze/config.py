@@ -133,7 +133,8 @@ SCHEMA: dict[str, Any] = {
                            "speed stalls a writing guest (its flushes wait behind the host's writeback of the "
                            "base); held to this rate, with the base written back as it goes, it does not. A live "
                            "commit's limit is lifted once it has caught up (for the pivot), or when it has not "
-                           "caught up in twice the time its overlay needs at this rate (the guest out-writes it).",
+                           "caught up in twice the time its overlay needs at this rate (the guest out-writes it); "
+                           "an overlay holding less than a second's copy is copied at full speed.",
             "example": 104857600,
         },
         "pivot_attempts": {

@@ -26,6 +26,8 @@ import stat
 import sys
 import time
 
+from virtfreeze.direct_read import DirectReader
+
 MODULE = "virtfreeze.device_view"
 
 
@@ -53,8 +55,8 @@ def _operations(device: str, ready_fd: int):
         use_ns = True
 
         def __init__(self) -> None:
-            self.fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            self.reader = DirectReader(device)  # O_DIRECT: the guests' writes do not queue behind read-ahead
+            self.size = self.reader.size
             self.mounted_ns = time.time_ns()
 
         def init(self, path):
@@ -74,7 +76,7 @@ def _operations(device: str, ready_fd: int):
             return 0
 
         def read(self, path, size, offset, fh):  # DeviceFUSE.read serves reads; this is its plain twin
-            return os.pread(self.fd, size, offset)
+            return self.reader.pread(size, offset)
 
     return DeviceFile()
 
@@ -85,11 +87,11 @@ def _fuse_class():
     from virtfreeze._vendor import mfusepy
 
     class DeviceFUSE(mfusepy.FUSE):
-        """Reads go straight from the device into libfuse's buffer (no bytes object, no second copy)."""
+        """Reads go from the device into libfuse's buffer (no bytes object in between)."""
 
         def read(self, path, buf, size, offset, fip):
             into = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
-            return os.preadv(self.operations.fd, [into], offset)
+            return self.operations.reader.readinto(into, offset)
 
     return DeviceFUSE
 

@@ -5,7 +5,11 @@ for every format, restorable with `cat`, and a backing chain (a template)
 read through. For a qcow2 base, qemu-storage-daemon opens it read-only
 beside QEMU (force-share) and exports it through FUSE as a raw file; the
 segment view reads that file. ``--daemonize`` returns once the export is
-mounted.
+mounted. It reads the base with O_DIRECT (``cache.direct=on``) where the
+base's file system allows it: reading a cold image through the page cache
+with the disk's read-ahead queues large reads ahead of the guests' writes
+(a writing guest stalled 26 ms against a 14 ms baseline while 512 MiB were
+read through this export, 17 ms with direct reads).
 
 The files live under ``<state_directory>/guest-views/<uuid>/`` (0700), not
 in the export view, which borgmatic archives whole. A daemon is found again
@@ -21,6 +25,7 @@ from pathlib import Path
 
 from virtfreeze import runner
 from virtfreeze.dirty_bitmap import image_opts
+from virtfreeze.errors import VirtfreezeError
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +45,34 @@ def start(base: str, fmt: str, view: Path, *, block: bool = False, domain: str, 
     view.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(view.parent, 0o700)
     view.touch(mode=0o400, exist_ok=True)
-    runner.run([PROGRAM, "--blockdev", f"node-name=guest,read-only=on,{image_opts(base, fmt, block=block)}",
-                "--export", f"type=fuse,id=guest,node-name=guest,writable=off,mountpoint={_escaped(view)}",
-                "--daemonize", "--pidfile", str(view.with_suffix(".pid"))],
-               what="qemu-storage-daemon (guest view)", domain=domain, disk=disk, path=base,
-               install_hint="install qemu-system-common (qemu-storage-daemon) and fuse3")
+    opts = f"node-name=guest,read-only=on,{image_opts(base, fmt, block=block)}"
+    argv = ["--export", f"type=fuse,id=guest,node-name=guest,writable=off,mountpoint={_escaped(view)}",
+            "--daemonize", "--pidfile", str(view.with_suffix(".pid"))]
+    what = dict(what="qemu-storage-daemon (guest view)", domain=domain, disk=disk, path=base,
+                install_hint="install qemu-system-common (qemu-storage-daemon) and fuse3")
+    direct = direct_io_allowed(base)
+    try:
+        runner.run([PROGRAM, "--blockdev", opts + (",cache.direct=on" if direct else ""), *argv], **what)
+    except VirtfreezeError as e:
+        if not direct:
+            raise
+        # a backing file on a file system without O_DIRECT: the page cache, then
+        log.debug("guest view of %s without O_DIRECT: %s", base, e.message)
+        runner.run([PROGRAM, "--blockdev", opts, *argv], **what)
     from virtfreeze.export_view import raise_readahead
 
     raise_readahead(view)  # hashing a 1 GiB disk through it here: 3.8 s with FUSE's 128 KiB, 1.3 s with 4 MiB
     return view
+
+
+def direct_io_allowed(path: str) -> bool:
+    """Whether `path` opens with O_DIRECT (some file systems refuse it: tmpfs before Linux 6.6)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def mountpoint_of(argv: list[str]) -> str | None:

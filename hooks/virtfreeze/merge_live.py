@@ -53,6 +53,7 @@ def commit_and_pivot(merge, disk) -> float:
     guest was paused for it (0 unless the commit did not converge under strategy auto)."""
     name = merge.domain.name
     running = merge.state() == RUNNING
+    rate = _copy_rate(merge, disk, running)
     with merge.watch_jobs() as watch:
         job = merge.job(disk)
         if job == "commit":
@@ -63,6 +64,7 @@ def commit_and_pivot(merge, disk) -> float:
             job = None
         if job == "active-commit":
             domain_log(log, name, disk.target).info("resuming the commit of an earlier run")
+            merge.set_speed(disk, rate)  # whatever rate that run left it at
         elif job is not None:
             raise VirtfreezeError(f"another block job (type {job}) runs on this disk", domain=name,
                                   disk=disk.target, hint="wait for it, or end it with `virsh blockjob --abort`")
@@ -70,14 +72,14 @@ def commit_and_pivot(merge, disk) -> float:
             domain_log(log, name, disk.target).info("live commit of %s into %s",
                                                     (merge.at_start.live or {}).get(disk.target), disk.base)
             # MergeRefused when libvirt refuses: the caller may go offline
-            merge.start_commit(disk, bandwidth=merge.config.commit_bandwidth if running else 0)
+            merge.start_commit(disk, bandwidth=rate)
         failpoint("thaw-commit-started")
         stopped = 0.0
         converge = merge.auto_fallback and running
         try:
             _wait_caught_up(merge, disk, watch, min(merge.config.live_converge_timeout,
                                                     merge.config.commit_ready_timeout) if converge
-                            else merge.config.commit_ready_timeout, limited=running)
+                            else merge.config.commit_ready_timeout, bandwidth=rate)
         except CommitNotReady:
             if not converge:
                 raise
@@ -96,12 +98,18 @@ def commit_and_pivot(merge, disk) -> float:
     return stopped
 
 
-def _wait_caught_up(merge, disk, watch, timeout: float, limited: bool) -> None:
+def _copy_rate(merge, disk, running: bool) -> int:
+    """commit_bandwidth while the guest runs and the overlay holds more than a second's copy at that
+    rate; else 0 (no limit: a paused guest, or too little to leave much dirty)."""
+    bandwidth = merge.config.commit_bandwidth
+    return bandwidth if running and bandwidth and allocated_bytes(disk.overlay) >= bandwidth else 0
+
+
+def _wait_caught_up(merge, disk, watch, timeout: float, bandwidth: int) -> None:
     """Wait (up to `timeout` s) for the commit to become ready, with the base written back as the copy
     goes; then lift its bandwidth limit, so that the pivot copies the last writes at full speed. A
     copy held to commit_bandwidth that has not caught up in twice the time its overlay needs at that
     rate (at least 10 s) gets its limit lifted early: the guest out-writes the limit."""
-    bandwidth = merge.config.commit_bandwidth if limited else 0
     with written_back(merge.domain.name, disk.target, disk.base):
         if not bandwidth:
             watch.wait([disk], "ready", timeout=timeout)

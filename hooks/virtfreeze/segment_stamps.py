@@ -22,6 +22,8 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
+from virtfreeze.direct_read import DirectReader
+
 MARGIN_NS = 10**9  # a stamp is at least this much older than the freeze (coarse file system clocks)
 
 
@@ -104,12 +106,12 @@ def next_stamps(previous: SegmentState | None, changed: set[int] | None, count: 
 
 def changed_by_hash(source: str, segment_size: int, previous: list[str]) -> tuple[set[int], list[str]]:
     """(segments whose SHA-256 differs from `previous`, the new hashes) of a frozen raw image or device."""
-    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    reader = segment_reader(source)
     try:
-        count = segment_count(os.lseek(fd, 0, os.SEEK_END), segment_size)
-        hashes = [_segment_hash(fd, segment_size, i) for i in range(count)]
+        count = segment_count(reader.size, segment_size)
+        hashes = [_segment_hash(reader, segment_size, i) for i in range(count)]
     finally:
-        os.close(fd)
+        reader.close()
     changed = {i for i, h in enumerate(hashes) if i >= len(previous) or previous[i] != h}
     return changed, hashes
 
@@ -117,19 +119,26 @@ def changed_by_hash(source: str, segment_size: int, previous: list[str]) -> tupl
 def rehash(source: str, segment_size: int, previous: list[str], changed: set[int]) -> list[str]:
     """`previous` with the hashes of the `changed` segments read again (the others are known unchanged),
     so that a later run that must compare hashes re-reads only what really changed."""
-    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    reader = segment_reader(source)
     try:
-        count = segment_count(os.lseek(fd, 0, os.SEEK_END), segment_size)
+        count = segment_count(reader.size, segment_size)
         old = previous if len(previous) == count else [""] * count
-        return [_segment_hash(fd, segment_size, i) if i in changed or not old[i] else old[i] for i in range(count)]
+        return [_segment_hash(reader, segment_size, i) if i in changed or not old[i] else old[i]
+                for i in range(count)]
     finally:
-        os.close(fd)
+        reader.close()
 
 
-def _segment_hash(fd: int, segment_size: int, i: int) -> str:
+def segment_reader(source: str) -> DirectReader:
+    """The source read as the segment view reads it: O_DIRECT, except a guest view (a FUSE mount that
+    reads its base with O_DIRECT itself), read through its page cache and raised read-ahead."""
+    return DirectReader(source, direct=not os.path.ismount(source))
+
+
+def _segment_hash(reader: DirectReader, segment_size: int, i: int) -> str:
     digest, pos, end = hashlib.sha256(), i * segment_size, (i + 1) * segment_size
     while pos < end:
-        block = os.pread(fd, min(end - pos, 4 << 20), pos)
+        block = reader.pread(min(end - pos, 4 << 20), pos)
         if not block:  # the end of the source: the last segment is shorter
             break
         digest.update(block)

@@ -1,7 +1,7 @@
 """A disk shown as fixed-size segment files whose identity moves only when their data did.
 
-This is the layout that will let borg's and restic's own file caches skip
-what did not change (issue 13; nothing in freeze uses it yet). At the
+This is the layout that lets borg's and restic's own file caches skip what
+did not change (`export_layout: segmented`). At the
 mountpoint, a directory, segment ``000000``, ``000001``, ... holds bytes
 ``[i * segment_size, (i + 1) * segment_size)`` of the source (a raw image
 file or a block device; the last one may be shorter), read-only.
@@ -39,7 +39,7 @@ import stat
 import sys
 from pathlib import Path
 
-from virtfreeze.segment_stamps import segment_count
+from virtfreeze.segment_stamps import segment_count, segment_reader
 
 MODULE = "virtfreeze.segment_view"
 INO_BASE = 4096  # segment i is inode INO_BASE + i; the directory is inode 1
@@ -87,8 +87,8 @@ def _operations(source: str, stamps_file: str, counters: str, ready_fd: int):
         use_ns = True
 
         def __init__(self) -> None:
-            self.fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            self.reader = segment_reader(source)  # as the hashes were read: O_DIRECT but from a guest view
+            self.size = self.reader.size
             self.segment_size, self.stamps = read_stamps(stamps_file, self.size)
             self.index = {"/" + segment_name(i, len(self.stamps)): i for i in range(len(self.stamps))}
             self.newest = max(self.stamps, default=1)
@@ -136,7 +136,7 @@ def _operations(source: str, stamps_file: str, counters: str, ready_fd: int):
         def read(self, path, size, offset, fh):
             i = self.index[path]
             size = max(0, min(size, self._length(i) - offset))
-            data = os.pread(self.fd, size, i * self.segment_size + offset)
+            data = self.reader.pread(size, i * self.segment_size + offset)
             self.served += len(data)
             return data
 
