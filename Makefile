@@ -30,6 +30,8 @@ bench: prepare
 	$(PY) bench/restore.py
 	$(PY) bench/memory_freeze.py
 	$(PY) bench/incremental.py
+	$(PY) bench/peers.py
+	$(PY) bench/contention.py
 
 ## deb: the Debian package (build/deb/virtfreeze_<version>_all.deb), built with Debian's tools, lintian-checked
 deb:

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Benchmark: which part of an archive makes a writing guest stall, one load at a time.
+
+A guest writes all the time (O_DIRECT + fsync per record) on a raw disk of
+512 MiB of random data. Beside it, with the page cache dropped before each,
+one load runs at a time, and the guest's largest write stall while it runs
+is measured:
+
+- CPU: busy loops (`sha256sum /dev/zero`), one or two, at nice 19 or under
+  SCHED_IDLE (`chrt --idle`), for a fixed window;
+- reading the disk image cold: through the page cache (`cat`, the disk's
+  read-ahead), with O_DIRECT in 1 MiB requests (`dd iflag=direct`, as the
+  device and segment views read), through a qemu-storage-daemon FUSE export
+  with and without `cache.direct=on` (the qcow2 guest view);
+- writing 1 GiB through the page cache and fdatasync (an archive's
+  repository);
+- borg itself (lz4, nice 19, ionice idle) with its repository on the same
+  disk and on tmpfs.
+
+The order rotates between runs. Medians, and ratios to the no-load window.
+
+Usage: bench/contention.py [--runs 5] [--window 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import drop_caches, med  # noqa: E402
+
+import libvirt  # noqa: E402
+
+from tests.rig.acks import max_gap  # noqa: E402
+
+from archive import BORG_ENV, guest_with_data  # noqa: E402
+
+NICE = ["nice", "-n", "19"]
+IDLE = ["chrt", "--idle", "0"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--window", type=float, default=4.0, help="seconds each CPU load runs")
+    args = ap.parse_args()
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)
+    conn = libvirt.open("qemu:///system")
+    work = Path(tempfile.mkdtemp(prefix="vf-bench-contention-", dir="/var/tmp"))
+    shm = Path(tempfile.mkdtemp(prefix="vf-bench-contention-", dir="/dev/shm"))
+    g = guest_with_data(conn, work / "vm", "vf-bench-contention", 512)
+    image = str(g.disks["vdb"])
+    window = args.window
+
+    def measure(*commands: list[str]) -> float:
+        """The guest's largest stall while `commands` run side by side (a quiet window when none)."""
+        drop_caches()
+        g.watcher.wait_acks(20)
+        t0 = time.monotonic()
+        procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=BORG_ENV)
+                 for c in commands]
+        for p, c in zip(procs, commands):
+            err = p.communicate()[1]
+            # 124: timeout ended a CPU loop, as meant; borg 1: a warning ("file changed": the guest writes on)
+            if p.returncode not in (0, 124) and not (p.returncode == 1 and "borg" in c):
+                raise RuntimeError(f"{' '.join(c)}: exit {p.returncode}: {err.decode().strip()}")
+        t1 = time.monotonic() if commands else t0 + window
+        g.watcher.wait_acks(3, after=t1, timeout=window + 60)
+        return max_gap(g.watcher.snapshot(), t0, t1)
+
+    def cpu(prefix: list[str], n: int) -> float:
+        return measure(*[["timeout", str(window), *prefix, "sha256sum", "/dev/zero"]] * n)
+
+    def borg(repo: Path) -> float:
+        shutil.rmtree(repo, ignore_errors=True)
+        subprocess.run(["borg", "init", "--encryption=none", str(repo)], env=BORG_ENV, check=True,
+                       capture_output=True)
+        return measure(["ionice", "-c", "3", *NICE, "borg", "create", "--compression", "lz4", f"{repo}::a", image])
+
+    def through_export(direct: bool) -> float:
+        view, pidfile = work / "export.raw", work / "export.pid"
+        view.touch()
+        node = f"node-name=d,read-only=on,driver=raw,file.driver=file,file.filename={image.replace(',', ',,')}"
+        subprocess.run(["qemu-storage-daemon", "--blockdev", node + (",cache.direct=on" if direct else ""),
+                        "--export", f"type=fuse,id=d,node-name=d,writable=off,mountpoint={view}", "--daemonize",
+                        "--pidfile", str(pidfile)], check=True)
+        pid = int(pidfile.read_text())
+        try:
+            return measure(["cat", str(view)])
+        finally:
+            os.kill(pid, signal.SIGTERM)
+            fd = os.pidfd_open(pid)
+            try:
+                select.select([fd], [], [], 30)  # the daemon has exited (unmounted)
+            finally:
+                os.close(fd)
+
+    loads = {
+        "no load": lambda: measure(),
+        "CPU: 1 busy loop, nice 19": lambda: cpu(NICE, 1),
+        "CPU: 2 busy loops, nice 19": lambda: cpu(NICE, 2),
+        "CPU: 2 busy loops, SCHED_IDLE": lambda: cpu(IDLE, 2),
+        "read 512 MiB cold, page cache (cat)": lambda: measure(["cat", image]),
+        "read 512 MiB cold, O_DIRECT 1 MiB (dd)": lambda: measure(
+            ["dd", f"if={image}", "of=/dev/null", "bs=1M", "iflag=direct"]),
+        "read through qemu-storage-daemon FUSE": lambda: through_export(False),
+        "  the same with cache.direct=on": lambda: through_export(True),
+        "write 1 GiB, page cache + fdatasync": lambda: measure(
+            ["dd", "if=/dev/zero", f"of={work}/written", "bs=1M", "count=1024", "conv=fdatasync"]),
+        "borg create (nice 19, ionice idle)": lambda: borg(work / "repo"),
+        "  the same, repository on tmpfs": lambda: borg(shm / "repo"),
+    }
+    stalls: dict[str, list[float]] = {k: [] for k in loads}
+    try:
+        for run in range(args.runs):
+            order = list(loads)
+            order = order[run % len(order):] + order[:run % len(order)]
+            for k in order:
+                stalls[k].append(loads[k]())
+            print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{k.strip()} {stalls[k][-1] * 1000:.0f}ms"
+                                                           for k in loads), flush=True)
+        base = med(stalls["no load"])
+        print(f"\nlargest write stall of a writing guest beside one load ({args.runs} runs, medians, 2 cores):")
+        for k, v in stalls.items():
+            print(f"  {k:42} {med(v) * 1000:6.0f} ms {med(v) / base:5.1f}x")
+        return 0
+    finally:
+        g.remove()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
