@@ -21,12 +21,14 @@ each, and the order rotating between runs:
   so that every segment is read: the disks then come through the segment
   view (the raw disk, read with O_DIRECT) and the guest view (the qcow2 one,
   qemu-storage-daemon with `cache.direct=on`) instead of bind mounts read
-  through the page cache.
+  through the page cache;
+- virt-backup from PyPI (a snapshot, a plain copy into a directory, a
+  blockcommit; no borg), installed into a venv under /var/tmp on the first
+  run; when it does not install, the row says why and the rest runs.
 
 It prints, per way, the median wall time and the median of the guest's
 largest write stall, with the stall's ratio to the baseline's and the wall
-time's ratio to the plain script's. virt-backup is not compared: it is not
-packaged for Debian and did not install from PyPI here (see the closing note).
+time's ratio to the plain script's.
 
 Usage: bench/peers.py [--runs 3] [--size-mib 512]
 """
@@ -59,6 +61,23 @@ def sh(*argv: str, **kw) -> None:
         raise RuntimeError(f"{' '.join(argv)}: {proc.returncode}: {proc.stderr.strip()}")
 
 
+VIRT_BACKUP_VENV = Path("/var/tmp/vf-bench-virt-backup")
+
+
+def virt_backup() -> str | None:
+    """The virt-backup program (installed from PyPI into a venv once), or None when it does not install."""
+    program = VIRT_BACKUP_VENV / "bin" / "virt-backup"
+    if not program.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VIRT_BACKUP_VENV)], check=True)
+        proc = subprocess.run([str(VIRT_BACKUP_VENV / "bin" / "pip"), "install", "-q", "virt-backup"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"virt-backup did not install: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+            shutil.rmtree(VIRT_BACKUP_VENV, ignore_errors=True)
+            return None
+    return str(program)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -73,6 +92,7 @@ def main() -> int:
     (work / "low.yaml").write_text(base)
     (work / "normal.yaml").write_text(base + "archive_priority: {nice: 0, ionice: none, cpu_weight: null}\n")
     (work / "segmented.yaml").write_text(base + "export_layout: segmented\n")
+    vb = virt_backup()
     g = guest_with_data(conn, work / "vm", "vf-bench-peers", args.size_mib)
     name, disks = g.name, dict(g.disks)
 
@@ -114,6 +134,17 @@ def main() -> int:
             shutil.rmtree(work / "state" / "segments", ignore_errors=True),
             vf("segmented.yaml", "backup", "--target", "borg", name)),
     }
+    if vb:
+        (work / "virt-backup.yml").write_text(
+            f"uri: qemu:///system\nthreads: 1\ngroups:\n  bench:\n    target: {work}/virt-backup\n"
+            f"    packager: directory\n    hosts:\n      - {name}\n")
+
+        def with_virt_backup() -> None:
+            shutil.rmtree(work / "virt-backup", ignore_errors=True)
+            (work / "virt-backup").mkdir()
+            sh(vb, "-c", str(work / "virt-backup.yml"), "backup", "bench")
+
+        ways["virt-backup (snapshot, copy, blockcommit; no borg)"] = with_virt_backup
     walls: dict[str, list[float]] = {w: [] for w in ways}
     stalls: dict[str, list[float]] = {w: [] for w in ["baseline (no backup)", *ways]}
     try:
