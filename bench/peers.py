@@ -24,7 +24,7 @@ each, and the order rotating between runs:
   through the page cache;
 - virt-backup from PyPI (a snapshot, a plain copy into a directory, a
   blockcommit; no borg), installed into a venv under /var/tmp on the first
-  run; when it does not install, the row says why and the rest runs.
+  run; when it does not install, the bench prints why and runs the rest.
 
 It prints, per way, the median wall time and the median of the guest's
 largest write stall, with the stall's ratio to the baseline's and the wall
