@@ -25,10 +25,7 @@ Usage: bench/contention.py [--runs 5] [--window 4]
 from __future__ import annotations
 
 import argparse
-import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +39,7 @@ from _common import drop_caches, med  # noqa: E402
 import libvirt  # noqa: E402
 
 from tests.rig.acks import max_gap  # noqa: E402
+from virtfreeze import runner  # noqa: E402
 
 from archive import BORG_ENV, guest_with_data  # noqa: E402
 
@@ -94,16 +92,10 @@ def main() -> int:
         subprocess.run(["qemu-storage-daemon", "--blockdev", node + (",cache.direct=on" if direct else ""),
                         "--export", f"type=fuse,id=d,node-name=d,writable=off,mountpoint={view}", "--daemonize",
                         "--pidfile", str(pidfile)], check=True)
-        pid = int(pidfile.read_text())
         try:
             return measure(["cat", str(view)])
         finally:
-            os.kill(pid, signal.SIGTERM)
-            fd = os.pidfd_open(pid)
-            try:
-                select.select([fd], [], [], 30)  # the daemon has exited (unmounted)
-            finally:
-                os.close(fd)
+            runner.stop_pid(int(pidfile.read_text()), what="qemu-storage-daemon")  # until it has exited
 
     loads = {
         "no load": lambda: measure(),

@@ -19,18 +19,31 @@ import threading
 BLOCK = 1 << 20  # a multiple of every logical block size, and as large as a read that did not stall
 
 
+def _open_direct(path: str) -> int | None:
+    """`path` opened read-only with O_DIRECT, or None where its file system refuses that (EINVAL:
+    tmpfs before Linux 6.6, some FUSE file systems)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def direct_io_allowed(path: str) -> bool:
+    """Whether `path` opens with O_DIRECT (for a program told to use it, e.g. qemu-storage-daemon)."""
+    fd = _open_direct(path)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
 class DirectReader:
     """`readinto`/`pread` of a file or block device, O_DIRECT where it can be (and `direct` asks)."""
 
     def __init__(self, path: str, direct: bool = True) -> None:
-        self.fd, self.direct = -1, False
-        if direct:
-            try:
-                self.fd, self.direct = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC), True
-            except OSError:  # EINVAL: no O_DIRECT on this file system
-                pass
-        if not self.direct:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_direct(path) if direct else None
+        self.direct = fd is not None
+        self.fd = fd if fd is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
         self._block = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT wants its buffer
         self._start, self._length = -1, 0  # the block held: its offset, and the bytes read into it
@@ -48,7 +61,7 @@ class DirectReader:
                 pos = offset + done
                 start = pos - pos % BLOCK
                 if start != self._start:
-                    self._start, self._length = -1, 0
+                    self._start, self._length = -1, 0  # held nothing, should the read below fail
                     self._length = os.preadv(self.fd, [self._block], start)
                     self._start = start
                 skip = pos - start

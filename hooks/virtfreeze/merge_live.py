@@ -52,8 +52,9 @@ def commit_and_pivot(merge, disk) -> float:
     """Merge one disk's overlay into its recorded base while the guest runs; returns the seconds the
     guest was paused for it (0 unless the commit did not converge under strategy auto)."""
     name = merge.domain.name
-    running = merge.state() == RUNNING
-    rate = _copy_rate(merge, disk, running)
+    running = merge.state() == RUNNING  # read once: the rate and the fallback both follow it
+    held = allocated_bytes(disk.overlay)
+    rate = _copy_rate(merge, held, running)
     with merge.watch_jobs() as watch:
         job = merge.job(disk)
         if job == "commit":
@@ -79,7 +80,7 @@ def commit_and_pivot(merge, disk) -> float:
         try:
             _wait_caught_up(merge, disk, watch, min(merge.config.live_converge_timeout,
                                                     merge.config.commit_ready_timeout) if converge
-                            else merge.config.commit_ready_timeout, bandwidth=rate)
+                            else merge.config.commit_ready_timeout, bandwidth=rate, held=held)
         except CommitNotReady:
             if not converge:
                 raise
@@ -98,14 +99,14 @@ def commit_and_pivot(merge, disk) -> float:
     return stopped
 
 
-def _copy_rate(merge, disk, running: bool) -> int:
-    """commit_bandwidth while the guest runs and the overlay holds more than a second's copy at that
-    rate; else 0 (no limit: a paused guest, or too little to leave much dirty)."""
+def _copy_rate(merge, held: int, running: bool) -> int:
+    """commit_bandwidth while the guest runs and its overlay holds (`held` bytes) at least a second's
+    copy at that rate; else 0 (no limit: a paused guest, or too little to leave much dirty)."""
     bandwidth = merge.config.commit_bandwidth
-    return bandwidth if running and bandwidth and allocated_bytes(disk.overlay) >= bandwidth else 0
+    return bandwidth if running and bandwidth and held >= bandwidth else 0
 
 
-def _wait_caught_up(merge, disk, watch, timeout: float, bandwidth: int) -> None:
+def _wait_caught_up(merge, disk, watch, timeout: float, bandwidth: int, held: int) -> None:
     """Wait (up to `timeout` s) for the commit to become ready, with the base written back as the copy
     goes; then lift its bandwidth limit, so that the pivot copies the last writes at full speed. A
     copy held to commit_bandwidth that has not caught up in twice the time its overlay needs at that
@@ -114,7 +115,7 @@ def _wait_caught_up(merge, disk, watch, timeout: float, bandwidth: int) -> None:
         if not bandwidth:
             watch.wait([disk], "ready", timeout=timeout)
             return
-        allowed = max(10.0, 2 * allocated_bytes(disk.overlay) / bandwidth)
+        allowed = max(10.0, 2 * held / bandwidth)
         t0 = time.monotonic()
         try:
             watch.wait([disk], "ready", timeout=min(allowed, timeout))

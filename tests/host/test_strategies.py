@@ -175,16 +175,22 @@ def test_a_third_party_merge_plugin_from_its_own_distribution(guest_factory, vf,
     assert_all_acked_present(g)
 
 
+def _thaw_held_to(guest_factory, vf, **config):
+    """A guest dirtying a new 64 KiB cluster with every write (~9 MiB/s), frozen, then thawed under
+    `config` (a commit bandwidth it out-writes); returns (guest, its --json thaw result, the process)."""
+    g = guest_factory([DiskSpec("vda", "qcow2", size_mib=64)], stride=128)
+    vf.write_config(**config)
+    vf("freeze", g.name)
+    g.watcher.wait_acks(30)
+    out = vf("--json", "thaw", g.name)
+    return g, json.loads(out.stdout)["thawed"][0], out
+
+
 def test_live_commit_held_to_a_bandwidth_the_guest_outwrites_is_lifted_not_paused(guest_factory, vf):
     """A commit held to 1 MiB/s against a guest that dirties ~9 MiB/s never catches up; after twice the
     time its overlay needs at that rate (at least 10 s) the limit is lifted and it pivots with the guest
     running, well before live_converge_timeout would pause it."""
-    g = guest_factory([DiskSpec("vda", "qcow2", size_mib=64)], stride=128)
-    vf.write_config(commit_bandwidth=1 << 20, live_converge_timeout=300)
-    vf("freeze", g.name)
-    g.watcher.wait_acks(30)
-    out = vf("--json", "thaw", g.name)
-    thawed = json.loads(out.stdout)["thawed"][0]
+    g, thawed, out = _thaw_held_to(guest_factory, vf, commit_bandwidth=1 << 20, live_converge_timeout=300)
     assert thawed["strategy"] == "live" and thawed["stopped_seconds"] == 0 and not thawed["note"], thawed
     assert f"domain {g.name!r} disk vda: the commit, held to 1 MiB/s, has not caught up" in out.stderr
     assert "lifting the limit" in out.stderr
@@ -197,12 +203,7 @@ def test_live_commit_held_to_a_bandwidth_the_guest_outwrites_is_lifted_not_pause
 def test_auto_live_commit_that_cannot_converge_pauses_the_guest_briefly(guest_factory, vf):
     """Strategy auto: a commit held to 512 KiB/s against a guest that dirties a new 64 KiB cluster with
     every write never becomes ready; after live_converge_timeout the rest is merged with the guest paused."""
-    g = guest_factory([DiskSpec("vda", "qcow2", size_mib=64)], stride=128)
-    vf.write_config(commit_bandwidth=512 << 10, live_converge_timeout=3)
-    vf("freeze", g.name)
-    g.watcher.wait_acks(30)
-    out = vf("--json", "thaw", g.name)
-    thawed = json.loads(out.stdout)["thawed"][0]
+    g, thawed, out = _thaw_held_to(guest_factory, vf, commit_bandwidth=512 << 10, live_converge_timeout=3)
     assert thawed["strategy"] == "live" and "did not converge" in (thawed["note"] or ""), thawed
     assert thawed["stopped_seconds"] > 0
     assert "did not catch up with the guest's writes in 3s" in out.stderr
