@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -35,6 +38,37 @@ def scratch(prefix: str) -> tuple[Path, Path]:
     config = work / "virtfreeze.yaml"
     config.write_text(f"state_directory: {work}/state\nexport_directory: {work}/export\n")
     return work, config
+
+
+@contextlib.contextmanager
+def other_disk(prefix: str, size_mib: int = 3072) -> Iterator[Path]:
+    """A second disk for a backup repository: ext4 on a loop device over a file in /dev/shm.
+
+    A stand-in for the separate disk (or host) a repository belongs on: its
+    own block queue, file system and journal, so that its writes and flushes
+    do not share the images' disk (RAM-backed, so it shows what sharing costs,
+    not how fast a real second disk is).
+    """
+    import tempfile
+
+    from tests.rig.guest import attach_loop
+
+    backing = Path(tempfile.mkdtemp(prefix=prefix, dir="/dev/shm"))
+    image, mountpoint = backing / "disk.img", backing / "mnt"
+    mountpoint.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(size_mib << 20)
+    dev = attach_loop(image)
+    try:
+        subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+        subprocess.run(["mount", dev, str(mountpoint)], check=True)
+        try:
+            yield mountpoint
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+        shutil.rmtree(backing, ignore_errors=True)
 
 
 def drop_caches() -> None:

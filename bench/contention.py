@@ -15,7 +15,9 @@ is measured:
 - writing 1 GiB through the page cache and fdatasync (an archive's
   repository);
 - borg itself (lz4, nice 19, ionice idle) with its repository on the same
-  disk and on tmpfs.
+  disk and on tmpfs, and on the same disk with its writes limited to 100,
+  200 and 400 MB/s (`archive_priority.write_bps`: the cgroup virtfreeze
+  makes for it); borg's wall time is printed too.
 
 The order rotates between runs. Medians, and ratios to the no-load window.
 
@@ -39,7 +41,7 @@ from _common import drop_caches, med  # noqa: E402
 import libvirt  # noqa: E402
 
 from tests.rig.acks import max_gap  # noqa: E402
-from virtfreeze import runner  # noqa: E402
+from virtfreeze import priority, runner  # noqa: E402
 
 from archive import BORG_ENV, guest_with_data  # noqa: E402
 
@@ -60,12 +62,15 @@ def main() -> int:
     image = str(g.disks["vdb"])
     window = args.window
 
-    def measure(*commands: list[str]) -> float:
+    walls: dict[str, list[float]] = {}
+
+    def measure(*commands: list[str], join: Path | None = None) -> float:
         """The guest's largest stall while `commands` run side by side (a quiet window when none)."""
         drop_caches()
         g.watcher.wait_acks(20)
         t0 = time.monotonic()
-        procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=BORG_ENV)
+        procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=BORG_ENV,
+                                  preexec_fn=(lambda: join.write_text("0")) if join else None)
                  for c in commands]
         for p, c in zip(procs, commands):
             err = p.communicate()[1]
@@ -79,11 +84,21 @@ def main() -> int:
     def cpu(prefix: list[str], n: int) -> float:
         return measure(*[["timeout", str(window), *prefix, "sha256sum", "/dev/zero"]] * n)
 
-    def borg(repo: Path) -> float:
+    def borg(row: str, repo: Path, write_bps: int | None = None) -> float:
         shutil.rmtree(repo, ignore_errors=True)
         subprocess.run(["borg", "init", "--encryption=none", str(repo)], env=BORG_ENV, check=True,
                        capture_output=True)
-        return measure(["ionice", "-c", "3", *NICE, "borg", "create", "--compression", "lz4", f"{repo}::a", image])
+        group = None
+        if write_bps:
+            found = priority.write_limit_group(write_bps, frozenset({priority.whole_disk(image)}))
+            if found is None:
+                raise RuntimeError("this host has no cgroup I/O controller for write_bps")
+            group = found[1] / "cgroup.procs"
+        t0 = time.monotonic()
+        stall = measure(["ionice", "-c", "3", *NICE, "borg", "create", "--compression", "lz4", f"{repo}::a", image],
+                        join=group)
+        walls.setdefault(row, []).append(time.monotonic() - t0)
+        return stall
 
     def through_export(direct: bool) -> float:
         view, pidfile = work / "export.raw", work / "export.pid"
@@ -109,9 +124,12 @@ def main() -> int:
         "  the same with cache.direct=on": lambda: through_export(True),
         "write 1 GiB, page cache + fdatasync": lambda: measure(
             ["dd", "if=/dev/zero", f"of={work}/written", "bs=1M", "count=1024", "conv=fdatasync"]),
-        "borg create (nice 19, ionice idle)": lambda: borg(work / "repo"),
-        "  the same, repository on tmpfs": lambda: borg(shm / "repo"),
+        "borg create (nice 19, ionice idle)": lambda: borg("borg create (nice 19, ionice idle)", work / "repo"),
+        "  the same, repository on tmpfs": lambda: borg("  the same, repository on tmpfs", shm / "repo"),
     }
+    for mbps in (100, 200, 400):
+        row = f"  on the same disk, writes held to {mbps} MB/s"
+        loads[row] = lambda row=row, mbps=mbps: borg(row, work / "repo", mbps * 1_000_000)
     stalls: dict[str, list[float]] = {k: [] for k in loads}
     try:
         for run in range(args.runs):
@@ -124,7 +142,8 @@ def main() -> int:
         base = med(stalls["no load"])
         print(f"\nlargest write stall of a writing guest beside one load ({args.runs} runs, medians, 2 cores):")
         for k, v in stalls.items():
-            print(f"  {k:42} {med(v) * 1000:6.0f} ms {med(v) / base:5.1f}x")
+            wall = f"  (borg {med(walls[k]):.2f} s)" if k in walls else ""
+            print(f"  {k:42} {med(v) * 1000:6.0f} ms {med(v) / base:5.1f}x{wall}")
         return 0
     finally:
         g.remove()

@@ -16,12 +16,18 @@ each, and the order rotating between runs:
   again with borg under `nice -n 19 ionice -c 3`;
 - virtfreeze driver mode: `backup --target borg` with the default
   `archive_priority` (nice 19, ionice idle, cgroup CPU weight 10), and with
-  `archive_priority` normal;
+  `archive_priority` normal, and with `write_bps` (its writes to the images'
+  disk limited to 200 MiB/s);
 - the same with `export_layout: segmented` and no state from an earlier run,
   so that every segment is read: the disks then come through the segment
   view (the raw disk, read with O_DIRECT) and the guest view (the qcow2 one,
   qemu-storage-daemon with `cache.direct=on`) instead of bind mounts read
   through the page cache;
+- the plain script and virtfreeze `backup` again with the repository on
+  another disk (`_common.other_disk`: ext4 on a RAM-backed loop device, its
+  own queue and journal), where a repository belongs: what the guest
+  notices of the archive's reads alone, without the repository's writes and
+  flushes on the images' disk;
 - virt-backup from PyPI (a snapshot, a plain copy into a directory, a
   blockcommit; no borg), installed into a venv under /var/tmp on the first
   run; when it does not install, the bench prints why and runs the rest.
@@ -36,6 +42,7 @@ Usage: bench/peers.py [--runs 3] [--size-mib 512]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -46,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import VIRTFREEZE, drop_caches, med  # noqa: E402
+from _common import VIRTFREEZE, drop_caches, med, other_disk  # noqa: E402
 
 import libvirt  # noqa: E402
 
@@ -86,27 +93,32 @@ def main() -> int:
     libvirt.registerErrorHandler(lambda ctx, err: None, None)
     conn = libvirt.open("qemu:///system")
     work = Path(tempfile.mkdtemp(prefix="vf-bench-peers-", dir="/var/tmp"))
-    repo = work / "repo.borg"
-    base = f"state_directory: {work}/state\nexport_directory: {work}/export\n" \
-           f"targets:\n  borg: {{type: borg, repository: '{repo}', compression: lz4}}\n"
+    cleanup = contextlib.ExitStack()
+    repo, repo_apart = work / "repo.borg", cleanup.enter_context(other_disk("vf-bench-peers-")) / "repo.borg"
+    state = f"state_directory: {work}/state\nexport_directory: {work}/export\n"
+    base = state + f"targets:\n  borg: {{type: borg, repository: '{repo}', compression: lz4}}\n"
     (work / "low.yaml").write_text(base)
+    (work / "apart.yaml").write_text(
+        state + f"targets:\n  borg: {{type: borg, repository: '{repo_apart}', compression: lz4}}\n")
     (work / "normal.yaml").write_text(base + "archive_priority: {nice: 0, ionice: none, cpu_weight: null}\n")
     (work / "segmented.yaml").write_text(base + "export_layout: segmented\n")
+    (work / "limited.yaml").write_text(base + "archive_priority: {write_bps: 209715200}\n")
     vb = virt_backup()
     g = guest_with_data(conn, work / "vm", "vf-bench-peers", args.size_mib)
     name, disks = g.name, dict(g.disks)
 
-    def fresh_repo() -> None:
-        shutil.rmtree(repo, ignore_errors=True)
-        sh("borg", "init", "--encryption=none", str(repo), env=BORG_ENV)
+    def fresh_repos() -> None:
+        for r in (repo, repo_apart):
+            shutil.rmtree(r, ignore_errors=True)
+            sh("borg", "init", "--encryption=none", str(r), env=BORG_ENV)
 
     def vf(config: str, *a: str) -> None:
         sh(*VIRTFREEZE, "-q", "--config", str(work / config), *a, env=VF_ENV)
 
-    def plain() -> None:
+    def plain(into: Path = repo) -> None:
         specs = [f"--diskspec={t},file={p}.plain-ov.qcow2" for t, p in disks.items()]
         sh("virsh", "snapshot-create-as", name, "--disk-only", "--atomic", "--no-metadata", *specs)
-        sh("borg", "create", f"{repo}::plain", *map(str, disks.values()), env=BORG_ENV)
+        sh("borg", "create", f"{into}::plain", *map(str, disks.values()), env=BORG_ENV)
         for t, p in disks.items():
             sh("virsh", "blockcommit", name, t, "--active", "--pivot", "--wait")
             os.unlink(f"{p}.plain-ov.qcow2")
@@ -130,9 +142,13 @@ def main() -> int:
         "virtfreeze backup, archive_priority default (low)": lambda: vf("low.yaml", "backup", "--target", "borg",
                                                                       name),
         "virtfreeze backup, archive_priority normal": lambda: vf("normal.yaml", "backup", "--target", "borg", name),
+        "virtfreeze backup, write_bps 200 MiB/s": lambda: vf("limited.yaml", "backup", "--target", "borg", name),
         "virtfreeze backup, segmented layout, everything read": lambda: (
             shutil.rmtree(work / "state" / "segments", ignore_errors=True),
             vf("segmented.yaml", "backup", "--target", "borg", name)),
+        "plain script, repository on another disk": lambda: plain(repo_apart),
+        "virtfreeze backup (default), repository on another disk": lambda: vf("apart.yaml", "backup", "--target",
+                                                                              "borg", name),
     }
     if vb:
         (work / "virt-backup.yml").write_text(
@@ -152,7 +168,7 @@ def main() -> int:
             order = list(ways)
             order = order[run % len(order):] + order[:run % len(order)]
             for way in order:
-                fresh_repo()
+                fresh_repos()
                 drop_caches()
                 g.watcher.wait_acks(20)
                 t0 = time.monotonic()
@@ -169,16 +185,17 @@ def main() -> int:
         base_stall = med(stalls["baseline (no backup)"])
         plain_wall = med(walls["plain script (snapshot, borg, blockcommit)"])
         print(f"what the guest notices ({args.runs} runs, {args.size_mib} MiB of random data, 2 cores; medians):")
-        print(f"  {'way':52} {'wall':>7} {'÷plain':>7} {'stall':>8} {'÷base':>6}")
-        print(f"  {'baseline (no backup)':52} {'-':>7} {'-':>7} {base_stall * 1000:6.0f}ms {1:6.1f}")
+        print(f"  {'way':56} {'wall':>7} {'÷plain':>7} {'stall':>8} {'÷base':>6}")
+        print(f"  {'baseline (no backup)':56} {'-':>7} {'-':>7} {base_stall * 1000:6.0f}ms {1:6.1f}")
         for way in ways:
             w, s = med(walls[way]), med(stalls[way])
-            print(f"  {way:52} {w:6.2f}s {w / plain_wall:7.2f} {s * 1000:6.0f}ms {s / base_stall:6.1f}")
+            print(f"  {way:56} {w:6.2f}s {w / plain_wall:7.2f} {s * 1000:6.0f}ms {s / base_stall:6.1f}")
         return 0
     finally:
         g.remove()
         subprocess.run([*VIRTFREEZE, "-q", "--config", str(work / "low.yaml"), "thaw"], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+        cleanup.close()
 
 
 if __name__ == "__main__":

@@ -73,12 +73,20 @@ def _check_contents(ref: DomainRef, target: StorageTarget, archive: str, manifes
     return True
 
 
+def _guest_images(rt: Runtime, uuid: str) -> list[str]:
+    """The files the frozen guest writes into and goes back to (whose disks `write_bps` protects)."""
+    record = rt.journal.load(uuid)
+    disks = record.disks if record else []
+    return [p.overlay for p in disks] + [p.base for p in disks if p.base_type == "file"]
+
+
 def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *, memory: bool | None = None,
                   quiesce: str | None = None, strategy: str | None = None) -> BackupResult:
     """Freeze, archive to each target, thaw; memory/quiesce/strategy None: not given on the command line."""
     ref = DomainRef(info.name, info.uuid)
     archive_priority = priority.Priority.from_config(rt.config.archive_priority)
     frozen = freeze_domain(rt, info, memory=memory, quiesce=quiesce)
+    images = _guest_images(rt, info.uuid) if archive_priority.write_bps else []
     result = BackupResult(info.name, info.uuid, frozen.consistency, freeze_seconds=frozen.seconds,
                           snapshot_seconds=frozen.snapshot_seconds)
     try:
@@ -94,7 +102,8 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *
                         scope.cancel(why)
                     shown = (ByteProgress(rt.progress, info.name, f"archiving to {target.name}")
                              if rt.progress.live else None)  # a terminal: show the bytes the plugin reports
-                    with priority.archiving(archive_priority), progress_to(shown):  # behind the guests
+                    behind_the_guests = priority.archiving(archive_priority, images, info.name)
+                    with behind_the_guests, progress_to(shown):
                         archived = target.archive(ref, export_dir, manifest)
                     scope.check(f"archive to {target.name}")
                 result.archives.append(archived)

@@ -181,19 +181,29 @@ SCHEMA: dict[str, Any] = {
             "type": "object",
             "additionalProperties": False,
             "description": "How `backup` runs the archive tools (borg, restic, the directory copy), so that the "
-                           "guests do not notice: CPU nice, I/O class, and a cgroup CPU weight. "
+                           "guests do not notice: CPU nice, I/O class, a cgroup CPU weight, and optionally a "
+                           "limit on their writes to the images' disks. "
                            "{nice: 0, ionice: none, cpu_weight: null} runs them as any other process.",
             "example": {"nice": 19, "ionice": "idle", "cpu_weight": 10},
             "properties": {
                 "nice": {"type": "integer", "minimum": 0, "maximum": 19,
                          "description": "CPU nice of the archive tools (19: lowest).", "example": 19},
                 "ionice": {"type": "string", "enum": ["idle", "best-effort", "none"],
-                           "description": "I/O scheduling class (BFQ and CFQ only; mq-deadline ignores it).",
+                           "description": "I/O scheduling class (honoured by BFQ, and by mq-deadline since Linux "
+                                          "5.14; the none scheduler ignores it).",
                            "example": "idle"},
                 "cpu_weight": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000,
                                "description": "cgroup CPU weight of the archive tools (everything else has 100; "
                                               "cgroup v2 cpu.weight or v1 cpu.shares); null: no cgroup.",
                                "example": 10},
+                "write_bps": {"type": ["integer", "null"], "minimum": 1048576,
+                              "description": "The most bytes per second the archive tools may write to a disk that "
+                                             "holds a frozen guest's overlay or base image (cgroup v2 io.max, or "
+                                             "v1 blkio, where the borg/restic repository or the directory target "
+                                             "is on the images' disk): the guests' own flushes then no longer "
+                                             "queue behind the archive's. It slows such an archive; a repository "
+                                             "on another disk or host is not affected. null: no limit.",
+                              "example": 209715200},
             },
         },
         "restore_directories": {

@@ -6,8 +6,18 @@ writes then stall. Inside `archiving(...)`, every command the thread runs
 through `runner.run` is started under `nice` and `ionice` and joins a cgroup
 with a small CPU weight (cgroup v2 `cpu.weight`, or v1 `cpu.shares`, as this
 host has; no systemd needed), and the thread's own work (an in-process copy)
-runs niced. `ionice` classes work with the BFQ and CFQ schedulers only
-(mq-deadline and none ignore them).
+runs niced. `ionice` classes are honoured by BFQ, and by mq-deadline since
+Linux 5.14 (it serves idle-class requests after the others, up to its
+`prio_aging_expire`); `none` ignores them, and page-cache writeback done by
+the kernel's flusher carries no class.
+
+With `write_bps`, the same commands' writes to the disks holding the
+guests' images are limited (cgroup v2 `io.max` wbps, v1
+`blkio.throttle.write_bps_device`; on v1 the thread joins too, for its
+in-process copy): a repository on the images' disk then no longer floods it
+with writes and flushes the guests' own fsyncs queue behind
+(`bench/contention.py`: 53 ms stall unlimited, 21 ms at 200 MB/s, at twice
+the wall time).
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from virtfreeze.logs import domain_log
+
 log = logging.getLogger(__name__)
 
 CGROUP_NAME = "virtfreeze-archive"
@@ -28,6 +40,7 @@ _IONICE = {"idle": ["ionice", "-c", "3"], "best-effort": ["ionice", "-c", "2", "
 _current = threading.local()
 _cgroup_lock = threading.Lock()
 _cgroups: dict[int, Path | None] = {}
+_write_groups: dict[tuple[int, frozenset[str]], tuple[str, Path] | None] = {}
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,7 @@ class Priority:
     nice: int = 19  # 0 (normal) .. 19 (lowest)
     ionice: str = "idle"  # idle, best-effort (lowest level) or none
     cpu_weight: int | None = 10  # cgroup CPU weight, 1..10000 (everything else has 100); None: no cgroup
+    write_bps: int | None = None  # bytes/s the archive may write to a disk holding the guests' images; None: any
 
     @classmethod
     def from_config(cls, settings: dict | None) -> "Priority":
@@ -42,34 +56,80 @@ class Priority:
 
     @property
     def normal(self) -> bool:
-        return self.nice == 0 and self.ionice == "none" and self.cpu_weight is None
+        return self.nice == 0 and self.ionice == "none" and self.cpu_weight is None and self.write_bps is None
+
+
+def whole_disk(path: str | Path) -> str | None:
+    """"MAJOR:MINOR" of the block device holding `path`'s file system, a partition's disk for a partition
+    (a write limit applies to whole disks); None where it is no single block device (tmpfs, btrfs, NFS).
+    `path` need not exist yet: its nearest existing parent decides."""
+    path = Path(path)
+    while True:
+        try:
+            dev = os.stat(path).st_dev
+            break
+        except FileNotFoundError:
+            if path.parent == path:
+                return None
+            path = path.parent
+        except OSError:
+            return None
+    sysfs = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if os.major(dev) == 0 or not sysfs.exists():  # anonymous: tmpfs, overlayfs, btrfs subvolumes, NFS
+        return None
+    try:
+        if (sysfs / "partition").exists():
+            return (sysfs.resolve().parent / "dev").read_text().strip()
+        return f"{os.major(dev)}:{os.minor(dev)}"
+    except OSError:
+        return None
+
+
+def _make_group(root: Path, controller: str, name: str, v2_files: list[tuple[str, str]],
+                v1_hierarchy: str, v1_files: list[tuple[str, str]]) -> tuple[str, Path] | None:
+    """("v2"|"v1", directory) of the cgroup `name` with these files written: on v2 where `controller` is
+    delegated, else in the v1 hierarchy that has the first of `v1_files`; None where this host does not let
+    us (no such controller, read-only, a systemd-managed hierarchy we may not write)."""
+    def made(group: Path, files: list[tuple[str, str]]) -> Path:
+        group.mkdir(exist_ok=True)
+        for file, text in files:
+            (group / file).write_text(text)
+        return group
+
+    try:
+        if controller in (root / "cgroup.subtree_control").read_text().split():  # cgroup v2
+            return "v2", made(root / name, v2_files)
+    except OSError as e:
+        log.debug("no v2 cgroup %s for the archive: %s", name, e)
+    if (root / v1_hierarchy / v1_files[0][0]).exists():  # cgroup v1
+        try:
+            return "v1", made(root / v1_hierarchy / name, v1_files)
+        except OSError as e:
+            log.debug("no v1 cgroup %s for the archive: %s", name, e)
+    return None
+
+
+def write_limit_group(bps: int, disks: frozenset[str], root: Path = CGROUP_ROOT) -> tuple[str, Path] | None:
+    """("v2"|"v1", group directory) of a cgroup limiting writes to `disks` to `bps` (one per rate), or None
+    where this host does not let us. On v2 it holds the CPU weight as well (a process is in one v2 cgroup)."""
+    with _cgroup_lock:
+        key = (bps, disks)
+        if key not in _write_groups:
+            _write_groups[key] = _make_group(
+                root, "io", f"{CGROUP_NAME}-write-{bps}", [("io.max", f"{d} wbps={bps}\n") for d in sorted(disks)],
+                "blkio", [("blkio.throttle.write_bps_device", f"{d} {bps}\n") for d in sorted(disks)])
+        return _write_groups[key]
 
 
 def cgroup_procs(weight: int, root: Path = CGROUP_ROOT) -> Path | None:
     """The `cgroup.procs` of a cgroup with this CPU weight (made once), or None where this host does
-    not let us (no cpu controller, read-only, a systemd-managed hierarchy we may not write)."""
+    not let us."""
     with _cgroup_lock:
-        if weight in _cgroups:
-            return _cgroups[weight]
-        found = None
-        try:
-            if "cpu" in (root / "cgroup.subtree_control").read_text().split():  # cgroup v2, cpu delegated
-                group = root / f"{CGROUP_NAME}-{weight}"
-                group.mkdir(exist_ok=True)
-                (group / "cpu.weight").write_text(f"{weight}\n")
-                found = group / "cgroup.procs"
-        except OSError:
-            pass
-        if found is None and (root / "cpu" / "cpu.shares").exists():  # cgroup v1
-            try:
-                group = root / "cpu" / f"{CGROUP_NAME}-{weight}"
-                group.mkdir(exist_ok=True)
-                (group / "cpu.shares").write_text(f"{max(2, weight * 1024 // 100)}\n")
-                found = group / "cgroup.procs"
-            except OSError as e:
-                log.debug("no cgroup for the archive: %s", e)
-        _cgroups[weight] = found
-        return found
+        if weight not in _cgroups:
+            found = _make_group(root, "cpu", f"{CGROUP_NAME}-{weight}", [("cpu.weight", f"{weight}\n")],
+                                "cpu", [("cpu.shares", f"{max(2, weight * 1024 // 100)}\n")])
+            _cgroups[weight] = found[1] / "cgroup.procs" if found else None
+        return _cgroups[weight]
 
 
 def command_prefix() -> list[str]:
@@ -80,27 +140,70 @@ def command_prefix() -> list[str]:
     return [*_IONICE[prio.ionice], *(["nice", "-n", str(prio.nice)] if prio.nice else [])]
 
 
-def child_cgroup() -> Path | None:
-    """The cgroup.procs a command run inside `archiving` joins before it execs (None outside)."""
-    return getattr(_current, "cgroup", None)
+def child_cgroups() -> list[Path]:
+    """The cgroup.procs files a command run inside `archiving` joins before it execs (none outside)."""
+    return list(getattr(_current, "cgroups", ()))
+
+
+def _archive_cgroups(prio: Priority, disks: frozenset[str], say,
+                     root: Path = CGROUP_ROOT) -> tuple[list[Path], Path | None]:
+    """The cgroup.procs files the archive's commands join, and a v1 blkio group's `tasks` for the thread."""
+    limit = write_limit_group(prio.write_bps, disks, root) if prio.write_bps and disks else None
+    if prio.write_bps and disks and limit is None:
+        say.warning("archive_priority.write_bps: this host has no cgroup I/O controller virtfreeze may use "
+                    "(cgroup v2 with io delegated, or v1 blkio); the archive's writes are not limited")
+    if limit and limit[0] == "v2":  # one cgroup per process: the CPU weight goes into the limiting group
+        if prio.cpu_weight:
+            with contextlib.suppress(OSError):
+                (limit[1] / "cpu.weight").write_text(f"{prio.cpu_weight}\n")
+        return [limit[1] / "cgroup.procs"], None
+    cpu = cgroup_procs(prio.cpu_weight, root) if prio.cpu_weight else None
+    procs = [p for p in (cpu, limit[1] / "cgroup.procs" if limit else None) if p]
+    return procs, (limit[1] / "tasks" if limit else None)
+
+
+def _blkio_tasks_of_this_thread() -> Path | None:
+    """The v1 blkio cgroup's `tasks` this thread is in now (to go back to)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/thread-self/cgroup").read_text().splitlines():
+            _id, controllers, path = line.split(":", 2)
+            if "blkio" in controllers.split(","):
+                return CGROUP_ROOT / "blkio" / path.lstrip("/") / "tasks"
+    return None
+
+
+def _join(tasks: Path | None, tid: int) -> None:
+    if tasks is not None:
+        with contextlib.suppress(OSError):
+            tasks.write_text(f"{tid}\n")
 
 
 @contextlib.contextmanager
-def archiving(prio: Priority) -> Iterator[None]:
-    """Commands this thread runs inside the block, and the thread itself, run at `prio`."""
+def archiving(prio: Priority, images: list[str] | tuple[str, ...] = (), domain: str | None = None) -> Iterator[None]:
+    """Commands this thread runs inside the block, and the thread itself, run at `prio`; `images`: the
+    files of `domain` (overlays and bases) whose disks `prio.write_bps` protects."""
     if prio.normal:
         yield
         return
     tid = threading.get_native_id()
     before = os.getpriority(os.PRIO_PROCESS, tid)
+    say = domain_log(log, domain) if domain else log
+    disks = frozenset(filter(None, map(whole_disk, images))) if prio.write_bps else frozenset()
+    if prio.write_bps and images and not disks:
+        say.info("archive_priority.write_bps: its images are on no single block device (tmpfs, btrfs, NFS); "
+                 "the archive's writes are not limited")
+    cgroups, thread_group = _archive_cgroups(prio, disks, say)
+    back = _blkio_tasks_of_this_thread() if thread_group else None
     _current.priority = prio
-    _current.cgroup = cgroup_procs(prio.cpu_weight) if prio.cpu_weight else None
+    _current.cgroups = cgroups
     try:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, tid, prio.nice)  # this thread only (Linux): an in-process copy
+        _join(thread_group, tid)  # v1 moves threads one by one: the in-process copy's writes are limited too
         yield
     finally:
         _current.priority = None
-        _current.cgroup = None
+        _current.cgroups = ()
+        _join(back, tid)
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, tid, before)

@@ -37,19 +37,20 @@ def _unblock_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
-def _child_setup(cgroup_procs: str | None):
-    """What the child does before exec: unblock signals, and join the archive's cgroup if any."""
-    if cgroup_procs is None:
+def _child_setup(cgroup_procs: list[str]):
+    """What the child does before exec: unblock signals, and join the archive's cgroups if any."""
+    if not cgroup_procs:
         return _unblock_signals
 
     def setup() -> None:
         _unblock_signals()
-        try:
-            fd = os.open(cgroup_procs, os.O_WRONLY)
-            os.write(fd, b"0")  # "0": the writing process itself
-            os.close(fd)
-        except OSError:
-            pass  # a lower priority is a wish, never a reason to fail the archive
+        for procs in cgroup_procs:
+            try:
+                fd = os.open(procs, os.O_WRONLY)
+                os.write(fd, b"0")  # "0": the writing process itself
+                os.close(fd)
+            except OSError:
+                pass  # a lower priority is a wish, never a reason to fail the archive
 
     return setup
 
@@ -140,13 +141,13 @@ def run(argv: list[str], *, what: str | None = None, domain: str | None = None, 
         raise VirtfreezeError(f"{what}: cannot run {argv[0]}: No such file or directory", domain=domain, disk=disk,
                               path=path, hint=install_hint or "install it, or check the program path")
     argv = [*prefix, *argv]
-    cgroup = priority.child_cgroup()
+    cgroups = [str(p) for p in priority.child_cgroups()]
     log.debug("running %s", argv)
     scope = getattr(_scope, "current", None)
     try:
         popen = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 preexec_fn=_child_setup(str(cgroup) if cgroup else None), **kw)
+                                 preexec_fn=_child_setup(cgroups), **kw)
     except OSError as e:
         raise VirtfreezeError(f"{what}: cannot run {argv[0]}: {e.strerror}", domain=domain, disk=disk, path=path,
                               hint=install_hint or "install it, or check the program path") from None

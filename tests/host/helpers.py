@@ -133,3 +133,16 @@ def on_a_terminal(argv: list[str], env: dict, timeout: float = 300) -> tuple[int
     finally:
         os.close(master)
     return proc.wait(timeout=timeout), screen.decode(errors="replace")
+
+
+def blkio_written(group: Path, disk: str) -> int:
+    """Bytes a v1 blkio cgroup has written to `disk` ("MAJOR:MINOR") through its throttle (0: no group yet)."""
+    try:
+        lines = (group / "blkio.throttle.io_service_bytes").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in lines:
+        dev, op, *value = line.split()
+        if dev == disk and op == "Write":
+            return int(value[0])
+    return 0

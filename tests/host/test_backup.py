@@ -13,10 +13,12 @@ from pathlib import Path
 
 from tests.host.conftest import VIRTFREEZE
 from tests.host.helpers import (
-    assert_all_acked_present, assert_archive_holds_disks, assert_back_on_base, install_plugin, on_a_terminal,
+    assert_all_acked_present, assert_archive_holds_disks, assert_back_on_base, blkio_written, install_plugin,
+    on_a_terminal,
 )
 from tests.rig.guest import DiskSpec
 
+from virtfreeze import priority
 from virtfreeze.export_view import image_size, is_block_device
 from virtfreeze.model import DomainRef
 from virtfreeze.plugins import get_plugin_manager
@@ -44,13 +46,22 @@ def test_backup_two_domains_to_three_targets(guest_factory, vf, tmp_path):
     guests = [guest_factory([DiskSpec("vda", "raw", size_mib=32, block=True), DiskSpec("vdb", "qcow2"),
                              DiskSpec("vdc", "qcow2", block=True)]),
               guest_factory([DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw")])]
-    vf.write_config(targets=targets_config(tmp_path))
+    # The archive's writes to the images' disk limited (so fast a limit that it does not slow the test).
+    write_bps = 4 << 30
+    vf.write_config(targets=targets_config(tmp_path), archive_priority={"write_bps": write_bps})
+    limited = Path(f"/sys/fs/cgroup/blkio/virtfreeze-archive-write-{write_bps}")
+    images_disk = priority.whole_disk(tmp_path)
+    written_before = blkio_written(limited, images_disk)
     env = dict(vf.env(TEST_BORG_PASSPHRASE="borg-secret"))
     env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")  # the targets are entry-point plugins
     for g in guests:
         g.watcher.wait_acks(30)
     t_before = time.monotonic()
     out = vf("--json", "backup", "--jobs", "2", *[g.name for g in guests], env=env)
+    # borg's, restic's and the directory copy's writes went through the limit: at least the copy's own blocks
+    copied = sum(os.lstat(Path(root) / f).st_blocks * 512
+                 for root, _dirs, files in os.walk(tmp_path / "dir-target") for f in files)
+    assert blkio_written(limited, images_disk) - written_before >= copied > 0
     assert "borg-secret" not in out.stdout + out.stderr
     results = {r["name"]: r for r in json.loads(out.stdout)["backups"]}
     assert set(results) == {g.name for g in guests}
