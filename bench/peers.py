@@ -42,7 +42,6 @@ Usage: bench/peers.py [--runs 3] [--size-mib 512]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import subprocess
@@ -93,8 +92,16 @@ def main() -> int:
     libvirt.registerErrorHandler(lambda ctx, err: None, None)
     conn = libvirt.open("qemu:///system")
     work = Path(tempfile.mkdtemp(prefix="vf-bench-peers-", dir="/var/tmp"))
-    cleanup = contextlib.ExitStack()
-    repo, repo_apart = work / "repo.borg", cleanup.enter_context(other_disk("vf-bench-peers-")) / "repo.borg"
+    try:
+        with other_disk("vf-bench-peers-") as apart:
+            return compare(args, conn, work, apart / "repo.borg")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(args: argparse.Namespace, conn: libvirt.virConnect, work: Path, repo_apart: Path) -> int:
+    """Every way in turn, `args.runs` times; print the table."""
+    repo = work / "repo.borg"
     state = f"state_directory: {work}/state\nexport_directory: {work}/export\n"
     base = state + f"targets:\n  borg: {{type: borg, repository: '{repo}', compression: lz4}}\n"
     (work / "low.yaml").write_text(base)
@@ -194,8 +201,6 @@ def main() -> int:
     finally:
         g.remove()
         subprocess.run([*VIRTFREEZE, "-q", "--config", str(work / "low.yaml"), "thaw"], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
-        cleanup.close()
 
 
 if __name__ == "__main__":

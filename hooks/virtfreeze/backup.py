@@ -77,7 +77,7 @@ def _guest_images(rt: Runtime, uuid: str) -> list[str]:
     """The files the frozen guest writes into and goes back to (whose disks `write_bps` protects)."""
     record = rt.journal.load(uuid)
     disks = record.disks if record else []
-    return [p.overlay for p in disks] + [p.base for p in disks if p.base_type == "file"]
+    return [p.overlay for p in disks] + [p.base for p in disks]
 
 
 def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *, memory: bool | None = None,
@@ -86,10 +86,10 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *
     ref = DomainRef(info.name, info.uuid)
     archive_priority = priority.Priority.from_config(rt.config.archive_priority)
     frozen = freeze_domain(rt, info, memory=memory, quiesce=quiesce)
-    images = _guest_images(rt, info.uuid) if archive_priority.write_bps else []
     result = BackupResult(info.name, info.uuid, frozen.consistency, freeze_seconds=frozen.seconds,
                           snapshot_seconds=frozen.snapshot_seconds)
     try:
+        images = _guest_images(rt, info.uuid) if archive_priority.write_bps else []
         export_dir = Path(frozen.export_dir)
         manifest = json.loads((export_dir / "manifest.json").read_text())
         for target in targets:

@@ -190,7 +190,7 @@ SCHEMA: dict[str, Any] = {
                          "description": "CPU nice of the archive tools (19: lowest).", "example": 19},
                 "ionice": {"type": "string", "enum": ["idle", "best-effort", "none"],
                            "description": "I/O scheduling class (honoured by BFQ, and by mq-deadline since Linux "
-                                          "5.14; the none scheduler ignores it).",
+                                          "5.15; the none scheduler ignores it).",
                            "example": "idle"},
                 "cpu_weight": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000,
                                "description": "cgroup CPU weight of the archive tools (everything else has 100; "
@@ -198,11 +198,14 @@ SCHEMA: dict[str, Any] = {
                                "example": 10},
                 "write_bps": {"type": ["integer", "null"], "minimum": 1048576,
                               "description": "The most bytes per second the archive tools may write to a disk that "
-                                             "holds a frozen guest's overlay or base image (cgroup v2 io.max, or "
-                                             "v1 blkio, where the borg/restic repository or the directory target "
-                                             "is on the images' disk): the guests' own flushes then no longer "
-                                             "queue behind the archive's. It slows such an archive; a repository "
-                                             "on another disk or host is not affected. null: no limit.",
+                                             "holds a frozen guest's overlay or base image (a partition's or an "
+                                             "LV's disk beneath), for a borg/restic repository or a directory "
+                                             "target on the images' disk: the guests' own flushes then no longer "
+                                             "queue behind the archive's. A cgroup: v2 io.max, or v1 blkio, which "
+                                             "limits the writes a tool submits itself (borg's, fsyncs), not the "
+                                             "kernel's writeback; the directory target's in-process copy only on "
+                                             "v1. It slows such an archive; a repository on another disk or host "
+                                             "is not affected. null: no limit.",
                               "example": 209715200},
             },
         },

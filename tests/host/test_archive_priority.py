@@ -27,8 +27,7 @@ def test_write_bps_puts_the_archives_writes_to_the_images_disk_under_a_limit(tmp
     that holds the images; the thread is back in its own group afterwards."""
     image = tmp_path / "web1.qcow2"
     image.write_bytes(b"")
-    disk = priority.whole_disk(image)
-    assert disk is not None, "the test's scratch directory is on no block device"
+    [disk] = priority.disks_under(image)  # the test's scratch directory is on one disk
     before = _blkio_path(Path("/proc/thread-self/cgroup").read_text())
     prio = priority.Priority(nice=0, ionice="none", cpu_weight=None, write_bps=200 << 20)
     with priority.archiving(prio, [str(image)], "web1"):
@@ -36,33 +35,52 @@ def test_write_bps_puts_the_archives_writes_to_the_images_disk_under_a_limit(tmp
         group = Path("/sys/fs/cgroup/blkio") / _blkio_path(inside).lstrip("/")
         counted = blkio_written(group, disk)
         runner.run(["dd", "if=/dev/zero", f"of={tmp_path / 'repo'}", "bs=1M", "count=8", "oflag=direct"])
+        after_command = blkio_written(group, disk)
+        with open(tmp_path / "copy", "wb") as f:  # the thread's own writes (the directory target's copy)
+            f.write(os.urandom(4 << 20))
+            os.fsync(f.fileno())
         assert _blkio_path(Path("/proc/thread-self/cgroup").read_text()) == _blkio_path(inside)  # the thread too
-    assert _blkio_path(inside).endswith(f"virtfreeze-archive-write-{200 << 20}"), inside
+    assert f"/virtfreeze-archive-write-{200 << 20}-" in _blkio_path(inside), inside
     assert f"{disk} {200 << 20}" in (group / "blkio.throttle.write_bps_device").read_text()
-    assert blkio_written(group, disk) - counted >= 8 << 20  # the command's writes went through the group's throttle
+    assert after_command - counted >= 8 << 20  # the command's writes went through the group's throttle
+    assert blkio_written(group, disk) - after_command >= 4 << 20  # and the thread's own
     assert _blkio_path(Path("/proc/thread-self/cgroup").read_text()) == before
 
 
-def test_whole_disk_of_a_file_system_on_a_partition_is_its_disk(tmp_path):
-    """A write limit applies to whole disks: a repository on a partition is limited on the disk it is part of."""
+def _scratch_disk(tmp_path: Path) -> tuple[str, str]:
+    """A 64 MiB loop device over a file in `tmp_path`: (device path, "MAJOR:MINOR")."""
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(64 << 20)
     loop = attach_loop(image)
-    mnt = tmp_path / "mnt"
+    rdev = os.stat(loop).st_rdev
+    return loop, f"{os.major(rdev)}:{os.minor(rdev)}"
+
+
+def _mounted_disks(device: str, mnt: Path) -> frozenset[str]:
+    """disks_under of a file system made on `device`, asked while it is mounted at `mnt`."""
+    subprocess.run(["mkfs.ext4", "-q", device], check=True)
     mnt.mkdir()
+    subprocess.run(["mount", device, str(mnt)], check=True)
     try:
+        return priority.disks_under(mnt / "repo.borg")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disks_under_a_partition_and_a_block_device_are_the_whole_disk(tmp_path):
+    """A write limit applies to whole disks: a file system on a partition is limited on the disk it is part
+    of; a block-device image on its own disk. (This host's kernel has no device-mapper: the unit tests
+    cover an LV's slaves.)"""
+    loop, disk = _scratch_disk(tmp_path)
+    try:
+        assert priority.disks_under(loop) == {disk}  # a block-device image: its own disk
         # BLKPG, not a partition table: this test host's kernel parses none (no CONFIG_MSDOS_PARTITION)
         subprocess.run(["addpart", loop, "1", "2048", str((64 << 20) // 512 - 2048)], check=True)
         try:
-            subprocess.run(["mkfs.ext4", "-q", f"{loop}p1"], check=True)
-            subprocess.run(["mount", f"{loop}p1", str(mnt)], check=True)
-            try:
-                rdev, part = os.stat(loop).st_rdev, os.stat(mnt).st_dev
-                assert Path(f"/sys/dev/block/{os.major(part)}:{os.minor(part)}/partition").exists()
-                assert priority.whole_disk(mnt / "repo.borg") == f"{os.major(rdev)}:{os.minor(rdev)}"
-            finally:
-                subprocess.run(["umount", str(mnt)], check=True)
+            part = os.stat(f"{loop}p1").st_rdev
+            assert Path(f"/sys/dev/block/{os.major(part)}:{os.minor(part)}/partition").exists()
+            assert _mounted_disks(f"{loop}p1", tmp_path / "on-partition") == {disk}
         finally:
             subprocess.run(["delpart", loop, "1"], check=True)  # a BLKPG partition outlives its loop device
     finally:

@@ -53,16 +53,17 @@ def test_a_missing_program_is_named_not_ionice(tmp_path):
         runner.run(["no-such-borg", "create"], what="borg create")
 
 
-def test_whole_disk_names_the_block_device_of_a_path_and_none_for_tmpfs(tmp_path):
-    dev = os.stat("/").st_dev
-    if Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/partition").exists():
-        import pytest
+def test_disks_under_a_path_name_its_block_device_and_none_for_tmpfs(tmp_path):
+    import pytest
 
-        pytest.skip("the root file system is on a partition here; the host test covers partitions")
-    assert priority.whole_disk("/") == f"{os.major(dev)}:{os.minor(dev)}"
-    assert priority.whole_disk("/no/such/dir/repo.borg") == priority.whole_disk("/")  # its nearest parent
-    assert priority.whole_disk("/proc/self") is None  # no block device under it
-    assert priority.whole_disk("/dev/shm/x") is None  # tmpfs
+    dev = os.stat("/").st_dev
+    node = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if os.major(dev) == 0 or (node / "partition").exists() or any((node / "slaves").iterdir()):
+        pytest.skip("/ is not on a whole disk here (overlayfs, btrfs, a partition, LVM): the host tests cover those")
+    assert priority.disks_under("/") == {f"{os.major(dev)}:{os.minor(dev)}"}
+    assert priority.disks_under("/no/such/dir/repo.borg") == priority.disks_under("/")  # its nearest parent
+    assert priority.disks_under("/proc/self") == set()  # no block device under it
+    assert priority.disks_under("/dev/shm/x") == set()  # tmpfs
 
 
 def test_a_write_limit_group_v2_and_v1(tmp_path, monkeypatch):
@@ -70,8 +71,10 @@ def test_a_write_limit_group_v2_and_v1(tmp_path, monkeypatch):
     v2 = tmp_path / "v2"
     v2.mkdir()
     (v2 / "cgroup.subtree_control").write_text("cpu io memory\n")
-    group = v2 / f"virtfreeze-archive-write-{200 << 20}"
-    assert priority.write_limit_group(200 << 20, frozenset({"254:0"}), root=v2) == ("v2", group)
+    kind, group = priority.write_limit_group(200 << 20, frozenset({"254:0"}), root=v2)
+    assert kind == "v2" and group.parent == v2 and group.name.startswith(f"virtfreeze-archive-write-{200 << 20}-")
+    other = priority.write_limit_group(200 << 20, frozenset({"254:0", "8:0"}), root=v2)[1]
+    assert other != group  # other disks, another group: a group's disks never widen
     assert (group / "io.max").read_text() == f"254:0 wbps={200 << 20}\n"
 
     monkeypatch.setattr(priority, "_write_groups", {})
@@ -79,8 +82,8 @@ def test_a_write_limit_group_v2_and_v1(tmp_path, monkeypatch):
     (v1 / "blkio").mkdir(parents=True)
     (v1 / "cgroup.subtree_control").write_text("\n")
     (v1 / "blkio" / "blkio.throttle.write_bps_device").write_text("")
-    group = v1 / "blkio" / "virtfreeze-archive-write-1048576"
-    assert priority.write_limit_group(1 << 20, frozenset({"8:0"}), root=v1) == ("v1", group)
+    kind, group = priority.write_limit_group(1 << 20, frozenset({"8:0"}), root=v1)
+    assert kind == "v1" and group.parent == v1 / "blkio"
     assert (group / "blkio.throttle.write_bps_device").read_text() == "8:0 1048576\n"
 
     monkeypatch.setattr(priority, "_write_groups", {})
@@ -97,9 +100,10 @@ def test_on_v2_the_commands_join_one_group_with_both_the_weight_and_the_limit(tm
     monkeypatch.setattr(priority, "_write_groups", {})
     procs, thread_tasks = priority._archive_cgroups(priority.Priority(write_bps=1 << 20), frozenset({"8:0"}),
                                                     priority.log, root=v2)
-    assert procs == [v2 / "virtfreeze-archive-write-1048576" / "cgroup.procs"]
+    [group] = v2.glob("virtfreeze-archive-write-1048576-*")
+    assert procs == [group / "cgroup.procs"]
     assert thread_tasks is None  # v2 cannot move one thread: the in-process copy is not limited there
-    assert (v2 / "virtfreeze-archive-write-1048576" / "cpu.weight").read_text() == "10\n"
+    assert (group / "cpu.weight").read_text() == "10\n"
 
 
 def test_write_bps_on_images_in_tmpfs_limits_nothing_and_says_so(caplog):
@@ -109,4 +113,21 @@ def test_write_bps_on_images_in_tmpfs_limits_nothing_and_says_so(caplog):
     with caplog.at_level(logging.INFO, logger="virtfreeze.priority"), \
             priority.archiving(prio, ["/dev/shm/web1.qcow2"], "web1"):
         assert priority.child_cgroups() == []
-    assert "images are on no single block device" in caplog.text
+    assert "images are on no block device" in caplog.text
+
+
+def test_the_disks_beneath_an_lv_are_its_physical_disks(tmp_path):
+    """sysfs as the kernel lays it out: dm-0 (an LV) over sda2 and sdb (a PV each); sda2 a partition."""
+    devices, class_block = tmp_path / "devices", tmp_path / "class" / "block"
+    class_block.mkdir(parents=True)
+    for node, dev in [("sda", "8:0"), ("sda/sda2", "8:2"), ("sdb", "8:16"), ("dm-0", "253:0")]:
+        (devices / node).mkdir(parents=True)
+        (devices / node / "dev").write_text(f"{dev}\n")
+        (class_block / Path(node).name).symlink_to(devices / node)
+    (devices / "sda/sda2/partition").write_text("2\n")
+    (devices / "dm-0/slaves").mkdir()
+    for slave in ("sda2", "sdb"):
+        (devices / "dm-0/slaves" / slave).symlink_to(class_block / slave)
+    assert priority._disks_beneath(devices / "dm-0", class_block) == {"8:0", "8:16"}
+    assert priority._disks_beneath(devices / "sda/sda2", class_block) == {"8:0"}
+    assert priority._disks_beneath(devices / "sdb", class_block) == {"8:16"}
