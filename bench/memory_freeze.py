@@ -15,7 +15,10 @@ with libvirt-python the way virtfreeze takes it, then merged back by
 - overlays created beforehand (qemu-img create + REUSE_EXT): none in the pause;
 - the memory file written back while it grows (so the final fdatasync is short);
 - all three;
-- `virtfreeze freeze --memory` itself (what the program does now);
+- overlays created beforehand and the memory file on tmpfs (no fdatasync to
+  wait for: what moving the memory image off the disk would give);
+- `virtfreeze freeze --memory` itself (what the program does now), and with
+  `memory_directory` on tmpfs;
 
 against a baseline window of the same length without a backup, in the same
 process. Prints the largest write stall (median over runs, and the ratio to
@@ -28,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,12 +50,13 @@ from virtfreeze.domain_xml import parse_disks, snapshot_xml  # noqa: E402
 from virtfreeze.memory_freeze import written_back  # noqa: E402
 
 
-def raw_snapshot(dom, work: Path, n: int, *, downtime_ms: int | None, precreate: bool, writeback: bool) -> dict:
+def raw_snapshot(dom, work: Path, n: int, *, downtime_ms: int | None, precreate: bool, writeback: bool,
+                 memory_dir: Path | None = None) -> dict:
     """One LIVE memory snapshot as virtfreeze takes it, with the chosen changes."""
     live = dom.XMLDesc(0)
     disks = [d for d in parse_disks(live) if d.source and d.device == "disk"]
     overlays = {d.target: Path(f"{d.source}.virtfreeze.qcow2") for d in disks}
-    memory_file = work / f"memory-{n}.save"
+    memory_file = (memory_dir or work) / f"memory-{n}.save"
     flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
              | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE)
     if precreate:
@@ -84,6 +90,7 @@ def main() -> int:
     libvirt.registerErrorHandler(lambda ctx, err: None, None)
     conn = libvirt.open("qemu:///system")
     work, config = scratch("virtfreeze-bench-memory-")
+    shm = Path(tempfile.mkdtemp(prefix="virtfreeze-bench-memory-", dir="/dev/shm"))
     g = create_guest(conn, work / "g", [DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw")], name="vf-bench-memory",
                      memory_mib=args.memory_mib)
     variants = {
@@ -92,17 +99,22 @@ def main() -> int:
         "overlays created before (REUSE_EXT)": dict(downtime_ms=None, precreate=True, writeback=False),
         "memory file written back meanwhile": dict(downtime_ms=None, precreate=False, writeback=True),
         "all three": dict(downtime_ms=args.downtime_ms, precreate=True, writeback=True),
+        "overlays before, memory file on tmpfs": dict(downtime_ms=None, precreate=True, writeback=False,
+                                                      memory_dir=shm),
     }
-    stalls: dict[str, list[float]] = {k: [] for k in [*variants, "virtfreeze freeze --memory", "baseline"]}
+    in_ram = work / "in-ram.yaml"
+    in_ram.write_text(config.read_text() + f"memory_directory: {shm}/memory\n")
+    ours = {"virtfreeze freeze --memory": config, "  the same, memory_directory on tmpfs": in_ram}
+    stalls: dict[str, list[float]] = {k: [] for k in [*variants, *ours, "baseline"]}
     qemu: dict[str, list[float]] = {k: [] for k in variants}
     walls: dict[str, list[float]] = {k: [] for k in stalls}
     try:
         g.watcher.wait_acks(20)
         for r in range(args.runs):
-            for label, how in [*variants.items(), ("virtfreeze freeze --memory", None)]:
+            for label, how in [*variants.items(), *ours.items()]:
                 t0 = time.monotonic()
-                if how is None:
-                    vf(config, "freeze", "--memory", g.name)
+                if isinstance(how, Path):
+                    vf(how, "freeze", "--memory", g.name)
                 else:
                     got = raw_snapshot(g.dom, work, r, **how)
                     qemu[label].append(got["qemu_downtime"])
@@ -123,6 +135,7 @@ def main() -> int:
     finally:
         thaw_everything(config)
         remove_domain(conn, name=g.name)
+        shutil.rmtree(shm, ignore_errors=True)
     base = med(stalls["baseline"])
     print(f"\n{args.memory_mib} MiB writing guest (TCG), qcow2 + raw disk, {args.runs} runs, medians:")
     print(f"{'way':44s} {'stall':>8s} {'ratio':>7s} {'snapshot':>9s} {'QEMU downtime':>14s}")

@@ -72,6 +72,16 @@ SCHEMA: dict[str, Any] = {
             "description": "Durable state: journal, locks, memory images, saved definitions. On disk, not tmpfs.",
             "example": "/var/lib/virtfreeze",
         },
+        "memory_directory": {
+            "type": ["string", "null"], "pattern": "^/",
+            "description": "Where a --memory freeze writes each domain's memory image (a 0700 directory per "
+                           "domain, the image 0600, removed by thaw). Unset: state_directory/memory. A tmpfs "
+                           "(e.g. /dev/shm/virtfreeze) shortens the guest's pause at the end of the freeze, "
+                           "since libvirt then has no fdatasync of the image to wait for, but holds each image in "
+                           "host RAM until the archive is done: up to the guest's memory size per domain frozen "
+                           "at once; a freeze that does not fit fails and leaves the guest running on its disks.",
+            "example": "/dev/shm/virtfreeze",
+        },
         "overlay_directory": {
             "type": ["string", "null"],
             "description": "Where overlays are created. Unset: beside each base image (block devices: under state_directory).",
@@ -308,6 +318,7 @@ class Config:
     exclude: list[str] = field(default_factory=list)
     export_directory: Path = Path("/run/virtfreeze/export")
     state_directory: Path = Path("/var/lib/virtfreeze")
+    memory_directory: Path | None = None
     overlay_directory: Path | None = None
     export_layout: str = "image"
     segment_size: int = 4 << 20
@@ -396,7 +407,7 @@ def parse(data: Any, source: Path | None = None) -> Config:
     for key, value in data.items():
         if key == "domains":
             cfg.domains = {name: DomainSettings(**(s or {})) for name, s in value.items()}
-        elif key in ("export_directory", "state_directory") or (key in ("overlay_directory", "verify_directory")
+        elif key in ("export_directory", "state_directory") or (key in ("overlay_directory", "verify_directory", "memory_directory")
                                                                  and value):
             setattr(cfg, key, Path(value))
         else:

@@ -227,7 +227,7 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
         there_before = {p.overlay for p in plan if os.path.lexists(p.overlay)}
         try:
             consistency = _snapshot(rt, info, state, disks, plan, live_xml, memory_file, quiesce)
-        except VirtfreezeError:
+        except VirtfreezeError as e:
             if read_definitions(rt.hv, ref).on_overlay(plan):  # not with ATOMIC, but never delete data in use
                 thaw_locked(rt, ref)
             else:  # no disk switched; libvirt may still have left overlay files behind
@@ -236,6 +236,9 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
                     with contextlib.suppress(FileNotFoundError):
                         memory_file.unlink()
                 rt.journal.remove(info.uuid)
+            if memory_file and "No space left" in str(e) and not e.hint:
+                e.hint = (f"its memory image needs up to the guest's memory size in {memory_file.parent.parent}; "
+                          "free room there or set memory_directory elsewhere")
             raise
     else:
         domain_log(log, info.name).warning("no disk to snapshot; exporting its definition only")

@@ -11,9 +11,12 @@ while it grows, so that the final fdatasync has little left to write.
 Measured on the test host (1 GiB guest, two disks, 10 runs): the median
 stall went from 76 ms (libvirt's way) to 60 ms, most of it from the overlays;
 the writeback halved the final fdatasync in a trace (28 to 15 ms) but is
-within the noise for this guest's small (107 MiB) memory file. What is left
-is libvirt's: resetting migration parameters, labelling each image from
-inside QEMU's mount namespace (a fork each), the switch, saving its state.
+within the noise for this guest's small (107 MiB) memory file. With
+`memory_directory` on a tmpfs there is no fdatasync at all: 58 to 31 ms,
+the image then held in RAM until thaw. What is left is libvirt's: restoring
+migration parameters, labelling each image from inside QEMU's mount
+namespace (a fork each), the switch, saving its state, and QEMU re-opening
+the images at `cont`.
 """
 
 from __future__ import annotations

@@ -39,4 +39,5 @@ class Runtime:
         return self.config.state_directory
 
     def memory_dir(self, uuid: str) -> Path:
-        return self.config.state_directory / "memory" / uuid
+        """Where a --memory freeze of this domain writes its memory image (memory_directory, or the state's)."""
+        return (self.config.memory_directory or self.config.state_directory / "memory") / uuid

@@ -118,6 +118,12 @@ def _merge(rt: Runtime, merge: DomainMerge, strategy: str) -> MergeResult:
     return result
 
 
+def _memory_dir_of(record: FrozenDomain) -> list[Path]:
+    """The directory the freeze wrote the memory image into: virtfreeze's own (named by the UUID), else none."""
+    parent = Path(record.memory_file).parent if record.memory_file else None
+    return [parent] if parent is not None and parent.name == record.uuid else []
+
+
 def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None,
                 record: FrozenDomain | None = None) -> ThawResult:
     """Thaw one domain; the caller holds its lock (and may pass the journal record it read already)."""
@@ -200,7 +206,8 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None,
 
     failpoint("thaw-before-cleanup")
     _remove_overlays(disks, ref)
-    shutil.rmtree(rt.memory_dir(ref.uuid), ignore_errors=True)
+    for memory_dir in {rt.memory_dir(ref.uuid), *_memory_dir_of(record)}:  # memory_directory may have changed
+        shutil.rmtree(memory_dir, ignore_errors=True)
     rt.journal.remove(ref.uuid)
     seconds = time.monotonic() - t0
     used = result.strategy if result else None

@@ -99,6 +99,25 @@ def test_overlay_directory_full(guest_factory, vf, tmp_path):
     assert_all_acked_present(g)
 
 
+def test_memory_directory_too_small_for_the_image(guest_factory, vf, tmp_path):
+    """A memory image that does not fit (a tmpfs too small): the freeze fails naming the domain, the guest
+    runs on its own disks, nothing is left in the memory directory."""
+    g = guest_factory([DiskSpec("vda"), DiskSpec("vdb", "raw")])
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        vf.write_config(memory_directory=str(small / "memory"))
+        line = one_error_line(vf("freeze", "--memory", g.name, expect=1).stderr)
+        assert g.name in line and "No space left on device" in line and "memory_directory" in line, line
+        assert_nothing_frozen(g, vf)
+        assert [p for p in small.rglob("*") if p.is_file()] == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    g.watcher.wait_acks(10)
+    assert_all_acked_present(g)
+
+
 def test_domain_held_by_another_run(guest_factory, vf):
     g = guest_factory([DiskSpec("vda")])
     vf.write_config(lock_wait=0.5)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -144,8 +147,14 @@ def test_shut_off_domain_is_exposed_and_protected(guest_factory, vf, tmp_path):
     assert_all_acked_present(g)
 
 
-def test_memory_state_restores_into_a_guest_that_keeps_writing(libvirt_conn, guest_factory, vf, tmp_path):
+@pytest.mark.parametrize("memory_directory", [None, "tmpfs"])
+def test_memory_state_restores_into_a_guest_that_keeps_writing(libvirt_conn, guest_factory, vf, tmp_path,
+                                                               memory_directory, request):
     g = guest_factory([DiskSpec("vda"), DiskSpec("vdb", "raw")])
+    if memory_directory:  # the image in RAM (a shorter pause); thaw removes it even once the setting is gone
+        shm = Path(tempfile.mkdtemp(prefix="vf-test-", dir="/dev/shm"))
+        request.addfinalizer(lambda: shutil.rmtree(shm, ignore_errors=True))
+        vf.write_config(memory_directory=str(shm / "memory"))
     g.watcher.wait_acks(30)
     t_before = time.monotonic()
     out = vf("--json", "freeze", "--memory", g.name)
@@ -155,10 +164,17 @@ def test_memory_state_restores_into_a_guest_that_keeps_writing(libvirt_conn, gue
     assert stat.S_IMODE(os.stat(mem).st_mode) == 0o600
     record = json.loads(vf.journal(g.uuid).read_text())
     assert stat.S_IMODE(os.stat(os.path.dirname(record["memory_file"])).st_mode) == 0o700
+    if memory_directory:
+        assert record["memory_file"] == str(shm / "memory" / g.uuid / "memory.save")
+        assert not (vf.state / "memory").exists()
+        vf.config.pop("memory_directory")
+        vf.write_config()
     last_before = max(g.acked(until=t_before)["vda"])
     g.watcher.wait_acks(30)  # the guest kept running
     archive = copy_export(export, tmp_path / "archive")
     vf("thaw", g.name)
+    if memory_directory:
+        assert list((shm / "memory").iterdir()) == []
     assert_back_on_base(g, vf)
     assert not os.path.exists(record["memory_file"]), "memory image must be removed after the archive"
     assert_all_acked_present(g)
