@@ -90,7 +90,7 @@ def main() -> int:
                        capture_output=True)
         group = None
         if write_bps:
-            found = priority.write_limit_group(write_bps, frozenset({priority.whole_disk(image)}))
+            found = priority.write_limit_group(write_bps, priority.disks_under(image))
             if found is None:
                 raise RuntimeError("this host has no cgroup I/O controller for write_bps")
             group = found[1] / "cgroup.procs"

@@ -82,7 +82,8 @@ def host_findings(rt: Runtime, needs_fuse: bool, needs_qsd: bool = False) -> lis
                            "commit"))
     for what, path, durable in (("state_directory", cfg.state_directory, True),
                                 ("export_directory", cfg.export_directory, False),
-                                ("overlay_directory", cfg.overlay_directory, True)):
+                                ("overlay_directory", cfg.overlay_directory, True),
+                                ("memory_directory", cfg.memory_directory, False)):  # tmpfs allowed: RAM
         if path is None:
             continue
         fstype, free = _fs(Path(path))

@@ -69,13 +69,15 @@ SCHEMA: dict[str, Any] = {
         },
         "state_directory": {
             "type": "string",
-            "description": "Durable state: journal, locks, memory images, saved definitions. On disk, not tmpfs.",
+            "description": "Durable state: journal, locks, memory images (unless memory_directory is set), saved "
+                           "definitions. On disk, not tmpfs.",
             "example": "/var/lib/virtfreeze",
         },
         "memory_directory": {
             "type": ["string", "null"], "pattern": "^/",
             "description": "Where a --memory freeze writes each domain's memory image (a 0700 directory per "
-                           "domain, the image 0600, removed by thaw). Unset: state_directory/memory. A tmpfs "
+                           "domain, the image 0600, removed by thaw; it must be this user's and writable by it "
+                           "alone, or the freeze refuses). Unset: state_directory/memory. A tmpfs "
                            "(e.g. /dev/shm/virtfreeze) shortens the guest's pause at the end of the freeze, "
                            "since libvirt then has no fdatasync of the image to wait for, but holds each image in "
                            "host RAM until the archive is done: up to the guest's memory size per domain frozen "
@@ -407,8 +409,8 @@ def parse(data: Any, source: Path | None = None) -> Config:
     for key, value in data.items():
         if key == "domains":
             cfg.domains = {name: DomainSettings(**(s or {})) for name, s in value.items()}
-        elif key in ("export_directory", "state_directory") or (key in ("overlay_directory", "verify_directory", "memory_directory")
-                                                                 and value):
+        elif key in ("export_directory", "state_directory") or (
+                key in ("overlay_directory", "verify_directory", "memory_directory") and value):
             setattr(cfg, key, Path(value))
         else:
             setattr(cfg, key, value)

@@ -196,21 +196,13 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
     memory, quiesce = wanted.memory and state != SHUTOFF, wanted.quiesce
     disks, plan, skipped = _plan(rt, info, live_xml)
     _check_overlay_dirs(info, plan, rt)
+    memory_file = memory_freeze.image_file(rt.memory_base(), info.uuid, info.name) if memory else None
     tracker = None
     if rt.config.export_layout_of(info.name) == "segmented" and plan:
         tracker = segmented_export.Tracker(rt.state_dir, info, rt.config.segment_size)
         tracker.before_snapshot(rt.hv, state, plan, live_xml)  # this run's checkpoint, while on the bases
     elif segmented_export.state_directory(rt.state_dir, info.uuid).exists():
         segmented_export.forget(rt.hv, rt.state_dir, info)
-
-    memory_file = None
-    if memory:
-        mdir = rt.memory_dir(info.uuid)
-        mdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(mdir, 0o700)
-        memory_file = mdir / "memory.save"
-        with contextlib.suppress(FileNotFoundError):
-            memory_file.unlink()
 
     export_dir = rt.config.export_directory / export_view.domain_dir_name(info.name, info.uuid)
     record = FrozenDomain(info.uuid, info.name, "freezing", disks=plan, started=_now(), state_at_freeze=state,
@@ -233,10 +225,9 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
             else:  # no disk switched; libvirt may still have left overlay files behind
                 _discard_unused_overlays(plan, there_before)
                 if memory_file:
-                    with contextlib.suppress(FileNotFoundError):
-                        memory_file.unlink()
+                    memory_freeze.remove_image(memory_file, info.uuid)
                 rt.journal.remove(info.uuid)
-            if memory_file and "No space left" in str(e) and not e.hint:
+            if memory_file and f"{memory_file}: No space left" in str(e) and not e.hint:
                 e.hint = (f"its memory image needs up to the guest's memory size in {memory_file.parent.parent}; "
                           "free room there or set memory_directory elsewhere")
             raise

@@ -23,14 +23,54 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import stat
 import threading
 from pathlib import Path
 from typing import Iterator
 
 from virtfreeze import qemu_img
+from virtfreeze.errors import VirtfreezeError
 from virtfreeze.model import DiskPlan
 
 WRITEBACK_INTERVAL = 0.1  # seconds between two fdatasyncs of the growing memory file
+
+
+def image_file(base: Path, uuid: str, domain: str) -> Path:
+    """The memory image's path, `base`/<uuid>/memory.save, in a fresh 0700 directory.
+
+    `base` (memory_directory, or state_directory/memory) may be on a tmpfs
+    anyone can write to (/dev/shm): it must be a directory of ours, writable
+    by us alone, or another user could plant the image file and read the
+    guest's RAM. Refused with an error naming it otherwise."""
+    try:
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.stat(base)  # a symlink to a directory of ours is fine; to anybody else's is not
+    except OSError as e:
+        raise VirtfreezeError(f"cannot make the memory image directory: {e.strerror}", domain=domain,
+                              path=str(base), hint="check memory_directory (or state_directory)") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise VirtfreezeError("the memory image directory is not a directory of ours that only we can write "
+                              f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})", domain=domain,
+                              path=str(base), hint="remove it, or point memory_directory at a directory "
+                                                   "owned by this user, mode 0700")
+    mdir = base / uuid
+    try:
+        shutil.rmtree(mdir, ignore_errors=True)  # an earlier run's leftovers: ours, since only we write here
+        os.mkdir(mdir, 0o700)
+    except OSError as e:
+        raise VirtfreezeError(f"cannot make the memory image directory: {e.strerror}", domain=domain,
+                              path=str(mdir), hint="check memory_directory (or state_directory)") from None
+    return mdir / "memory.save"
+
+
+def remove_image(memory_file: Path, uuid: str) -> None:
+    """Remove a memory image and its (then empty) <uuid> directory; never anything else."""
+    with contextlib.suppress(FileNotFoundError):
+        memory_file.unlink()
+    if memory_file.parent.name == uuid:
+        with contextlib.suppress(OSError):  # not empty: not only ours, leave it
+            memory_file.parent.rmdir()
 
 
 def create_overlays(plan: list[DiskPlan], domain: str) -> None:

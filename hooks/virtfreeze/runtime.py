@@ -38,6 +38,7 @@ class Runtime:
     def state_dir(self) -> Path:
         return self.config.state_directory
 
-    def memory_dir(self, uuid: str) -> Path:
-        """Where a --memory freeze of this domain writes its memory image (memory_directory, or the state's)."""
-        return (self.config.memory_directory or self.config.state_directory / "memory") / uuid
+    def memory_base(self) -> Path:
+        """Where --memory freezes write their memory images, a directory per domain (memory_directory, or
+        the state's)."""
+        return self.config.memory_directory or self.config.state_directory / "memory"

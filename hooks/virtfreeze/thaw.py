@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from virtfreeze import downtime, export_view, guest_view, holders, qemu_img
+from virtfreeze import downtime, export_view, guest_view, holders, memory_freeze, qemu_img
 from virtfreeze.domain_xml import is_overlay, parse_disks
 from virtfreeze.errors import DomainNotFound, LeftOnOverlay, MergeRefused, VirtfreezeError
 from virtfreeze.journal import FrozenDomain, domain_lock, failpoint
@@ -118,12 +118,6 @@ def _merge(rt: Runtime, merge: DomainMerge, strategy: str) -> MergeResult:
     return result
 
 
-def _memory_dir_of(record: FrozenDomain) -> list[Path]:
-    """The directory the freeze wrote the memory image into: virtfreeze's own (named by the UUID), else none."""
-    parent = Path(record.memory_file).parent if record.memory_file else None
-    return [parent] if parent is not None and parent.name == record.uuid else []
-
-
 def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None,
                 record: FrozenDomain | None = None) -> ThawResult:
     """Thaw one domain; the caller holds its lock (and may pass the journal record it read already)."""
@@ -206,8 +200,9 @@ def thaw_locked(rt: Runtime, ref: DomainRef, strategy: str | None = None,
 
     failpoint("thaw-before-cleanup")
     _remove_overlays(disks, ref)
-    for memory_dir in {rt.memory_dir(ref.uuid), *_memory_dir_of(record)}:  # memory_directory may have changed
-        shutil.rmtree(memory_dir, ignore_errors=True)
+    if record.memory_file:  # where the freeze wrote it (memory_directory may have changed since)
+        memory_freeze.remove_image(Path(record.memory_file), record.uuid)
+    shutil.rmtree(rt.state_dir / "memory" / ref.uuid, ignore_errors=True)  # the default place: all ours
     rt.journal.remove(ref.uuid)
     seconds = time.monotonic() - t0
     used = result.strategy if result else None
