@@ -53,17 +53,11 @@ def test_a_missing_program_is_named_not_ionice(tmp_path):
         runner.run(["no-such-borg", "create"], what="borg create")
 
 
-def test_disks_under_a_path_name_its_block_device_and_none_for_tmpfs(tmp_path):
-    import pytest
-
+def test_disks_under_a_missing_path_is_its_parents_and_none_for_tmpfs():
+    """(The disk of a real file system, a partition's and a block device's: tests/host/test_archive_priority.)"""
+    assert priority.disks_under("/no/such/dir/repo.borg") == priority.disks_under("/")  # its nearest parent
     assert priority.disks_under("/proc/self") == set()  # no block device under it
     assert priority.disks_under("/dev/shm/x") == set()  # tmpfs
-    dev = os.stat("/").st_dev
-    node = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
-    if os.major(dev) == 0 or (node / "partition").exists() or any((node / "slaves").iterdir()):
-        pytest.skip("/ is not on a whole disk here (overlayfs, btrfs, a partition, LVM): the host tests cover those")
-    assert priority.disks_under("/") == {f"{os.major(dev)}:{os.minor(dev)}"}
-    assert priority.disks_under("/no/such/dir/repo.borg") == priority.disks_under("/")  # its nearest parent
 
 
 def test_a_write_limit_group_v2_and_v1(tmp_path, monkeypatch):
