@@ -102,11 +102,13 @@ def main() -> int:
 def compare(args: argparse.Namespace, conn: libvirt.virConnect, work: Path, repo_apart: Path) -> int:
     """Every way in turn, `args.runs` times; print the table."""
     repo = work / "repo.borg"
-    state = f"state_directory: {work}/state\nexport_directory: {work}/export\n"
-    base = state + f"targets:\n  borg: {{type: borg, repository: '{repo}', compression: lz4}}\n"
+    def config_into(repository: Path) -> str:
+        return (f"state_directory: {work}/state\nexport_directory: {work}/export\n"
+                f"targets:\n  borg: {{type: borg, repository: '{repository}', compression: lz4}}\n")
+
+    base = config_into(repo)
     (work / "low.yaml").write_text(base)
-    (work / "apart.yaml").write_text(
-        state + f"targets:\n  borg: {{type: borg, repository: '{repo_apart}', compression: lz4}}\n")
+    (work / "apart.yaml").write_text(config_into(repo_apart))
     (work / "normal.yaml").write_text(base + "archive_priority: {nice: 0, ionice: none, cpu_weight: null}\n")
     (work / "segmented.yaml").write_text(base + "export_layout: segmented\n")
     (work / "limited.yaml").write_text(base + "archive_priority: {write_bps: 209715200}\n")

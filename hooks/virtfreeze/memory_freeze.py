@@ -43,24 +43,21 @@ def image_file(base: Path, uuid: str, domain: str) -> Path:
     anyone can write to (/dev/shm): it must be a directory of ours, writable
     by us alone, or another user could plant the image file and read the
     guest's RAM. Refused with an error naming it otherwise."""
+    mdir = base / uuid
     try:
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
         st = os.stat(base)  # a symlink to a directory of ours is fine; to anybody else's is not
-    except OSError as e:
-        raise VirtfreezeError(f"cannot make the memory image directory: {e.strerror}", domain=domain,
-                              path=str(base), hint="check memory_directory (or state_directory)") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise VirtfreezeError("the memory image directory is not a directory of ours that only we can write "
-                              f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})", domain=domain,
-                              path=str(base), hint="remove it, or point memory_directory at a directory "
-                                                   "owned by this user, mode 0700")
-    mdir = base / uuid
-    try:
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise VirtfreezeError("the memory image directory is not a directory of ours that only we can write "
+                                  f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})", domain=domain,
+                                  path=str(base), hint="remove it, or point memory_directory at a directory "
+                                                       "owned by this user, mode 0700")
         shutil.rmtree(mdir, ignore_errors=True)  # an earlier run's leftovers: ours, since only we write here
         os.mkdir(mdir, 0o700)
     except OSError as e:
         raise VirtfreezeError(f"cannot make the memory image directory: {e.strerror}", domain=domain,
-                              path=str(mdir), hint="check memory_directory (or state_directory)") from None
+                              path=e.filename or str(base), hint="check memory_directory (or state_directory)"
+                              ) from None
     return mdir / "memory.save"
 
 

@@ -184,13 +184,20 @@ def _archive_cgroups(prio: Priority, disks: frozenset[str], say,
     return procs, (limit[1] / "tasks" if limit else None)
 
 
+def blkio_group(proc_cgroup: str) -> Path | None:
+    """The v1 blkio cgroup's directory named in a /proc/<pid>/cgroup text (None: no blkio hierarchy)."""
+    for line in proc_cgroup.splitlines():
+        _id, controllers, path = line.split(":", 2)
+        if "blkio" in controllers.split(","):
+            return CGROUP_ROOT / "blkio" / path.lstrip("/")
+    return None
+
+
 def _blkio_tasks_of_this_thread() -> Path | None:
     """The v1 blkio cgroup's `tasks` this thread is in now (to go back to)."""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/thread-self/cgroup").read_text().splitlines():
-            _id, controllers, path = line.split(":", 2)
-            if "blkio" in controllers.split(","):
-                return CGROUP_ROOT / "blkio" / path.lstrip("/") / "tasks"
+        group = blkio_group(Path("/proc/thread-self/cgroup").read_text())
+        return group / "tasks" if group else None
     return None
 
 

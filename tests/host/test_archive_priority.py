@@ -18,33 +18,29 @@ def test_archive_commands_join_the_low_weight_cgroup():
     assert ioprio.strip() == "idle", ioprio
 
 
-def _blkio_path(text: str) -> str:
-    return next(line.split(":", 2)[2] for line in text.splitlines() if "blkio" in line.split(":")[1].split(","))
-
-
 def test_write_bps_puts_the_archives_writes_to_the_images_disk_under_a_limit(tmp_path):
     """The commands (and the thread, for an in-process copy) write through a blkio cgroup limiting the disk
     that holds the images; the thread is back in its own group afterwards."""
     image = tmp_path / "web1.qcow2"
     image.write_bytes(b"")
     [disk] = priority.disks_under(image)  # the test's scratch directory is on one disk
-    before = _blkio_path(Path("/proc/thread-self/cgroup").read_text())
+    before = priority.blkio_group(Path("/proc/thread-self/cgroup").read_text())
     prio = priority.Priority(nice=0, ionice="none", cpu_weight=None, write_bps=200 << 20)
     with priority.archiving(prio, [str(image)], "web1"):
         inside = runner.run(["cat", "/proc/self/cgroup"]).stdout
-        group = Path("/sys/fs/cgroup/blkio") / _blkio_path(inside).lstrip("/")
+        group = priority.blkio_group(inside)
         counted = blkio_written(group, disk)
         runner.run(["dd", "if=/dev/zero", f"of={tmp_path / 'repo'}", "bs=1M", "count=8", "oflag=direct"])
         after_command = blkio_written(group, disk)
         with open(tmp_path / "copy", "wb") as f:  # the thread's own writes (the directory target's copy)
             f.write(os.urandom(4 << 20))
             os.fsync(f.fileno())
-        assert _blkio_path(Path("/proc/thread-self/cgroup").read_text()) == _blkio_path(inside)  # the thread too
-    assert f"/virtfreeze-archive-write-{200 << 20}-" in _blkio_path(inside), inside
+        assert priority.blkio_group(Path("/proc/thread-self/cgroup").read_text()) == group  # the thread too
+    assert group.name.startswith(f"virtfreeze-archive-write-{200 << 20}-"), inside
     assert f"{disk} {200 << 20}" in (group / "blkio.throttle.write_bps_device").read_text()
     assert after_command - counted >= 8 << 20  # the command's writes went through the group's throttle
     assert blkio_written(group, disk) - after_command >= 4 << 20  # and the thread's own
-    assert _blkio_path(Path("/proc/thread-self/cgroup").read_text()) == before
+    assert priority.blkio_group(Path("/proc/thread-self/cgroup").read_text()) == before
 
 
 def _scratch_disk(tmp_path: Path) -> tuple[str, str]:
