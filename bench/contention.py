@@ -15,9 +15,11 @@ is measured:
 - writing 1 GiB through the page cache and fdatasync (an archive's
   repository);
 - borg itself (lz4, nice 19, ionice idle) with its repository on the same
-  disk and on tmpfs, and on the same disk with its writes limited to 100,
-  200 and 400 MB/s (`archive_priority.write_bps`: the cgroup virtfreeze
-  makes for it); borg's wall time is printed too.
+  disk and on tmpfs; on the same disk with what it writes sent to disk
+  every 100 and 25 ms while it runs (`archive_priority.writeback_interval`:
+  run as `backup` runs it, through priority.archiving), and with its writes
+  limited to 100, 200 and 400 MB/s (`archive_priority.write_bps`: the
+  cgroup virtfreeze makes for it); borg's wall time is printed too.
 
 The order rotates between runs. Medians, and ratios to the no-load window.
 
@@ -64,11 +66,14 @@ def main() -> int:
 
     walls: dict[str, list[float]] = {}
 
-    def measure(*commands: list[str], join: Path | None = None) -> float:
-        """The guest's largest stall while `commands` run side by side (a quiet window when none)."""
+    def measure(*commands: list[str], join: Path | None = None, call=None) -> float:
+        """The guest's largest stall while `commands` run side by side, or `call()` runs (a quiet window
+        when neither)."""
         drop_caches()
         g.watcher.wait_acks(20)
         t0 = time.monotonic()
+        if call is not None:
+            call()
         procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=BORG_ENV,
                                   preexec_fn=(lambda: join.write_text("0")) if join else None)
                  for c in commands]
@@ -77,17 +82,29 @@ def main() -> int:
             # 124: timeout ended a CPU loop, as meant; borg 1: a warning ("file changed": the guest writes on)
             if p.returncode not in (0, 124) and not (p.returncode == 1 and "borg" in c):
                 raise RuntimeError(f"{' '.join(c)}: exit {p.returncode}: {err.decode().strip()}")
-        t1 = time.monotonic() if commands else t0 + window
+        t1 = time.monotonic() if commands or call else t0 + window
         g.watcher.wait_acks(3, after=t1, timeout=window + 60)
         return max_gap(g.watcher.snapshot(), t0, t1)
 
     def cpu(prefix: list[str], n: int) -> float:
         return measure(*[["timeout", str(window), *prefix, "sha256sum", "/dev/zero"]] * n)
 
-    def borg(row: str, repo: Path, write_bps: int | None = None) -> float:
+    def borg(row: str, repo: Path, write_bps: int | None = None, writeback: float | None = None) -> float:
         shutil.rmtree(repo, ignore_errors=True)
         subprocess.run(["borg", "init", "--encryption=none", str(repo)], env=BORG_ENV, check=True,
                        capture_output=True)
+        create = ["borg", "create", "--compression", "lz4", f"{repo}::a", image]
+        if writeback:  # as `backup` runs it: through runner.run inside priority.archiving
+            prio = priority.Priority(cpu_weight=None, writeback_interval=writeback)
+
+            def call() -> None:
+                with priority.archiving(prio, [image], "vf-bench-contention"):
+                    runner.run(create, env=BORG_ENV, ok=(0, 1))
+
+            t0 = time.monotonic()
+            stall = measure(call=call)
+            walls.setdefault(row, []).append(time.monotonic() - t0)
+            return stall
         group = None
         if write_bps:
             found = priority.write_limit_group(write_bps, priority.disks_under(image))
@@ -95,8 +112,7 @@ def main() -> int:
                 raise RuntimeError("this host has no cgroup I/O controller for write_bps")
             group = found[1] / "cgroup.procs"
         t0 = time.monotonic()
-        stall = measure(["ionice", "-c", "3", *NICE, "borg", "create", "--compression", "lz4", f"{repo}::a", image],
-                        join=group)
+        stall = measure(["ionice", "-c", "3", *NICE, *create], join=group)
         walls.setdefault(row, []).append(time.monotonic() - t0)
         return stall
 
@@ -127,6 +143,9 @@ def main() -> int:
         "borg create (nice 19, ionice idle)": lambda: borg("borg create (nice 19, ionice idle)", work / "repo"),
         "  the same, repository on tmpfs": lambda: borg("  the same, repository on tmpfs", shm / "repo"),
     }
+    for every in (0.1, 0.025):
+        row = f"  the same, written back every {every * 1000:.0f} ms" + (" (default)" if every == 0.025 else "")
+        loads[row] = lambda row=row, every=every: borg(row, work / "repo", writeback=every)
     for mbps in (100, 200, 400):
         row = f"  on the same disk, writes held to {mbps} MB/s"
         loads[row] = lambda row=row, mbps=mbps: borg(row, work / "repo", mbps * 1_000_000)
@@ -143,7 +162,7 @@ def main() -> int:
         print(f"\nlargest write stall of a writing guest beside one load ({args.runs} runs, medians, 2 cores):")
         for k, v in stalls.items():
             wall = f"  (borg {med(walls[k]):.2f} s)" if k in walls else ""
-            print(f"  {k:42} {med(v) * 1000:6.0f} ms {med(v) / base:5.1f}x{wall}")
+            print(f"  {k:48} {med(v) * 1000:6.0f} ms {med(v) / base:5.1f}x{wall}")
         return 0
     finally:
         g.remove()

@@ -74,7 +74,7 @@ def _check_contents(ref: DomainRef, target: StorageTarget, archive: str, manifes
 
 
 def _guest_images(rt: Runtime, uuid: str) -> list[str]:
-    """The files the frozen guest writes into and goes back to (whose disks `write_bps` protects)."""
+    """The files the frozen guest writes into and goes back to (whose disks the archive's priority spares)."""
     record = rt.journal.load(uuid)
     disks = record.disks if record else []
     return [p.overlay for p in disks] + [p.base for p in disks]
@@ -89,7 +89,8 @@ def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *
     result = BackupResult(info.name, info.uuid, frozen.consistency, freeze_seconds=frozen.seconds,
                           snapshot_seconds=frozen.snapshot_seconds)
     try:
-        images = _guest_images(rt, info.uuid) if archive_priority.write_bps else []
+        images = (_guest_images(rt, info.uuid)
+                  if archive_priority.write_bps or archive_priority.writeback_interval else [])
         export_dir = Path(frozen.export_dir)
         manifest = json.loads((export_dir / "manifest.json").read_text())
         for target in targets:

@@ -195,7 +195,8 @@ SCHEMA: dict[str, Any] = {
             "description": "How `backup` runs the archive tools (borg, restic, the directory copy), so that the "
                            "guests do not notice: CPU nice, I/O class, a cgroup CPU weight, and optionally a "
                            "limit on their writes to the images' disks. "
-                           "{nice: 0, ionice: none, cpu_weight: null} runs them as any other process.",
+                           "{nice: 0, ionice: none, cpu_weight: null, writeback_interval: null} runs them as "
+                           "any other process.",
             "example": {"nice": 19, "ionice": "idle", "cpu_weight": 10},
             "properties": {
                 "nice": {"type": "integer", "minimum": 0, "maximum": 19,
@@ -214,11 +215,22 @@ SCHEMA: dict[str, Any] = {
                                              "LV's disk beneath), for a borg/restic repository or a directory "
                                              "target on the images' disk: the guests' own flushes then no longer "
                                              "queue behind the archive's. A cgroup: v2 io.max, or v1 blkio, which "
-                                             "limits the writes a tool submits itself (borg's, fsyncs), not the "
-                                             "kernel's writeback; the directory target's in-process copy only on "
+                                             "limits the writes a tool submits itself (its fsyncs) and the "
+                                             "writeback virtfreeze starts for it (writeback_interval), not the "
+                                             "kernel's own; the directory target's in-process copy only on "
                                              "v1. It slows such an archive; a repository on another disk or host "
                                              "is not affected. null: no limit.",
                               "example": 209715200},
+                "writeback_interval": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 10,
+                                       "description": "Seconds between two starts of the writeback of what the "
+                                                      "archive tools (and the directory target's copy) write to "
+                                                      "a disk holding a frozen guest's images, while they run: "
+                                                      "a repository there then reaches the disk in small steps "
+                                                      "instead of in one burst at the tool's final flush, which "
+                                                      "the guests' own writes would wait behind (borg 1.2 "
+                                                      "flushes a segment only as it closes it). Default 0.025; "
+                                                      "null: the kernel decides when.",
+                                       "example": 0.025},
             },
         },
         "restore_directories": {

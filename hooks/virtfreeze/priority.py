@@ -17,12 +17,17 @@ guests' images are limited (cgroup v2 `io.max` wbps, v1
 no longer floods it with writes, and the guests' own flushes no longer
 queue behind them (`bench/contention.py`: borg 64 ms stall unlimited, 18 ms
 at 200 MB/s, taking 3.0 against 1.7 s). What is limited: on v1, the writes
-a tool submits itself (borg's `sync_file_range` every 16 MiB, fsyncs,
-O_DIRECT), not what the kernel's flusher writes back for it; on v2 page-cache
+a tool submits itself (its fsyncs, O_DIRECT) and the writeback that
+archive_writeback's thread starts for it (the thread joins the group), not
+what the kernel's flusher writes back on its own; on v2 page-cache
 writeback too where the memory controller is enabled beside io. On v1 the
-thread joins the group as well (the directory target's in-process copy,
-which fsyncs each file); v2 cannot move one thread, so there that copy is
-not limited.
+calling thread joins the group as well (the directory target's in-process
+copy, which fsyncs each file); v2 cannot move one thread, so there that
+copy is not limited.
+
+With `writeback_interval` (on by default), what the archive writes to those
+disks is sent to disk while it runs, in small steps, instead of in one burst
+at the tool's final flush (see archive_writeback).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from virtfreeze import archive_writeback
 from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ class Priority:
     ionice: str = "idle"  # idle, best-effort (lowest level) or none
     cpu_weight: int | None = 10  # cgroup CPU weight, 1..10000 (everything else has 100); None: no cgroup
     write_bps: int | None = None  # bytes/s the archive may write to a disk holding the guests' images; None: any
+    writeback_interval: float | None = archive_writeback.INTERVAL  # s between writeback starts; None: the kernel's
 
     @classmethod
     def from_config(cls, settings: dict | None) -> "Priority":
@@ -63,7 +70,8 @@ class Priority:
 
     @property
     def normal(self) -> bool:
-        return self.nice == 0 and self.ionice == "none" and self.cpu_weight is None and self.write_bps is None
+        return (self.nice == 0 and self.ionice == "none" and self.cpu_weight is None and self.write_bps is None
+                and self.writeback_interval is None)
 
 
 def disks_under(path: str | Path) -> frozenset[str]:
@@ -83,8 +91,13 @@ def disks_under(path: str | Path) -> frozenset[str]:
             path = path.parent
         except OSError:
             return frozenset()
-    dev = st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev
-    if os.major(dev) == 0:  # anonymous: tmpfs, overlayfs, btrfs subvolumes, NFS
+    return disks_of_device(st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev)
+
+
+def disks_of_device(dev: int) -> frozenset[str]:
+    """"MAJOR:MINOR" of each whole disk beneath block device number `dev` (a file system's st_dev); empty
+    for an anonymous device (tmpfs, overlayfs, btrfs subvolumes, NFS)."""
+    if os.major(dev) == 0:
         return frozenset()
     try:
         return _disks_beneath(Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve())
@@ -167,6 +180,21 @@ def child_cgroups() -> list[Path]:
     return list(getattr(_current, "cgroups", ()))
 
 
+@contextlib.contextmanager
+def running(pid: int) -> Iterator[None]:
+    """A command `runner.run` started (inside `archiving`: what it writes to the guests' disks is written
+    back as it goes)."""
+    commands = getattr(_current, "commands", None)
+    if commands is None:
+        yield
+        return
+    commands.add(pid)
+    try:
+        yield
+    finally:
+        commands.discard(pid)
+
+
 def _archive_cgroups(prio: Priority, disks: frozenset[str], say,
                      root: Path = CGROUP_ROOT) -> tuple[list[Path], Path | None]:
     """The cgroup.procs files the archive's commands join, and a v1 blkio group's `tasks` for the thread."""
@@ -222,24 +250,33 @@ def archiving(prio: Priority, images: list[str] | tuple[str, ...] = (), domain: 
     tid = threading.get_native_id()
     before = os.getpriority(os.PRIO_PROCESS, tid)
     say = domain_log(log, domain) if domain else log
-    disks = frozenset().union(*map(disks_under, images)) if prio.write_bps else frozenset()
+    disks = (frozenset().union(*map(disks_under, images))
+             if prio.write_bps or prio.writeback_interval else frozenset())
     if prio.write_bps and images and not disks:
         say.info("archive_priority.write_bps: its images are on no block device (tmpfs, btrfs, NFS); "
                  "the archive's writes are not limited")
-    cgroups, thread_group = _archive_cgroups(prio, disks, say)
+    cgroups, thread_group = _archive_cgroups(prio, disks if prio.write_bps else frozenset(), say)
     back = _blkio_tasks_of_this_thread() if thread_group else None
+    commands = archive_writeback.Commands()
+    written_back = (archive_writeback.written_as_made(
+        commands, lambda dev: bool(disks_of_device(dev) & disks), prio.writeback_interval,
+        join=(lambda t: _join(thread_group, t, say)) if thread_group else None, say=say, name=domain or "archive")
+        if prio.writeback_interval and disks else contextlib.nullcontext())
     _current.priority = prio
     _current.cgroups = cgroups
+    _current.commands = commands
     moved = False
     try:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, tid, prio.nice)  # this thread only (Linux): an in-process copy
         if back is not None:  # v1 moves threads one by one: the in-process copy's writes are limited too
             moved = _join(thread_group, tid, say)
-        yield
+        with written_back:
+            yield
     finally:
         _current.priority = None
         _current.cgroups = ()
+        _current.commands = None
         if moved:
             _join(back, tid, say)
         with contextlib.suppress(OSError):

@@ -154,10 +154,11 @@ def run(argv: list[str], *, what: str | None = None, domain: str | None = None, 
     if scope is not None:
         scope._enter(popen)
     try:
-        if on_line is None:
-            stdout, stderr = popen.communicate(input)
-        else:
-            stdout, stderr = _follow(popen, input, on_line, stream)
+        with priority.running(popen.pid):  # inside priority.archiving: its writes go to disk as it makes them
+            if on_line is None:
+                stdout, stderr = popen.communicate(input)
+            else:
+                stdout, stderr = _follow(popen, input, on_line, stream)
     finally:
         if scope is not None:
             scope._leave(popen)

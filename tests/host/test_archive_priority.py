@@ -2,6 +2,9 @@
 
 import os
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 from tests.host.helpers import blkio_written
@@ -81,3 +84,50 @@ def test_disks_under_a_partition_and_a_block_device_are_the_whole_disk(tmp_path)
             subprocess.run(["delpart", loop, "1"], check=True)  # a BLKPG partition outlives its loop device
     finally:
         subprocess.run(["losetup", "-d", loop], check=True)
+
+
+WRITER = """
+import os, sys
+d = sys.argv[1]
+with open(os.path.join(d, "segment"), "wb") as kept, open(os.path.join(d, "temp"), "wb") as temp:
+    os.unlink(os.path.join(d, "temp"))
+    for f in (kept, temp):
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))
+        f.flush()
+    print(f"/proc/{os.getpid()}/fd/{temp.fileno()}", flush=True)
+    open(sys.argv[2]).read()  # until the test has looked
+"""
+
+
+def _resident(path: str) -> int:
+    """Bytes of `path` in the host's page cache."""
+    return int(subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", path],
+                              check=True, capture_output=True, text=True).stdout)
+
+
+def test_what_an_archive_command_writes_to_the_images_disk_goes_to_disk_while_it_runs(tmp_path):
+    """A command inside `archiving` writes 64 MiB and holds the file open without syncing it: the writeback
+    thread sends it to disk and its pages leave the page cache (the kernel alone would keep them dirty for
+    30 s); a file it unlinked stays in memory, untouched."""
+    image = tmp_path / "web1.qcow2"
+    image.write_bytes(b"")
+    segment, fifo = tmp_path / "segment", tmp_path / "fifo"
+    os.mkfifo(fifo)
+    seen: dict[str, int] = {}
+
+    def on_line(temp_link: str) -> None:  # the writer has written both files and waits on its stdin
+        deadline = time.monotonic() + 30
+        while _resident(str(segment)) > 1 << 20:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{segment} still has {_resident(str(segment))} bytes in the page cache")
+            threading.Event().wait(0.05)  # polling the page cache: no event says when writeback is done
+        seen["unlinked"] = _resident(temp_link)
+        with open(fifo, "w"):  # the writer may end
+            pass
+
+    prio = priority.Priority(nice=0, ionice="none", cpu_weight=None)
+    with priority.archiving(prio, [str(image)], "web1"):
+        runner.run([sys.executable, "-c", WRITER, str(tmp_path), str(fifo)], on_line=on_line)
+    assert seen["unlinked"] == 64 << 20  # never written back, never dropped
+    assert segment.stat().st_size == 64 << 20

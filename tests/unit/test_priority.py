@@ -22,7 +22,7 @@ def test_commands_inside_archiving_run_niced_and_outside_do_not():
 
 
 def test_normal_priority_changes_nothing():
-    with priority.archiving(priority.Priority(nice=0, ionice="none", cpu_weight=None)):
+    with priority.archiving(priority.Priority(nice=0, ionice="none", cpu_weight=None, writeback_interval=None)):
         assert priority.command_prefix() == []
 
 
