@@ -15,9 +15,11 @@ each, and the order rotating between runs:
 - virtfreeze hook mode: `freeze`, `borg create` of the export view, `thaw`;
   again with borg under `nice -n 19 ionice -c 3`;
 - virtfreeze driver mode: `backup --target borg` with the default
-  `archive_priority` (nice 19, ionice idle, cgroup CPU weight 10), and with
-  `archive_priority` normal, and with `write_bps` (its writes to the images'
-  disk limited to 200 MiB/s);
+  `archive_priority` (nice 19, ionice idle, cgroup CPU weight 10, what borg
+  writes to the images' disk sent to disk every 25 ms), with that writeback
+  left to the kernel (`writeback_interval: null`), with `archive_priority`
+  normal, and with `write_bps` (its writes to the images' disk limited to
+  200 MiB/s);
 - the same with `export_layout: segmented` and no state from an earlier run,
   so that every segment is read: the disks then come through the segment
   view (the raw disk, read with O_DIRECT) and the guest view (the qcow2 one,
@@ -109,7 +111,9 @@ def compare(args: argparse.Namespace, conn: libvirt.virConnect, work: Path, repo
     base = config_into(repo)
     (work / "low.yaml").write_text(base)
     (work / "apart.yaml").write_text(config_into(repo_apart))
-    (work / "normal.yaml").write_text(base + "archive_priority: {nice: 0, ionice: none, cpu_weight: null}\n")
+    (work / "normal.yaml").write_text(base + "archive_priority: {nice: 0, ionice: none, cpu_weight: null, "
+                                             "writeback_interval: null}\n")
+    (work / "kernel.yaml").write_text(base + "archive_priority: {writeback_interval: null}\n")
     (work / "segmented.yaml").write_text(base + "export_layout: segmented\n")
     (work / "limited.yaml").write_text(base + "archive_priority: {write_bps: 209715200}\n")
     vb = virt_backup()
@@ -149,6 +153,8 @@ def compare(args: argparse.Namespace, conn: libvirt.virConnect, work: Path, repo
         "virtfreeze hook mode (freeze, borg, thaw)": lambda: hook(False),
         "  the same, borg under nice 19 + ionice idle": lambda: hook(True),
         "virtfreeze backup, archive_priority default (low)": lambda: vf("low.yaml", "backup", "--target", "borg",
+                                                                      name),
+        "virtfreeze backup, writeback left to the kernel": lambda: vf("kernel.yaml", "backup", "--target", "borg",
                                                                       name),
         "virtfreeze backup, archive_priority normal": lambda: vf("normal.yaml", "backup", "--target", "borg", name),
         "virtfreeze backup, write_bps 200 MiB/s": lambda: vf("limited.yaml", "backup", "--target", "borg", name),
