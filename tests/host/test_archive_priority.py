@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.host.helpers import blkio_written
 from tests.rig.guest import attach_loop
 
@@ -106,28 +108,36 @@ def _resident(path: str) -> int:
                               check=True, capture_output=True, text=True).stdout)
 
 
-def test_what_an_archive_command_writes_to_the_images_disk_goes_to_disk_while_it_runs(tmp_path):
+@pytest.mark.parametrize("write_bps", [None, 1 << 30], ids=["unlimited", "write_bps"])
+def test_what_an_archive_command_writes_to_the_images_disk_goes_to_disk_while_it_runs(tmp_path, write_bps):
     """A command inside `archiving` writes 64 MiB and holds the file open without syncing it: the writeback
     thread sends it to disk and its pages leave the page cache (the kernel alone would keep them dirty for
-    30 s); a file it unlinked stays in memory, untouched."""
+    30 s); a file it unlinked stays in memory, untouched. With write_bps, that writeback goes through the
+    limit (the thread joins the group)."""
     image = tmp_path / "web1.qcow2"
     image.write_bytes(b"")
     segment, fifo = tmp_path / "segment", tmp_path / "fifo"
     os.mkfifo(fifo)
+    [disk] = priority.disks_under(image)
+    group = priority.write_limit_group(write_bps, frozenset({disk}))[1] if write_bps else None
+    written_before = blkio_written(group, disk) if group else 0
     seen: dict[str, int] = {}
 
-    def on_line(temp_link: str) -> None:  # the writer has written both files and waits on its stdin
+    def on_line(temp_link: str) -> None:  # the writer has written both files and waits on the fifo
         deadline = time.monotonic() + 30
         while _resident(str(segment)) > 1 << 20:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{segment} still has {_resident(str(segment))} bytes in the page cache")
             threading.Event().wait(0.05)  # polling the page cache: no event says when writeback is done
         seen["unlinked"] = _resident(temp_link)
+        seen["limited"] = blkio_written(group, disk) - written_before if group else 0
         with open(fifo, "w"):  # the writer may end
             pass
 
-    prio = priority.Priority(nice=0, ionice="none", cpu_weight=None)
+    prio = priority.Priority(nice=0, ionice="none", cpu_weight=None, write_bps=write_bps)
     with priority.archiving(prio, [str(image)], "web1"):
         runner.run([sys.executable, "-c", WRITER, str(tmp_path), str(fifo)], on_line=on_line)
     assert seen["unlinked"] == 64 << 20  # never written back, never dropped
     assert segment.stat().st_size == 64 << 20
+    if write_bps:
+        assert seen["limited"] >= 64 << 20, seen  # written back by the thread, inside the limit's group
