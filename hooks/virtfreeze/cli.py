@@ -460,6 +460,34 @@ def backup(ctx: Ctx, domains, all_, target_names, jobs, memory, quiesce, strateg
     _run_guarded(run, mutates=True, ctx=ctx)
 
 
+@cli.command("behind-guests", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- COMMAND [ARGS]...")
+@click.pass_obj
+def behind_guests(ctx: Ctx, command):
+    """Run an archive tool as `backup` runs its own (hook mode).
+
+    COMMAND runs at `archive_priority` (nice 19, I/O class idle, a small
+    cgroup CPU weight), and what it writes to a disk holding a frozen
+    domain's images is sent to disk while it runs, not in one burst at its
+    end (and held to `write_bps`, if set). Between freeze and thaw:
+    `virtfreeze behind-guests -- borg create ...`; borgmatic: `local_path:
+    virtfreeze behind-guests -- borg`. Exits with COMMAND's exit code.
+    """
+
+    def run():
+        from virtfreeze import priority, runner
+        from virtfreeze.journal import Journal
+
+        cfg = config_mod.load(ctx.config_path)
+        frozen = Journal(cfg.state_directory).all()
+        images = [path for record in frozen for plan in record.disks for path in (plan.overlay, plan.base)]
+        log.debug("behind %d frozen domain(s): %s", len(frozen), ", ".join(r.name for r in frozen) or "none")
+        with priority.archiving(priority.Priority.from_config(cfg.archive_priority), images):
+            return runner.run_through(list(command))
+
+    _run_guarded(run)
+
+
 @cli.command()
 @_domains_arg
 @click.option("--target", "target_names", multiple=True, metavar="NAME",

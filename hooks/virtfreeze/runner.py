@@ -136,21 +136,11 @@ def run(argv: list[str], *, what: str | None = None, domain: str | None = None, 
     if stream not in ("stdout", "stderr"):
         raise ValueError(f"stream is 'stdout' or 'stderr', not {stream!r}")
     what = what or argv[0]
-    prefix = priority.command_prefix()  # inside priority.archiving: nice/ionice
-    if prefix and shutil.which(argv[0]) is None:  # say so as without the prefix, not as ionice's exit 127
-        raise VirtfreezeError(f"{what}: cannot run {argv[0]}: No such file or directory", domain=domain, disk=disk,
-                              path=path, hint=install_hint or "install it, or check the program path")
-    argv = [*prefix, *argv]
-    cgroups = [str(p) for p in priority.child_cgroups()]
-    log.debug("running %s", argv)
     scope = getattr(_scope, "current", None)
-    try:
-        popen = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 preexec_fn=_child_setup(cgroups), **kw)
-    except OSError as e:
-        raise VirtfreezeError(f"{what}: cannot run {argv[0]}: {e.strerror}", domain=domain, disk=disk, path=path,
-                              hint=install_hint or "install it, or check the program path") from None
+    popen = _start(argv, what, dict(domain=domain, disk=disk, path=path, hint=install_hint),
+                   stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    argv = popen.args
     if scope is not None:
         scope._enter(popen)
     try:
@@ -171,6 +161,40 @@ def run(argv: list[str], *, what: str | None = None, domain: str | None = None, 
         raise VirtfreezeError(f"{what} failed (exit {proc.returncode})" + (f": {said}" if said else ""),
                               domain=domain, disk=disk, path=path, hint=hint)
     return proc
+
+
+def _start(argv: list[str], what: str, where: dict, **popen_kw) -> subprocess.Popen:
+    """Start `argv` as every command starts: inside priority.archiving under its nice/ionice prefix and
+    joining its cgroups; a program that cannot run is a VirtfreezeError naming `where` (domain, disk, path,
+    hint)."""
+    hint = where.pop("hint", None) or "install it, or check the program path"
+    prefix = priority.command_prefix()  # inside priority.archiving: nice/ionice
+    if prefix and shutil.which(argv[0]) is None:  # say so as without the prefix, not as ionice's exit 127
+        raise VirtfreezeError(f"{what}: cannot run {argv[0]}: No such file or directory", hint=hint, **where)
+    argv = [*prefix, *argv]
+    cgroups = [str(p) for p in priority.child_cgroups()]
+    log.debug("running %s", argv)
+    try:
+        return subprocess.Popen(argv, preexec_fn=_child_setup(cgroups), **popen_kw)
+    except OSError as e:
+        raise VirtfreezeError(f"{what}: cannot run {argv[0]}: {e.strerror}", hint=hint, **where) from None
+
+
+def run_through(argv: list[str]) -> int:
+    """Run `argv` (no shell) on this process's stdin, stdout and stderr, and return its exit code (128 + the
+    signal's number when a signal ended it): a wrapper's run, started as `run` starts a command. SIGTERM and
+    SIGHUP sent to us go on to it; SIGINT is left to the terminal, which sends it to both. Main thread only."""
+    popen = _start(argv, argv[0], {})
+    forward = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: popen.send_signal(signum)) for sig in forward}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with priority.running(popen.pid):
+            code = popen.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
 
 
 STOP_TIMEOUT = 30.0  # seconds a followed command gets to exit after SIGTERM before SIGKILL

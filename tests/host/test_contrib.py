@@ -64,6 +64,15 @@ def borgmatic_config(version: str, vf, name: str, repo: Path, tmp_path: Path) ->
         cfg["location"]["repositories"] = [str(repo)]
         cfg["location"]["borgmatic_source_directory"] = str(tmp_path / "borgmatic-src")
         cfg["hooks"] = {k: [retarget(c, vf, name) for c in v] for k, v in cfg["hooks"].items()}
+    # The recipe's local_path: borg through contrib's borg-behind-guests, with this test's virtfreeze and config.
+    behind = tmp_path / "borg-behind-guests"
+    behind.write_text(f"#!/bin/sh\nVIRTFREEZE={shlex.quote(VIRTFREEZE_BIN)} "
+                      f"VIRTFREEZE_CONFIG={shlex.quote(str(vf.config_path))} "
+                      f"exec {shlex.quote(str(CONTRIB / 'borgmatic' / 'borg-behind-guests'))} \"$@\"\n")
+    behind.chmod(0o755)
+    section = cfg if version == "2.x" else cfg["location"]
+    assert section["local_path"] == "/usr/local/sbin/borg-behind-guests"
+    section["local_path"] = str(behind)
     path = tmp_path / f"borgmatic-{version}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

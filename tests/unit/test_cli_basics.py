@@ -109,3 +109,13 @@ def test_verbose_and_quiet_after_the_command(tmp_path, command, flag, level):
     result, seen = _invoke_after(tmp_path, *command, *([flag] if flag else []))
     assert result.exit_code == 0, result.output
     assert seen == level
+
+
+def test_behind_guests_needs_a_command_and_leaves_its_options_to_it(tmp_path):
+    assert CliRunner().invoke(cli, ["behind-guests"]).exit_code == 2  # no command: a usage error
+    config = tmp_path / "config.yaml"
+    config.write_text(f"state_directory: {tmp_path}/state\narchive_priority: {{nice: 0, ionice: none, "
+                      "cpu_weight: null, writeback_interval: null}\n")
+    out = subprocess.run([sys.executable, "-m", "virtfreeze", "--config", str(config), "behind-guests",
+                          "sh", "-c", 'echo "$@"; exit 4', "sh", "-h", "--json"], capture_output=True, text=True)
+    assert (out.returncode, out.stdout) == (4, "-h --json\n")  # its options and its exit code are its own
