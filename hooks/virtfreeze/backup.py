@@ -76,8 +76,7 @@ def _check_contents(ref: DomainRef, target: StorageTarget, archive: str, manifes
 def _guest_images(rt: Runtime, uuid: str) -> list[str]:
     """The files the frozen guest writes into and goes back to (whose disks the archive's priority spares)."""
     record = rt.journal.load(uuid)
-    disks = record.disks if record else []
-    return [p.overlay for p in disks] + [p.base for p in disks]
+    return record.images() if record else []
 
 
 def backup_domain(rt: Runtime, info: DomainInfo, targets: list[StorageTarget], *, memory: bool | None = None,

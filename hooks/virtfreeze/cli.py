@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno as errno_mod
 import json
 import logging
 import sys
@@ -31,6 +32,7 @@ Exit codes:
   3  a VM is still on an overlay (merge incomplete; state kept; run thaw again)
   4  another virtfreeze run is working on the domain
   5  libvirt could not be reached or refused this user
+  behind-guests: its command's; 125-127 as env(1) when the command did not run
 """
 
 
@@ -470,20 +472,39 @@ def behind_guests(ctx: Ctx, command):
     cgroup CPU weight), and what it writes to a disk holding a frozen
     domain's images is sent to disk while it runs, not in one burst at its
     end (and held to `write_bps`, if set). Between freeze and thaw:
-    `virtfreeze behind-guests -- borg create ...`; borgmatic: `local_path:
-    virtfreeze behind-guests -- borg`. Exits with COMMAND's exit code.
+    `virtfreeze behind-guests -- borg create ...`; borgmatic: `local_path:`
+    contrib/borgmatic/borg-behind-guests. Exits with COMMAND's exit code
+    (128+N when signal N ended it); its own failures, as env(1): 127 COMMAND
+    not found, 126 not executable, 125 anything else (2: a bad config).
     """
 
     def run():
         from virtfreeze import priority, runner
         from virtfreeze.journal import Journal
 
-        cfg = config_mod.load(ctx.config_path)
-        frozen = Journal(cfg.state_directory).all()
-        images = [path for record in frozen for plan in record.disks for path in (plan.overlay, plan.base)]
-        log.debug("behind %d frozen domain(s): %s", len(frozen), ", ".join(r.name for r in frozen) or "none")
-        with priority.archiving(priority.Priority.from_config(cfg.archive_priority), images):
-            return runner.run_through(list(command))
+        try:
+            cfg = config_mod.load(ctx.config_path)
+
+            def unreadable(e: Exception) -> None:
+                log.warning("behind-guests: %s; the disks of that record's domain are not spared", e)
+
+            frozen = Journal(cfg.state_directory).readable(unreadable)
+            log.debug("behind %d frozen domain(s): %s", len(frozen), ", ".join(r.name for r in frozen) or "none")
+            with priority.archiving(priority.Priority.from_config(cfg.archive_priority),
+                                    [path for record in frozen for path in record.images()]):
+                return runner.run_through(list(command))
+        except runner.CannotRun as e:
+            e.exit_code = 127 if e.errno == errno_mod.ENOENT else 126
+            raise
+        except VirtfreezeError as e:
+            if e.exit_code != errors.EXIT_USAGE:  # never 1: borgmatic takes borg's 1 for a warning
+                e.exit_code = errors.EXIT_WRAPPER_FAILED
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug: one line, and an exit code no tool's warning has
+            log.debug("internal error", exc_info=True)
+            failed = VirtfreezeError(f"internal error {type(e).__name__}: {e} (a bug: -v shows the traceback)")
+            failed.exit_code = errors.EXIT_WRAPPER_FAILED
+            raise failed from None
 
     _run_guarded(run)
 

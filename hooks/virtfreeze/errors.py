@@ -12,6 +12,7 @@ EXIT_USAGE = 2  # bad arguments or configuration
 EXIT_ON_OVERLAY = 3  # a VM is still on an overlay: merge incomplete, state kept
 EXIT_BUSY = 4  # another virtfreeze run holds the domain
 EXIT_CONNECT = 5  # libvirt could not be reached or refused us
+EXIT_WRAPPER_FAILED = 125  # behind-guests itself failed, not its command (as env(1); 126/127: cannot run it)
 
 
 class VirtfreezeError(Exception):

@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from virtfreeze.errors import DomainBusy, VirtfreezeError
 from virtfreeze.holders import Holder
@@ -109,6 +109,10 @@ class FrozenDomain:
     def to_json(self) -> dict[str, Any]:
         return dict(asdict(self), disks=[d.to_json() for d in self.disks], version=VERSION)
 
+    def images(self) -> list[str]:
+        """The files the frozen guest writes into (overlays) and goes back to (bases)."""
+        return [p.overlay for p in self.disks] + [p.base for p in self.disks]
+
     @classmethod
     def from_json(cls, data: dict[str, Any], path: Path | str | None = None) -> "FrozenDomain":
         """A record as written by this or an older version (migrated); a newer one is refused."""
@@ -188,6 +192,24 @@ class Journal:
         out = []
         for p in sorted(self.dir.glob("*.json")):
             rec = self.load(p.stem)
+            if rec:
+                out.append(rec)
+        return out
+
+    def readable(self, on_error: Callable[[Exception], None]) -> list[FrozenDomain]:
+        """Every record that can be read; `on_error` gets why each other one (or the directory) cannot."""
+        try:
+            paths = sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []
+        except OSError as e:
+            on_error(e)
+            return []
+        out = []
+        for p in paths:
+            try:
+                rec = self.load(p.stem)
+            except VirtfreezeError as e:
+                on_error(e)
+                continue
             if rec:
                 out.append(rec)
         return out

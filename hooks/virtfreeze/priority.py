@@ -252,9 +252,9 @@ def archiving(prio: Priority, images: list[str] | tuple[str, ...] = (), domain: 
     say = domain_log(log, domain) if domain else log
     disks = (frozenset().union(*map(disks_under, images))
              if prio.write_bps or prio.writeback_interval else frozenset())
-    if prio.write_bps and images and not disks:
-        say.info("archive_priority.write_bps: its images are on no block device (tmpfs, btrfs, NFS); "
-                 "the archive's writes are not limited")
+    if (prio.write_bps or prio.writeback_interval) and images and not disks:
+        say.info("archive_priority: its images are on no block device (tmpfs, btrfs, NFS); the archive's "
+                 "writes are neither limited (write_bps) nor sent to disk as it goes (writeback_interval)")
     cgroups, thread_group = _archive_cgroups(prio, disks if prio.write_bps else frozenset(), say)
     back = _blkio_tasks_of_this_thread() if thread_group else None
     commands = archive_writeback.Commands()

@@ -8,6 +8,7 @@ concerned, the exit code and the last lines of its stderr.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -137,7 +138,7 @@ def run(argv: list[str], *, what: str | None = None, domain: str | None = None, 
         raise ValueError(f"stream is 'stdout' or 'stderr', not {stream!r}")
     what = what or argv[0]
     scope = getattr(_scope, "current", None)
-    popen = _start(argv, what, dict(domain=domain, disk=disk, path=path, hint=install_hint),
+    popen = _start(argv, what, domain=domain, disk=disk, path=path, hint=install_hint,
                    stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     argv = popen.args
@@ -163,34 +164,50 @@ def run(argv: list[str], *, what: str | None = None, domain: str | None = None, 
     return proc
 
 
-def _start(argv: list[str], what: str, where: dict, **popen_kw) -> subprocess.Popen:
+class CannotRun(VirtfreezeError):
+    """A program that could not be started; `errno` says why (ENOENT: not found)."""
+
+    def __init__(self, message: str, error_number: int, **where):
+        super().__init__(message, **where)
+        self.errno = error_number
+
+
+def _start(argv: list[str], what: str, *, domain: str | None = None, disk: str | None = None,
+           path: str | None = None, hint: str | None = None, **popen_kw) -> subprocess.Popen:
     """Start `argv` as every command starts: inside priority.archiving under its nice/ionice prefix and
-    joining its cgroups; a program that cannot run is a VirtfreezeError naming `where` (domain, disk, path,
-    hint)."""
-    hint = where.pop("hint", None) or "install it, or check the program path"
+    joining its cgroups. A program that cannot run is a CannotRun naming the domain, disk or path."""
+    where = dict(domain=domain, disk=disk, path=path, hint=hint or "install it, or check the program path")
     prefix = priority.command_prefix()  # inside priority.archiving: nice/ionice
     if prefix and shutil.which(argv[0]) is None:  # say so as without the prefix, not as ionice's exit 127
-        raise VirtfreezeError(f"{what}: cannot run {argv[0]}: No such file or directory", hint=hint, **where)
+        code = errno.EACCES if os.sep in argv[0] and os.path.exists(argv[0]) else errno.ENOENT
+        raise CannotRun(f"{what}: cannot run {argv[0]}: {os.strerror(code)}", code, **where)
     argv = [*prefix, *argv]
     cgroups = [str(p) for p in priority.child_cgroups()]
     log.debug("running %s", argv)
     try:
         return subprocess.Popen(argv, preexec_fn=_child_setup(cgroups), **popen_kw)
     except OSError as e:
-        raise VirtfreezeError(f"{what}: cannot run {argv[0]}: {e.strerror}", hint=hint, **where) from None
+        raise CannotRun(f"{what}: cannot run {argv[0]}: {e.strerror}", e.errno, **where) from None
 
 
 def run_through(argv: list[str]) -> int:
     """Run `argv` (no shell) on this process's stdin, stdout and stderr, and return its exit code (128 + the
     signal's number when a signal ended it): a wrapper's run, started as `run` starts a command. SIGTERM and
-    SIGHUP sent to us go on to it; SIGINT is left to the terminal, which sends it to both. Main thread only."""
-    popen = _start(argv, argv[0], {})
-    forward = (signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, lambda signum, _frame: popen.send_signal(signum)) for sig in forward}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    SIGHUP sent to us go on to it, also one arriving while it starts; SIGINT is left to the terminal, which
+    sends it to both. Main thread only."""
+    forward = {signal.SIGTERM, signal.SIGHUP}
+    started: list[subprocess.Popen] = []
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, forward | {signal.SIGINT})  # held until the handlers are in
+    previous = {}
     try:
-        with priority.running(popen.pid):
-            code = popen.wait()
+        started.append(_start(argv, argv[0]))  # the child unblocks them itself (_child_setup)
+        previous = {sig: signal.signal(sig, lambda signum, _frame: started[0].send_signal(signum)) for sig in forward}
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal held meanwhile arrives now
+    try:
+        with priority.running(started[0].pid):
+            code = started[0].wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

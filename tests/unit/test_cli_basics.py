@@ -119,3 +119,15 @@ def test_behind_guests_needs_a_command_and_leaves_its_options_to_it(tmp_path):
     out = subprocess.run([sys.executable, "-m", "virtfreeze", "--config", str(config), "behind-guests",
                           "sh", "-c", 'echo "$@"; exit 4', "sh", "-h", "--json"], capture_output=True, text=True)
     assert (out.returncode, out.stdout) == (4, "-h --json\n")  # its options and its exit code are its own
+
+    def behind(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "virtfreeze", "--config", str(config), "behind-guests", "--",
+                               *command], capture_output=True, text=True)
+
+    assert behind("sh", "-c", "kill -KILL $$").returncode == 128 + 9  # ended by a signal
+    (tmp_path / "not-executable").write_text("true\n")
+    for command, code in ((["no-such-borg", "create"], 127), ([str(tmp_path / "not-executable")], 126)):
+        out = behind(*command)
+        assert out.returncode == code, out.stderr  # as env(1): never 1, a borg warning to borgmatic
+        assert out.stderr.startswith(f"virtfreeze: error: {command[0]}: cannot run {command[0]}: ")
+        assert len(out.stderr.splitlines()) == 1
