@@ -486,7 +486,7 @@ def behind_guests(ctx: Ctx, command):
             cfg = config_mod.load(ctx.config_path)
 
             def unreadable(e: Exception) -> None:
-                log.warning("behind-guests: %s; the disks of that record's domain are not spared", e)
+                log.warning("behind-guests: %s; the disks of the frozen domains it names are not spared", e)
 
             frozen = Journal(cfg.state_directory).readable(unreadable)
             log.debug("behind %d frozen domain(s): %s", len(frozen), ", ".join(r.name for r in frozen) or "none")

@@ -199,7 +199,11 @@ class Journal:
     def readable(self, on_error: Callable[[Exception], None]) -> list[FrozenDomain]:
         """Every record that can be read; `on_error` gets why each other one (or the directory) cannot."""
         try:
-            paths = sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []
+            if not self.dir.is_dir():
+                return []
+            if not os.access(self.dir, os.R_OK | os.X_OK):  # glob would find nothing, silently
+                raise PermissionError(errno.EACCES, "cannot read the journal", str(self.dir))
+            paths = sorted(self.dir.glob("*.json"))
         except OSError as e:
             on_error(e)
             return []

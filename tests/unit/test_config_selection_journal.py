@@ -331,3 +331,14 @@ def test_command_line_beats_domain_setting_beats_global():
     assert (e.memory, e.quiesce, e.strategy) == (True, "auto", "live")
     assert e.sources == {"memory": "configuration", "quiesce": "configuration", "strategy": "configuration"}
     assert cfg.effective("web1", memory=False).memory is False
+
+
+def test_journal_records_that_cannot_be_read_are_reported_not_raised(tmp_path):
+    """What behind-guests reads: it runs the tool whatever the journal holds."""
+    journal = Journal(tmp_path)
+    journal.dir.mkdir(parents=True)
+    (journal.dir / "damaged.json").write_text("{")
+    errors: list[Exception] = []
+    assert journal.readable(errors.append) == []
+    assert len(errors) == 1 and "damaged.json" in str(errors[0])
+    assert Journal(tmp_path / "none").readable(errors.append) == [] and len(errors) == 1  # none yet: no error
