@@ -32,7 +32,8 @@ Exit codes:
   3  a VM is still on an overlay (merge incomplete; state kept; run thaw again)
   4  another virtfreeze run is working on the domain
   5  libvirt could not be reached or refused this user
-  behind-guests: its command's; 125-127 as env(1) when the command did not run
+  behind-guests: its command's (128+N: signal N), else as env(1): 127 not found,
+  126 not executable, 125 virtfreeze itself failed; 2 a bad config
 """
 
 
@@ -494,7 +495,7 @@ def behind_guests(ctx: Ctx, command):
                                     [path for record in frozen for path in record.images()]):
                 return runner.run_through(list(command))
         except runner.CannotRun as e:
-            e.exit_code = 127 if e.errno == errno_mod.ENOENT else 126
+            e.exit_code = {errno_mod.ENOENT: 127, 0: errors.EXIT_WRAPPER_FAILED}.get(e.errno, 126)
             raise
         except VirtfreezeError as e:
             if e.exit_code != errors.EXIT_USAGE:  # never 1: borgmatic takes borg's 1 for a warning

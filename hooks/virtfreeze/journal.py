@@ -199,11 +199,12 @@ class Journal:
     def readable(self, on_error: Callable[[Exception], None]) -> list[FrozenDomain]:
         """Every record that can be read; `on_error` gets why each other one (or the directory) cannot."""
         try:
-            if not self.dir.is_dir():
-                return []
+            self.dir.stat()  # not is_dir(): Python 3.14's says False for a directory it may not search
             if not os.access(self.dir, os.R_OK | os.X_OK):  # glob would find nothing, silently
                 raise PermissionError(errno.EACCES, "cannot read the journal", str(self.dir))
             paths = sorted(self.dir.glob("*.json"))
+        except FileNotFoundError:
+            return []
         except OSError as e:
             on_error(e)
             return []

@@ -33,8 +33,14 @@ def _unblock_signals() -> None:
     virtfreeze's worker threads block SIGTERM/SIGHUP/SIGINT (they belong to
     the main thread), and a child inherits the mask of the thread that
     started it: borg would ignore systemd's SIGTERM and a device view could
-    never be stopped. Only an async-signal-safe call runs here.
+    never be stopped. A stop signal held until now gets the default action,
+    never Python's handler (a KeyboardInterrupt here would fail the start);
+    ignored ones stay ignored, as exec keeps them. Only async-signal-safe
+    calls run here.
     """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
@@ -44,7 +50,6 @@ def _child_setup(cgroup_procs: list[str]):
         return _unblock_signals
 
     def setup() -> None:
-        _unblock_signals()
         for procs in cgroup_procs:
             try:
                 fd = os.open(procs, os.O_WRONLY)
@@ -52,6 +57,7 @@ def _child_setup(cgroup_procs: list[str]):
                 os.close(fd)
             except OSError:
                 pass  # a lower priority is a wish, never a reason to fail the archive
+        _unblock_signals()  # last: nothing above is interrupted
 
     return setup
 
@@ -165,7 +171,8 @@ def run(argv: list[str], *, what: str | None = None, domain: str | None = None, 
 
 
 class CannotRun(VirtfreezeError):
-    """A program that could not be started; `errno` says why (ENOENT: not found)."""
+    """A program that could not be started; `errno` says why (ENOENT: not found; 0: the nice/ionice
+    prefix failed, not the program)."""
 
     def __init__(self, message: str, error_number: int, **where):
         super().__init__(message, **where)
@@ -186,8 +193,8 @@ def _start(argv: list[str], what: str, *, domain: str | None = None, disk: str |
     log.debug("running %s", argv)
     try:
         return subprocess.Popen(argv, preexec_fn=_child_setup(cgroups), **popen_kw)
-    except OSError as e:
-        raise CannotRun(f"{what}: cannot run {argv[0]}: {e.strerror}", e.errno, **where) from None
+    except OSError as e:  # behind the prefix (its program was found above), ionice or nice failed: errno 0
+        raise CannotRun(f"{what}: cannot run {argv[0]}: {e.strerror}", 0 if prefix else e.errno, **where) from None
 
 
 def run_through(argv: list[str]) -> int:

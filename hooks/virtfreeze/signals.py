@@ -42,6 +42,17 @@ def stop_gracefully() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """The stop signals and SIGINT blocked in this thread for the block: a thread started inside inherits
+    that mask from its first instruction (signals_to_main_thread in the thread itself comes later)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {*STOP_SIGNALS, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def signals_to_main_thread() -> None:
     """Block the stop signals and SIGINT in the calling helper thread (pool workers, libvirt's event loop)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {*STOP_SIGNALS, signal.SIGINT})

@@ -32,8 +32,16 @@ SCHEMA = {
                        "description": "More arguments for borg create.", "example": ["--upload-ratelimit", "50000"]},
         **secret_settings("passphrase", "/etc/virtfreeze/borg.pass", "VMS_BORG_PASSPHRASE", ["pass", "show", "borg/vms"]),
         "borg": {"type": "string", "description": "The borg program.", "example": "/usr/bin/borg"},
+        "lock_wait": {"type": "integer", "minimum": 0,
+                      "description": "Seconds each borg command waits for the repository's lock (borg --lock-wait; "
+                                     "borg's own default is 1). Another domain's archive into the same "
+                                     "repository holds it (backup --jobs 2 or more: they take turns), and so "
+                                     "does any other borg using it (a prune, borgmatic). Default 3600.",
+                      "example": 3600},
     },
 }
+
+LOCK_WAIT = 3600  # seconds: another domain's whole archive may be ahead in the queue
 
 
 # `--log-json` lines that are not messages for a person (the rest, e.g. log_message, carry "message")
@@ -84,8 +92,8 @@ class BorgTarget(StorageTarget):
         env = dict(os.environ, BORG_EXIT_CODES="legacy", **secret_env(s, "passphrase", "BORG_PASSPHRASE"),
                    **(extra_env or {}))
         # exit 1: warnings (e.g. a file changed while read)
-        return runner.run([s.get("borg", "borg"), *args], what=f"borg {what}", path=s["repository"], env=env,
-                          ok=(0, 1), stderr_text=log_text, **kw)
+        return runner.run([s.get("borg", "borg"), "--lock-wait", str(s.get("lock_wait", LOCK_WAIT)), *args],
+                          what=f"borg {what}", path=s["repository"], env=env, ok=(0, 1), stderr_text=log_text, **kw)
 
     def archive(self, domain, export_dir, manifest):
         s = self.settings

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -298,3 +299,48 @@ def test_progress_on_a_terminal_one_line_per_domain(guest_factory, vf, tmp_path)
     for g in guests:
         assert_back_on_base(g, vf)
         assert_all_acked_present(g)
+
+
+def _borg_create_of(repo: Path) -> list[str] | None:
+    """The argv of a running `borg ... create` into `repo`, if any."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if "create" in argv and any(a.startswith(f"{repo}::") for a in argv) and any("borg" in a for a in argv[:4]):
+            return argv
+    return None
+
+
+def test_a_borg_archive_waits_its_turn_for_the_repository(guest_factory, vf, tmp_path):
+    """Another borg holds the repository (another domain's archive with --jobs 2, a prune): borg create waits
+    for it (`lock_wait`, not borg's 1 s) and the backup succeeds once it is free."""
+    g = guest_factory()
+    repo, fifo = tmp_path / "repo.borg", tmp_path / "release"
+    env = dict(vf.env(), BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")
+    env.pop("VIRTFREEZE_DISABLE_PLUGIN_AUTOLOAD")  # the targets are entry-point plugins
+    subprocess.run(["borg", "init", "-e", "none", str(repo)], check=True, env=env, capture_output=True)
+    vf.write_config(targets={"borg": {"type": "borg", "repository": str(repo), "lock_wait": 600}})
+    os.mkfifo(fifo)
+    holder = subprocess.Popen(["borg", "with-lock", str(repo), "sh", "-c", f"echo held; cat {fifo}"],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        backup = subprocess.Popen([*VIRTFREEZE, "--config", str(vf.config_path), "--json", "backup", g.name],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 60
+        while (waiting := _borg_create_of(repo)) is None and backup.poll() is None and time.monotonic() < deadline:
+            threading.Event().wait(0.05)  # polling /proc: nothing tells when borg has started
+        assert waiting is not None, backup.communicate()
+        assert waiting[waiting.index("--lock-wait") + 1] == "600", waiting
+    finally:
+        with open(fifo, "w"):  # the holder lets go
+            pass
+        holder.wait(timeout=60)
+    out, err = backup.communicate(timeout=300)
+    assert backup.returncode == 0, err
+    [result] = json.loads(out)["backups"]
+    assert result["ok"] and result["archives"][0]["verified"], result
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)

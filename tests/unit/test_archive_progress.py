@@ -298,7 +298,7 @@ def test_borg_asks_for_progress_only_when_someone_listens(tmp_path):
         assert target.archive(ref, export, {}).bytes == 4 << 20
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert "--progress" not in calls[0] and "--log-json" not in calls[0]
-    assert calls[1][:4] == ["create", "--json", "--progress", "--log-json"]
+    assert calls[1][:6] == ["--lock-wait", "3600", "create", "--json", "--progress", "--log-json"]  # waits its turn
     assert got == [(0, tree_bytes(export)), (1 << 20, tree_bytes(export)), (3 << 20, tree_bytes(export))]
 
 
