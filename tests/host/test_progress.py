@@ -56,7 +56,8 @@ def test_archive_progress_on_a_terminal_and_one_summary_line_without(guest_facto
     out = vf("-v", "backup", g.name, env=env)
     assert "\x1b[" not in out.stderr + out.stdout
     assert "archiving to" not in out.stderr
-    creates = [line for line in out.stderr.splitlines() if "running" in line and "'borg', 'create'" in line]
+    creates = [line for line in out.stderr.splitlines()
+               if "running" in line and "'borg'," in line and "'create'" in line]
     assert len(creates) == 1 and "--progress" not in creates[0] and "--log-json" not in creates[0], creates
     for t in targets:
         assert len(summary_lines(out.stderr, t)) == 1, out.stderr
