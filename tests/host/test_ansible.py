@@ -71,6 +71,7 @@ def host_vars(tmp_path: Path, name: str, **extra) -> dict:
         # installs none: metrics and notify are on for kvm2, whose virtfreeze (the venv's) has them from PyPI.
         "virtfreeze_metrics_packages": [], "virtfreeze_notify_packages": [],
         "virtfreeze_splay_minutes": SPLAY,
+        "virtfreeze_borgmatic_local_path": str(d / "borg-behind-guests"),
         # Where systemd runs, the units in tmp_path must not be enabled.
         **({"virtfreeze_systemd_enable": False} if SYSTEMD_RUNS else {}),
         **extra,
@@ -236,12 +237,17 @@ def test_role_installs_configures_and_second_run_changes_nothing(tmp_path):
         {"before": "action", "when": ["create"], "run": [f"{cli1} freeze --all"]},
         {"after": "action", "when": ["create"], "states": ["finish", "fail"], "run": [f"{cli1} thaw"]}]
     assert cfg["keep_daily"] == 7 and bm1.read_text().count("# BEGIN virtfreeze hooks") == 1
+    # borg through behind-guests: borgmatic's local_path, a script running the installed virtfreeze.
+    behind1 = tmp_path / "kvm1" / "borg-behind-guests"
+    assert cfg["local_path"] == str(behind1) and stat.S_IMODE(behind1.stat().st_mode) == 0o755
+    assert behind1.read_text().splitlines()[-1] == f'exec {cli1} behind-guests -- borg "$@"'
     # borgmatic 1.7: merged into the operator's hooks (freeze last before the backup, thaw first after it).
     bm2 = tmp_path / "kvm2" / "borgmatic.yaml"
     cli2 = f"{VIRTFREEZE_BIN} --config {etc2 / 'config.yaml'}"
     hooks = yaml.safe_load(bm2.read_text())["hooks"]
     assert hooks == {"before_backup": ["echo starting", f"{cli2} freeze"],
                      "after_backup": [f"{cli2} thaw", "echo done"], "on_error": [f"{cli2} thaw"]}
+    assert yaml.safe_load(bm2.read_text())["location"]["local_path"] == str(tmp_path / "kvm2" / "borg-behind-guests")
     # borgmatic 2.x merged after the operator's own commands; 1.7 as a block, beside the operator's location.
     cli_none = {h: f"{VIRTFREEZE_BIN} --config {tmp_path / h / 'etc' / 'config.yaml'}" for h in ("kvm3", "kvm4")}
     bm3 = tmp_path / "kvm3" / "borgmatic.yaml"
@@ -249,8 +255,12 @@ def test_role_installs_configures_and_second_run_changes_nothing(tmp_path):
         {"before": "repository", "run": ["echo starting"]},
         {"before": "action", "when": ["create"], "run": [f"{cli_none['kvm3']} freeze --all"]},
         {"after": "action", "when": ["create"], "states": ["finish", "fail"], "run": [f"{cli_none['kvm3']} thaw"]}]
+    assert yaml.safe_load(bm3.read_text())["local_path"] == str(tmp_path / "kvm3" / "borg-behind-guests")
     bm4 = tmp_path / "kvm4" / "borgmatic.yaml"
     cfg = yaml.safe_load(bm4.read_text())
+    # 1.7 as a block: local_path belongs under location:, which a block cannot add to; the play says what to add.
+    assert "local_path" not in cfg["location"]
+    assert f"add `local_path: {tmp_path / 'kvm4' / 'borg-behind-guests'}` under `location:`" in out1, out1
     assert cfg["hooks"] == {"before_backup": [f"{cli_none['kvm4']} freeze --all"],
                             "after_backup": [f"{cli_none['kvm4']} thaw"], "on_error": [f"{cli_none['kvm4']} thaw"]}
     assert cfg["location"]["source_directories"] == [str(tmp_path / "export")]
