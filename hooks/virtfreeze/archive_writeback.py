@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-from virtfreeze import signals
+from virtfreeze import periodic
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,6 @@ def written_as_made(commands: Commands, on_guest_disk: Callable[[int], bool], in
     write into files on a guest's disk (`on_guest_disk(st_dev)`). `join(tid)` first puts the thread where
     the archive's writes are limited (`write_bps`), so what it writes back is limited too. This only
     spares the guests: whatever fails here is logged (-v) and never fails the archive."""
-    stop = threading.Event()
     started = [0]
     wanted: dict[int, bool] = {}  # st_dev -> on a guest's disk
     devices: dict[int, dict[int, int | None]] = {}  # pid -> its mount ids' devices
@@ -136,25 +135,20 @@ def written_as_made(commands: Commands, on_guest_disk: Callable[[int], bool], in
             wanted[dev] = on_guest_disk(dev)
         return dev is not None and wanted[dev]
 
-    def kick() -> None:
-        if join is not None:
-            join(threading.get_native_id())
-        while not stop.wait(interval):
-            try:
-                for pid in [os.getpid(), *commands.pids()]:
-                    for link, mount_id in files_written_by(pid):
-                        if on_a_guests_disk(pid, mount_id) and start_writeback(link):
-                            started[0] += 1
-            except Exception:  # noqa: BLE001 - a bug here must not print a traceback or touch the archive
-                say.debug("the archive's writeback thread stopped", exc_info=True)
-                return
+    def kick() -> bool:
+        try:
+            for pid in [os.getpid(), *commands.pids()]:
+                for link, mount_id in files_written_by(pid):
+                    if on_a_guests_disk(pid, mount_id) and start_writeback(link):
+                        started[0] += 1
+            return True
+        except Exception:  # noqa: BLE001 - a bug here must not print a traceback or touch the archive
+            say.debug("the archive's writeback thread stopped", exc_info=True)
+            return False
 
-    thread = threading.Thread(target=kick, name=f"writeback:{name}", daemon=True)
-    with signals.held():  # it starts with them blocked: a stop signal is the main thread's
-        thread.start()
+    setup = (lambda: join(threading.get_native_id())) if join is not None else None
     try:
-        yield
+        with periodic.every(interval, kick, f"writeback:{name}", setup):
+            yield
     finally:
-        stop.set()
-        thread.join()
         say.debug("the archive's writes to the guests' disks: %d writeback starts while it ran", started[0])

@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from typing import Iterator
 
+from virtfreeze import periodic
 from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
@@ -37,21 +37,16 @@ def written_back(domain: str, target: str, base: str, interval: float = INTERVAL
         domain_log(log, domain, target).debug("no writeback of %s during the commit: %s", base, e.strerror)
         yield
         return
-    stop = threading.Event()
+    def kick() -> bool:
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            return True
+        except OSError as e:
+            domain_log(log, domain, target).debug("writeback of %s: %s", base, e.strerror)
+            return False
 
-    def kick() -> None:
-        while not stop.wait(interval):
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            except OSError as e:
-                domain_log(log, domain, target).debug("writeback of %s: %s", base, e.strerror)
-                return
-
-    thread = threading.Thread(target=kick, name=f"writeback:{domain}:{target}", daemon=True)
-    thread.start()
     try:
-        yield
+        with periodic.every(interval, kick, f"writeback:{domain}:{target}"):
+            yield
     finally:
-        stop.set()
-        thread.join()
         os.close(fd)

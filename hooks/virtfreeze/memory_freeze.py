@@ -25,11 +25,10 @@ import contextlib
 import os
 import shutil
 import stat
-import threading
 from pathlib import Path
 from typing import Iterator
 
-from virtfreeze import qemu_img
+from virtfreeze import periodic, qemu_img
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.model import DiskPlan
 
@@ -79,28 +78,23 @@ def create_overlays(plan: list[DiskPlan], domain: str) -> None:
 @contextlib.contextmanager
 def written_back(memory_file: Path, interval: float = WRITEBACK_INTERVAL) -> Iterator[None]:
     """While the block runs, push the memory file's dirty pages to disk every `interval` seconds."""
-    done = threading.Event()
+    opened: list[int] = []
 
-    def run() -> None:
-        fd = None
+    def sync() -> bool:
         try:
-            while not done.wait(interval):
-                if fd is None:
-                    try:
-                        fd = os.open(memory_file, os.O_RDONLY | os.O_NOFOLLOW)
-                    except FileNotFoundError:  # libvirt has not created it yet
-                        continue
-                os.fdatasync(fd)
+            if not opened:
+                try:
+                    opened.append(os.open(memory_file, os.O_RDONLY | os.O_NOFOLLOW))
+                except FileNotFoundError:  # libvirt has not created it yet
+                    return True
+            os.fdatasync(opened[0])
+            return True
         except OSError:  # only an optimisation: libvirt syncs the file itself at the end
-            pass
-        finally:
-            if fd is not None:
-                os.close(fd)
+            return False
 
-    thread = threading.Thread(target=run, name="memory-writeback", daemon=True)
-    thread.start()
     try:
-        yield
+        with periodic.every(interval, sync, "memory-writeback"):
+            yield
     finally:
-        done.set()
-        thread.join()
+        for fd in opened:
+            os.close(fd)
