@@ -15,7 +15,10 @@ is measured:
 - writing 1 GiB through the page cache and fdatasync (an archive's
   repository);
 - borg itself (lz4, nice 19, ionice idle) with its repository on the same
-  disk and on tmpfs; on the same disk with what it writes sent to disk
+  disk and on tmpfs; reading a copy of the image in RAM into a repository
+  in RAM (no disk I/O at all: what its CPU and memory traffic alone cost a
+  TCG guest), also held to half a CPU (a cgroup CFS quota: does the stall
+  follow borg's share of the CPU?); on the same disk with what it writes sent to disk
   every 100 and 25 ms while it runs (`archive_priority.writeback_interval`:
   run as `backup` runs it, through priority.archiving), and with its writes
   limited to 100, 200 and 400 MB/s (`archive_priority.write_bps`: the
@@ -63,6 +66,8 @@ def main() -> int:
     g = guest_with_data(conn, work / "vm", "vf-bench-contention", 512)
     image = str(g.disks["vdb"])
     window = args.window
+    in_ram = shm / "image.raw"
+    half = None
 
     walls: dict[str, list[float]] = {}
 
@@ -89,11 +94,12 @@ def main() -> int:
     def cpu(prefix: list[str], n: int) -> float:
         return measure(*[["timeout", str(window), *prefix, "sha256sum", "/dev/zero"]] * n)
 
-    def borg(row: str, repo: Path, write_bps: int | None = None, writeback: float | None = None) -> float:
+    def borg(row: str, repo: Path, write_bps: int | None = None, writeback: float | None = None,
+             source: str = image, quota: Path | None = None) -> float:
         shutil.rmtree(repo, ignore_errors=True)
         subprocess.run(["borg", "init", "--encryption=none", str(repo)], env=BORG_ENV, check=True,
                        capture_output=True)
-        create = ["borg", "create", "--compression", "lz4", f"{repo}::a", image]
+        create = ["borg", "create", "--compression", "lz4", f"{repo}::a", source]
         if writeback:  # as `backup` runs it: through runner.run inside priority.archiving
             prio = priority.Priority(cpu_weight=None, writeback_interval=writeback)
 
@@ -105,7 +111,7 @@ def main() -> int:
             stall = measure(call=call)
             walls.setdefault(row, []).append(time.monotonic() - t0)
             return stall
-        group = None
+        group = quota
         if write_bps:
             found = priority.write_limit_group(write_bps, priority.disks_under(image))
             if found is None:
@@ -142,6 +148,10 @@ def main() -> int:
             ["dd", "if=/dev/zero", f"of={work}/written", "bs=1M", "count=1024", "conv=fdatasync"]),
         "borg create (nice 19, ionice idle)": lambda: borg("borg create (nice 19, ionice idle)", work / "repo"),
         "  the same, repository on tmpfs": lambda: borg("  the same, repository on tmpfs", shm / "repo"),
+        "  image and repository in RAM (no disk I/O)": lambda: borg(
+            "  image and repository in RAM (no disk I/O)", shm / "repo", source=str(in_ram)),
+        "  the same, held to half a CPU (CFS quota)": lambda: borg(
+            "  the same, held to half a CPU (CFS quota)", shm / "repo", source=str(in_ram), quota=half[1] / "cgroup.procs"),
     }
     for every in (0.1, 0.025):
         row = f"  the same, written back every {every * 1000:.0f} ms" + (" (default)" if every == 0.025 else "")
@@ -151,6 +161,12 @@ def main() -> int:
         loads[row] = lambda row=row, mbps=mbps: borg(row, work / "repo", mbps * 1_000_000)
     stalls: dict[str, list[float]] = {k: [] for k in loads}
     try:
+        shutil.copyfile(image, in_ram)
+        half = priority._make_group(priority.CGROUP_ROOT, "cpu", "vf-bench-contention-half-cpu",
+                                    [("cpu.max", "50000 100000\n")], "cpu",
+                                    [("cpu.cfs_period_us", "100000\n"), ("cpu.cfs_quota_us", "50000\n")])
+        if half is None:
+            raise RuntimeError("this host has no cgroup CPU controller for a CFS quota")
         for run in range(args.runs):
             order = list(loads)
             order = order[run % len(order):] + order[:run % len(order)]
@@ -168,6 +184,8 @@ def main() -> int:
         g.remove()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
+        if half is not None:
+            half[1].rmdir()
 
 
 if __name__ == "__main__":
