@@ -8,6 +8,7 @@ tests wait for conditions on it (no sleeping).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -57,6 +58,8 @@ class AckWatcher:
         return None
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError):  # what a scheduler trace (bench/stall_trace.py) calls this thread
+            Path("/proc/thread-self/comm").write_text("acks-reader")
         log = open(self.log_path, "a") if self.log_path else None
         try:
             while not self._closed.is_set():
