@@ -18,11 +18,15 @@ is measured:
   disk and on tmpfs; reading a copy of the image in RAM into a repository
   in RAM (no disk I/O at all: what its CPU and memory traffic alone cost a
   TCG guest), also held to half a CPU (a cgroup CFS quota: does the stall
-  follow borg's share of the CPU?); on the same disk with what it writes sent to disk
-  every 100 and 25 ms while it runs (`archive_priority.writeback_interval`:
+  follow borg's share of the CPU?), and its reads held to 400 MB/s (a
+  cgroup read limit) with the repository on tmpfs; on the same disk with
+  what it writes sent to disk every 100 and 25 ms while it runs
+  (`archive_priority.writeback_interval`:
   run as `backup` runs it, through priority.archiving), and with its writes
   limited to 100, 200 and 400 MB/s (`archive_priority.write_bps`: the
-  cgroup virtfreeze makes for it); borg's wall time is printed too.
+  cgroup virtfreeze makes for it), and written back every 25 ms with borg's
+  fixed 4 MiB chunker (`--chunker-params fixed,4194304`: no rolling hash
+  over every byte); borg's wall time is printed too.
 
 The order rotates between runs. Medians, and ratios to the no-load window.
 
@@ -67,7 +71,7 @@ def main() -> int:
     image = str(g.disks["vdb"])
     window = args.window
     in_ram = shm / "image.raw"
-    half = None
+    half = read_limit = None
 
     walls: dict[str, list[float]] = {}
 
@@ -95,11 +99,12 @@ def main() -> int:
         return measure(*[["timeout", str(window), *prefix, "sha256sum", "/dev/zero"]] * n)
 
     def borg(row: str, repo: Path, write_bps: int | None = None, writeback: float | None = None,
-             source: str = image, quota: Path | None = None) -> float:
+             source: str = image, group: Path | None = None, extra: tuple[str, ...] = ()) -> float:
+        """`group`: a cgroup.procs borg joins (a CPU quota, a read limit)."""
         shutil.rmtree(repo, ignore_errors=True)
         subprocess.run(["borg", "init", "--encryption=none", str(repo)], env=BORG_ENV, check=True,
                        capture_output=True)
-        create = ["borg", "create", "--compression", "lz4", f"{repo}::a", source]
+        create = ["borg", "create", "--compression", "lz4", *extra, f"{repo}::a", source]
         if writeback:  # as `backup` runs it: through runner.run inside priority.archiving
             prio = priority.Priority(cpu_weight=None, writeback_interval=writeback)
 
@@ -111,7 +116,6 @@ def main() -> int:
             stall = measure(call=call)
             walls.setdefault(row, []).append(time.monotonic() - t0)
             return stall
-        group = quota
         if write_bps:
             found = priority.write_limit_group(write_bps, priority.disks_under(image))
             if found is None:
@@ -151,7 +155,7 @@ def main() -> int:
         "  image and repository in RAM (no disk I/O)": lambda: borg(
             "  image and repository in RAM (no disk I/O)", shm / "repo", source=str(in_ram)),
         "  the same, held to half a CPU (CFS quota)": lambda: borg(
-            "  the same, held to half a CPU (CFS quota)", shm / "repo", source=str(in_ram), quota=half[1] / "cgroup.procs"),
+            "  the same, held to half a CPU (CFS quota)", shm / "repo", source=str(in_ram), group=half[1] / "cgroup.procs"),
     }
     for every in (0.1, 0.025):
         row = f"  the same, written back every {every * 1000:.0f} ms" + (" (default)" if every == 0.025 else "")
@@ -159,6 +163,11 @@ def main() -> int:
     for mbps in (100, 200, 400):
         row = f"  on the same disk, writes held to {mbps} MB/s"
         loads[row] = lambda row=row, mbps=mbps: borg(row, work / "repo", mbps * 1_000_000)
+    row = "  written back every 25 ms, fixed 4 MiB chunks"
+    loads[row] = lambda: borg("  written back every 25 ms, fixed 4 MiB chunks", work / "repo", writeback=0.025,
+                              extra=("--chunker-params", "fixed,4194304"))
+    loads["  repository on tmpfs, its reads held to 400 MB/s"] = lambda: borg(
+        "  repository on tmpfs, its reads held to 400 MB/s", shm / "repo", group=read_limit[1] / "cgroup.procs")
     stalls: dict[str, list[float]] = {k: [] for k in loads}
     try:
         shutil.copyfile(image, in_ram)
@@ -167,6 +176,12 @@ def main() -> int:
                                     [("cpu.cfs_period_us", "100000\n"), ("cpu.cfs_quota_us", "50000\n")])
         if half is None:
             raise RuntimeError("this host has no cgroup CPU controller for a CFS quota")
+        disks = sorted(priority.disks_under(image))
+        read_limit = priority._make_group(priority.CGROUP_ROOT, "io", "vf-bench-contention-reads-400",
+                                          [("io.max", f"{d} rbps=400000000\n") for d in disks], "blkio",
+                                          [("blkio.throttle.read_bps_device", f"{d} 400000000\n") for d in disks])
+        if read_limit is None:
+            raise RuntimeError("this host has no cgroup I/O controller for a read limit")
         for run in range(args.runs):
             order = list(loads)
             order = order[run % len(order):] + order[:run % len(order)]
@@ -184,8 +199,9 @@ def main() -> int:
         g.remove()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
-        if half is not None:
-            half[1].rmdir()
+        for group in (half, read_limit):
+            if group is not None:
+                group[1].rmdir()
 
 
 if __name__ == "__main__":
