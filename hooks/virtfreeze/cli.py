@@ -17,6 +17,7 @@ from virtfreeze import __version__, config as config_mod, errors
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.progress import SILENT, Progress
 from virtfreeze.signals import signals_to_main_thread, stop_gracefully, stopping
+from virtfreeze.thread_names import name_this_thread
 from virtfreeze.logs import context_of, domain_log
 
 log = logging.getLogger("virtfreeze")
@@ -819,4 +820,5 @@ def status(ctx: Ctx, domains):
 
 
 def main() -> None:
+    name_this_thread("virtfreeze")  # not "python3" in top and ps (its threads: vf-...)
     cli()

@@ -21,6 +21,7 @@ import libvirt
 
 from virtfreeze.errors import CommitNotReady, ConnectionFailed, DomainNotFound, MergeRefused, VirtfreezeError
 from virtfreeze.signals import signals_to_main_thread
+from virtfreeze.thread_names import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def _ensure_event_loop() -> None:
         libvirt.virEventRegisterDefaultImpl()
 
         def run() -> None:
+            name_this_thread("vf-libvirt-ev")
             signals_to_main_thread()
             while True:
                 libvirt.virEventRunDefaultImpl()

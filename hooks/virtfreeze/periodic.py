@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from pathlib import Path
 from typing import Callable, Iterator
 
 from virtfreeze import signals
+from virtfreeze.thread_names import name_this_thread
 
 
 @contextlib.contextmanager
@@ -20,8 +20,7 @@ def every(interval: float, tick: Callable[[], bool | None], name: str,
     stop = threading.Event()
 
     def run() -> None:
-        with contextlib.suppress(OSError):
-            Path("/proc/thread-self/comm").write_bytes(f"vf-{name}".encode()[:15])
+        name_this_thread(f"vf-{name}")
         if setup is not None:
             setup()
         while not stop.wait(interval):

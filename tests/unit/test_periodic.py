@@ -34,3 +34,18 @@ def test_leaving_the_block_stops_and_joins_the_thread():
     with periodic.every(3600, lambda: calls.append(1), "idle"):
         pass  # the first tick would come in an hour: leaving must not wait for it
     assert calls == [] and not [t for t in threading.enumerate() if t.name == "idle"]
+
+
+def test_a_thread_named_for_the_kernel_keeps_at_most_15_bytes():
+    from virtfreeze.thread_names import name_this_thread
+
+    seen = []
+
+    def run():
+        name_this_thread("virtfreeze-and-a-long-tail")
+        seen.append(Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip())
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen == ["virtfreeze-and-"]
