@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Diagnosis: what the host's CPUs did during a writing guest's longest stalls while borg archives its disk.
+"""Diagnosis: what the host's CPUs did during a writing guest's longest stalls, while borg archives or a thaw merges.
 
-One writing guest with a raw disk of random data, and borg archiving that
-disk as `backup` runs it (`archive_priority` default: nice 19, ionice idle,
-CPU weight 10, its repository on the images' disk written back every 25 ms);
-`--quiet` traces a window without any archive instead. The kernel's
-scheduler tracepoints (`sched_switch`, `sched_wakeup`, through tracefs,
-mounted here if it is not) are recorded with the clock the ack watcher uses.
+`--load borg` (the default): one writing guest with a raw disk of random
+data, and borg archiving that disk as `backup` runs it (`archive_priority`
+default: nice 19, ionice idle, CPU weight 10, its repository on the images'
+disk written back every 25 ms). `--load thaw`: a guest writing about
+9 MiB/s over two disks (as `bench/downtime.py`'s) is frozen for `--window`
+seconds, then the live thaw is traced: its commit and pivot. `--load quiet`:
+a window without either. The kernel's scheduler tracepoints (`sched_switch`,
+`sched_wakeup`, through tracefs, mounted here if it is not) are recorded
+with the clock the ack watcher uses.
 For the longest gaps between the guest's acknowledged writes it prints how
 long each task ran on each CPU inside the gap, and the tasks that waited
 longest between being woken and running (QEMU's threads: `CPU 0/TCG` the
@@ -17,7 +20,7 @@ acknowledgements, `borg` borg). A stall the guest notices because QEMU's
 threads wait for a CPU shows here as such waits; one it notices because
 its I/O is slow shows as idle CPUs.
 
-Usage: bench/stall_trace.py [--runs 3] [--gaps 3] [--size-mib 512] [--quiet]
+Usage: bench/stall_trace.py [--runs 3] [--gaps 3] [--load borg|thaw|quiet] [--window 40] [--size-mib 512]
 """
 
 from __future__ import annotations
@@ -28,18 +31,18 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import drop_caches  # noqa: E402
+from _common import drop_caches, scratch, thaw_everything, vf  # noqa: E402
 
 import libvirt  # noqa: E402
 
 from tests.rig.acks import Ack  # noqa: E402
+from tests.rig.guest import DiskSpec, create_guest  # noqa: E402
 from virtfreeze import priority, runner  # noqa: E402
 
 from archive import BORG_ENV, guest_with_data  # noqa: E402
@@ -141,43 +144,53 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--gaps", type=int, default=3, help="longest gaps shown per run")
     ap.add_argument("--size-mib", type=int, default=512)
-    ap.add_argument("--quiet", action="store_true", help="trace a window without any archive")
+    ap.add_argument("--load", choices=["borg", "thaw", "quiet"], default="borg")
+    ap.add_argument("--window", type=float, default=40.0, help="seconds frozen before a traced thaw")
     args = ap.parse_args()
     libvirt.registerErrorHandler(lambda ctx, err: None, None)
     conn = libvirt.open("qemu:///system")
-    work = Path(tempfile.mkdtemp(prefix="vf-bench-stall-trace-", dir="/var/tmp"))
-    g = guest_with_data(conn, work / "vm", "vf-bench-stall-trace", args.size_mib)
+    work, config = scratch("vf-bench-stall-trace-")
+    if args.load == "thaw":
+        g = create_guest(conn, work / "vm", [DiskSpec("vda", "qcow2", 4096), DiskSpec("vdb", "raw", 4096)],
+                         name="vf-bench-stall-trace", stride=128)
+    else:
+        g = guest_with_data(conn, work / "vm", "vf-bench-stall-trace", args.size_mib)
     image = str(g.disks["vdb"])
     repo = work / "repo"
+
+    def borg() -> None:
+        with priority.archiving(priority.Priority(), [image], "vf-bench-stall-trace"):
+            runner.run(["borg", "create", "--compression", "lz4", f"{repo}::a", image], env=BORG_ENV, ok=(0, 1))
+
+    load = {"borg": borg, "thaw": lambda: vf(config, "thaw", "--strategy", "live", g.name),
+            "quiet": lambda: g.watcher.wait_acks(1, after=time.monotonic() + 1.5, timeout=60)}[args.load]
     try:
         with tracefs():
             for run in range(args.runs):
-                shutil.rmtree(repo, ignore_errors=True)
-                runner.run(["borg", "init", "--encryption=none", str(repo)], env=BORG_ENV)
-                drop_caches()
+                if args.load == "borg":
+                    shutil.rmtree(repo, ignore_errors=True)
+                    runner.run(["borg", "init", "--encryption=none", str(repo)], env=BORG_ENV)
+                if args.load == "thaw":
+                    vf(config, "freeze", g.name)
+                    g.watcher.wait_acks(1, after=time.monotonic() + args.window, timeout=args.window + 60)
+                else:
+                    drop_caches()
                 g.watcher.wait_acks(20)
-
-                def archive() -> None:
-                    if args.quiet:
-                        g.watcher.wait_acks(1, after=time.monotonic() + 1.5, timeout=60)
-                        return
-                    with priority.archiving(priority.Priority(), [image], "vf-bench-stall-trace"):
-                        runner.run(["borg", "create", "--compression", "lz4", f"{repo}::a", image], env=BORG_ENV,
-                                   ok=(0, 1))
-
                 t0 = time.monotonic()
-                text = recorded(archive)
+                text = recorded(load)
                 t1 = time.monotonic()
                 g.watcher.wait_acks(3, after=t1, timeout=60)
                 evs = events(text)
                 gaps = longest_gaps(g.watcher.snapshot(), t0, t1, args.gaps)
-                print(f"run {run + 1}: {'a quiet window' if args.quiet else 'borg as backup runs it'}, "
-                      f"{t1 - t0:.2f} s, {len(evs)} scheduler events", flush=True)
+                what = {"borg": "borg as backup runs it", "thaw": f"a live thaw after {args.window:g} s frozen",
+                        "quiet": "a quiet window"}[args.load]
+                print(f"run {run + 1}: {what}, {t1 - t0:.2f} s, {len(evs)} scheduler events", flush=True)
                 for a, b in gaps:
                     print(f"  gap of {(b - a) * 1000:.1f} ms")
                     print("\n".join(explain(evs, a, b)), flush=True)
         return 0
     finally:
+        thaw_everything(config)
         g.remove()
         shutil.rmtree(work, ignore_errors=True)
 
