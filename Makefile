@@ -32,6 +32,7 @@ bench: prepare
 	$(PY) bench/incremental.py
 	$(PY) bench/peers.py
 	$(PY) bench/contention.py
+	$(PY) bench/removal.py
 
 ## deb: the Debian package (build/deb/virtfreeze_<version>_all.deb), built with Debian's tools, lintian-checked
 deb:

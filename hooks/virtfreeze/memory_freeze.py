@@ -28,7 +28,7 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-from virtfreeze import periodic, qemu_img
+from virtfreeze import file_removal, periodic, qemu_img
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.model import DiskPlan
 
@@ -61,9 +61,10 @@ def image_file(base: Path, uuid: str, domain: str) -> Path:
 
 
 def remove_image(memory_file: Path, uuid: str) -> None:
-    """Remove a memory image and its (then empty) <uuid> directory; never anything else."""
+    """Remove a memory image (shrunk in steps first: the guests run on; file_removal) and its (then empty)
+    <uuid> directory; never anything else."""
     with contextlib.suppress(FileNotFoundError):
-        memory_file.unlink()
+        file_removal.remove(memory_file)
     if memory_file.parent.name == uuid:
         with contextlib.suppress(OSError):  # not empty: not only ours, leave it
             memory_file.parent.rmdir()

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from virtfreeze import downtime, export_view, guest_view, holders, memory_freeze, qemu_img
+from virtfreeze import downtime, export_view, file_removal, guest_view, holders, memory_freeze, qemu_img
 from virtfreeze.domain_xml import is_overlay, parse_disks
 from virtfreeze.errors import DomainNotFound, LeftOnOverlay, MergeRefused, VirtfreezeError
 from virtfreeze.journal import FrozenDomain, domain_lock, failpoint
@@ -95,10 +95,11 @@ def frozen_domains(rt: Runtime) -> list[FrozenDomain]:
 
 
 def _remove_overlays(disks: list[DiskPlan], ref: DomainRef) -> None:
+    """The merged overlays, shrunk in steps before they go: the guest runs on (file_removal)."""
     for d in disks:
         for path in d.overlays_on_disk():
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                file_removal.remove(path)
                 domain_log(log, ref.name, d.target).info("removed overlay %s", path)
 
 

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import libvirt
 
-from virtfreeze import holders, runner
+from virtfreeze import file_removal, holders, runner
 from virtfreeze.domain_xml import has_agent_channel
 from virtfreeze.errors import VirtfreezeError
 from virtfreeze.journal import failpoint, write_atomic
@@ -115,7 +114,7 @@ def _remove(rt: Runtime, name: str, scratch: Path) -> None:
         with contextlib.suppress(VirtfreezeError):
             rt.hv.destroy(info.uuid, name)
         rt.hv.undefine(info.uuid, name, nvram=True, tpm=True)
-    shutil.rmtree(scratch, ignore_errors=True)
+    file_removal.remove_tree(scratch)  # its disks in steps: the original runs on beside it
 
 
 def _watch(rt: Runtime, uuid: str, name: str, seconds: float) -> str | None:
