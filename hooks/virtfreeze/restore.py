@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from virtfreeze import qemu_img, runner, save_image
+from virtfreeze import file_removal, qemu_img, runner, save_image
 from virtfreeze.domain_xml import parse_disks
 from virtfreeze.errors import UsageError, VirtfreezeError
 from virtfreeze.journal import domain_lock, failpoint, write_atomic
@@ -167,12 +167,12 @@ def _undo(rt: Runtime, data: dict) -> None:
     for path in reversed(data.get("files", [])):
         p = Path(path)
         if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
+            file_removal.remove_tree(p)
         else:
             with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+                file_removal.remove(p)  # a restored disk: in steps, the other guests run on
     if data.get("staging"):  # first: it may lie in a directory this restore made
-        shutil.rmtree(data["staging"], ignore_errors=True)
+        file_removal.remove_tree(data["staging"])
     for path in reversed(data.get("dirs", [])):
         with contextlib.suppress(OSError):
             os.rmdir(path)  # only if empty: someone else may have put files there meanwhile
@@ -213,7 +213,7 @@ def recover(rt: Runtime, name: str) -> str | None:
     if info is not None and info.state in (RUNNING, PAUSED):
         _finish_start(rt.hv, data, info)
         if data.get("staging"):
-            shutil.rmtree(data["staging"], ignore_errors=True)
+            file_removal.remove_tree(data["staging"])
         _drop_replaced(data)
         record.remove()
         domain_log(log, name).warning("an interrupted restore had already started the domain; it is finished")
@@ -681,7 +681,7 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
         hv.start(plan.uuid, plan.name, paused=want_state == PAUSED)
         record.save(started=True)
         state = want_state
-    shutil.rmtree(staging, ignore_errors=True)
+    file_removal.remove_tree(staging)  # what the archive held beyond the disks: in steps
     _drop_replaced(record.data)
     record.remove()
     rt.progress.finish(plan.name)
