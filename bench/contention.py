@@ -152,11 +152,11 @@ def main() -> int:
             ["dd", "if=/dev/zero", f"of={work}/written", "bs=1M", "count=1024", "conv=fdatasync"]),
         "borg create (nice 19, ionice idle)": lambda: borg("borg create (nice 19, ionice idle)", work / "repo"),
         "  the same, repository on tmpfs": lambda: borg("  the same, repository on tmpfs", shm / "repo"),
-        "  image and repository in RAM (no disk I/O)": lambda: borg(
-            "  image and repository in RAM (no disk I/O)", shm / "repo", source=str(in_ram)),
-        "  the same, held to half a CPU (CFS quota)": lambda: borg(
-            "  the same, held to half a CPU (CFS quota)", shm / "repo", source=str(in_ram), group=half[1] / "cgroup.procs"),
     }
+    row = "  image and repository in RAM (no disk I/O)"
+    loads[row] = lambda row=row: borg(row, shm / "repo", source=str(in_ram))
+    row = "  the same, held to half a CPU (CFS quota)"
+    loads[row] = lambda row=row: borg(row, shm / "repo", source=str(in_ram), group=half[1] / "cgroup.procs")
     for every in (0.1, 0.025):
         row = f"  the same, written back every {every * 1000:.0f} ms" + (" (default)" if every == 0.025 else "")
         loads[row] = lambda row=row, every=every: borg(row, work / "repo", writeback=every)
@@ -164,10 +164,9 @@ def main() -> int:
         row = f"  on the same disk, writes held to {mbps} MB/s"
         loads[row] = lambda row=row, mbps=mbps: borg(row, work / "repo", mbps * 1_000_000)
     row = "  written back every 25 ms, fixed 4 MiB chunks"
-    loads[row] = lambda: borg("  written back every 25 ms, fixed 4 MiB chunks", work / "repo", writeback=0.025,
-                              extra=("--chunker-params", "fixed,4194304"))
-    loads["  repository on tmpfs, its reads held to 400 MB/s"] = lambda: borg(
-        "  repository on tmpfs, its reads held to 400 MB/s", shm / "repo", group=read_limit[1] / "cgroup.procs")
+    loads[row] = lambda row=row: borg(row, work / "repo", writeback=0.025, extra=("--chunker-params", "fixed,4194304"))
+    row = "  repository on tmpfs, its reads held to 400 MB/s"
+    loads[row] = lambda row=row: borg(row, shm / "repo", group=read_limit[1] / "cgroup.procs")
     stalls: dict[str, list[float]] = {k: [] for k in loads}
     try:
         shutil.copyfile(image, in_ram)

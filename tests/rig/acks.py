@@ -8,12 +8,13 @@ tests wait for conditions on it (no sleeping).
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from virtfreeze.thread_names import name_this_thread
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,7 @@ class AckWatcher:
         return None
 
     def _run(self) -> None:
-        with contextlib.suppress(OSError):  # what a scheduler trace (bench/stall_trace.py) calls this thread
-            Path("/proc/thread-self/comm").write_text("acks-reader")
+        name_this_thread("acks-reader")  # what a scheduler trace (bench/stall_trace.py) calls this thread
         log = open(self.log_path, "a") if self.log_path else None
         try:
             while not self._closed.is_set():
