@@ -17,7 +17,7 @@ from pathlib import Path
 import libvirt
 
 from tests.rig.guest import Guest
-from tests.rig.integrity import check_image
+from tests.rig.integrity import check_image, records_in
 
 from virtfreeze.export_view import image_size
 
@@ -92,11 +92,22 @@ def assert_archive_holds_disks(g, export: Path, t_before: float) -> None:
         assert stat.S_ISREG(st.st_mode), f"{image} is not a regular file in the archive"
         is_block = stat.S_ISBLK(os.stat(g.disks[t]).st_mode)
         want = image_size(g.disks[t]) if is_block else sizes[f"disks/{image.name}"]
-        assert st.st_size == want > 0, (image, st.st_size, want)
+        assert st.st_size == want > 0, (image, st.st_size, want, _size_clues(g, t, image, t_before))
         if g.formats[t] == "qcow2":
             subprocess.run(["qemu-img", "check", "-q", "-f", "qcow2", str(image)], check=True)
         report = check_image(image, t, g.acked(until=t_before)[t], g.formats[t])
         assert report.checked > 0 and report.ok, report
+
+
+def _size_clues(g, target: str, image: Path, t_before: float) -> dict:
+    """What tells a base that changed after its freeze from a manifest that measured it wrong: the live
+    base's size now, the newest record in the archived image and when the guest acknowledged it."""
+    _, found = records_in(image, target, g.formats[target])
+    top = max(found.values(), default=None)
+    acks = {a.seq: a.t for a in g.watcher.snapshot() if a.disk == target}
+    return {"base_now": image_size(g.disks[target]), "newest_record": top,
+            "its_ack_after_t_before_s": None if top not in acks else round(acks[top] - t_before, 3),
+            "newest_acked_before_t_before": max((s for s, t in acks.items() if t < t_before), default=None)}
 
 
 def install_plugin(tmp_path: Path, dist: str, entry_point: str, source: str) -> Path:
