@@ -77,8 +77,8 @@ def _shrink(fd: int, size: int, step: int) -> None:
 
 def remove_tree(directory: str | os.PathLike, step: int = STEP) -> None:
     """A directory and everything in it, its regular files larger than `step` removed as `remove` does
-    (a verify's restored disks beside the running original, a restore's staging); whatever cannot be
-    removed is left."""
+    (a verify's restored disks beside the running original, a restore's staging and what it replaced);
+    whatever cannot be removed is left."""
     for root, _dirs, files in os.walk(directory):  # never follows symlinks to directories
         for name in files:
             path = Path(root, name)

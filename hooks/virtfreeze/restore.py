@@ -193,13 +193,13 @@ def _finish_start(hv, data: dict, info) -> None:
 
 
 def _drop_replaced(data: dict) -> None:
-    """After a successful --replace: the old files set aside are deleted."""
+    """After a successful --replace: the old files set aside are deleted (in steps: the guests run on)."""
     for _original, aside in data.get("replaced_files", []):
         if os.path.isdir(aside) and not os.path.islink(aside):
-            shutil.rmtree(aside, ignore_errors=True)
+            file_removal.remove_tree(aside)
         else:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(aside)
+                file_removal.remove(aside)
 
 
 def recover(rt: Runtime, name: str) -> str | None:
@@ -651,8 +651,8 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
         elif p.segments is not None:
             _place_segments(src, p, staging, record, replace=replace, progress=progress, domain=plan.name)
             written += os.stat(p.dest).st_size
-            if source.directory is None:  # our extracted copy, now reassembled: its space back
-                shutil.rmtree(src)
+            if source.directory is None:  # our extracted copy, now reassembled: its space back, in steps
+                file_removal.remove_tree(src)
         else:
             _place_file(src, p.dest, record, link=source.directory is None, replace=replace, progress=progress)
             written += os.stat(p.dest).st_size

@@ -145,6 +145,8 @@ def test_existing_domains_and_files_are_never_overwritten_unasked(archived, vf, 
     out = json.loads(vf("--json", "restore", "--from", str(archive), "--replace", "--no-start").stdout)["restore"]
     assert out["state"] == "shutoff"
     assert_acked_in(g.disks, g.formats, acked)
+    dirs = {Path(d).parent for d in g.disks.values()}
+    assert not [p for d in dirs for p in d.glob(".*.virtfreeze-replaced")], "the replaced files were not deleted"
 
 
 def test_a_damaged_archive_defines_nothing_and_leaves_nothing(archived, vf, tmp_path, libvirt_conn):
