@@ -81,3 +81,19 @@ def drop_caches() -> None:
 
 def med(xs) -> float:
     return statistics.median(xs)
+
+
+def rotated(items, run: int) -> list:
+    """`items` in the order of run number `run`: each run starts one later, so no way always goes first."""
+    items = list(items)
+    k = run % len(items)
+    return items[k:] + items[:k]
+
+
+def writing_guest(conn, workdir: Path, name: str):
+    """A guest writing about 9 MiB/s over two 4 GiB disks, a qcow2 and a raw one (a record per 64 KiB
+    cluster, so that an overlay grows as a busy VM's would)."""
+    from tests.rig.guest import DiskSpec, create_guest
+
+    return create_guest(conn, workdir, [DiskSpec("vda", "qcow2", 4096), DiskSpec("vdb", "raw", 4096)],
+                        name=name, stride=128)

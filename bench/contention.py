@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import drop_caches, med  # noqa: E402
+from _common import drop_caches, med, rotated  # noqa: E402
 
 import libvirt  # noqa: E402
 
@@ -182,9 +182,7 @@ def main() -> int:
         if read_limit is None:
             raise RuntimeError("this host has no cgroup I/O controller for a read limit")
         for run in range(args.runs):
-            order = list(loads)
-            order = order[run % len(order):] + order[:run % len(order)]
-            for k in order:
+            for k in rotated(loads, run):
                 stalls[k].append(loads[k]())
             print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{k.strip()} {stalls[k][-1] * 1000:.0f}ms"
                                                            for k in loads), flush=True)

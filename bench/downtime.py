@@ -37,13 +37,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import thaw_everything, vf  # noqa: E402
+from _common import thaw_everything, vf, writing_guest  # noqa: E402
 
 import libvirt  # noqa: E402
 
 from tests.conftest import start_libvirt_event_loop  # noqa: E402
 from tests.rig.acks import max_gap  # noqa: E402
-from tests.rig.guest import DiskSpec, create_guest  # noqa: E402
 
 # Row label -> (thaw --strategy, what the config used for the thaw adds to the defaults).
 STRATEGIES = {"live": ("live", ""), "live fast": ("live", "commit_bandwidth: 0\n"),
@@ -113,8 +112,7 @@ def main() -> int:
         (work / f"virtfreeze-{label.replace(' ', '-').replace('+', '-')}.yaml").write_text(
             f"state_directory: {work}/state\nexport_directory: {work}/export\n{extra}")
     config = work / "virtfreeze-live.yaml"
-    guest = create_guest(conn, work / "g", [DiskSpec("vda", "qcow2", 4096), DiskSpec("vdb", "raw", 4096)],
-                         name="vf-downtime", stride=128)
+    guest = writing_guest(conn, work / "g", "vf-downtime")
     life = Lifecycle(conn, guest.dom)
     rows = []
     try:

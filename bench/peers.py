@@ -55,7 +55,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import VIRTFREEZE, drop_caches, med, other_disk  # noqa: E402
+from _common import VIRTFREEZE, drop_caches, med, other_disk, rotated  # noqa: E402
 
 import libvirt  # noqa: E402
 
@@ -190,9 +190,7 @@ def compare(args: argparse.Namespace, conn: libvirt.virConnect, work: Path, repo
     stalls: dict[str, list[float]] = {w: [] for w in ["baseline (no backup)", *ways]}
     try:
         for run in range(args.runs):
-            order = list(ways)
-            order = order[run % len(order):] + order[:run % len(order)]
-            for way in order:
+            for way in rotated(ways, run):
                 fresh_repos()
                 drop_caches()
                 g.watcher.wait_acks(20)

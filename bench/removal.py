@@ -28,12 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import med  # noqa: E402
+from _common import med, rotated, writing_guest  # noqa: E402
 
 import libvirt  # noqa: E402
 
 from tests.rig.acks import max_gap  # noqa: E402
-from tests.rig.guest import DiskSpec, create_guest  # noqa: E402
 from virtfreeze import file_removal  # noqa: E402
 
 MiB = 1 << 20
@@ -62,8 +61,7 @@ def main() -> int:
     libvirt.registerErrorHandler(lambda ctx, err: None, None)
     conn = libvirt.open("qemu:///system")
     work = Path(tempfile.mkdtemp(prefix="vf-bench-removal-", dir="/var/tmp"))
-    g = create_guest(conn, work / "vm", [DiskSpec("vda", "qcow2", 4096), DiskSpec("vdb", "raw", 4096)],
-                     name="vf-bench-removal", stride=128)
+    g = writing_guest(conn, work / "vm", "vf-bench-removal")
     ways = {
         "no deletion (baseline)": None,
         "plain unlink": os.unlink,
@@ -74,9 +72,7 @@ def main() -> int:
     took: dict[str, list[float]] = {w: [] for w in ways}
     try:
         for run in range(args.runs):
-            order = list(ways)
-            order = order[run % len(order):] + order[:run % len(order)]
-            for way in order:
+            for way in rotated(ways, run):
                 path = fragmented(work, args.size_mib)
                 os.sync()
                 g.watcher.wait_acks(20, after=time.monotonic())  # writing again after the file's fsyncs

@@ -37,12 +37,11 @@ from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import drop_caches, scratch, thaw_everything, vf  # noqa: E402
+from _common import drop_caches, scratch, thaw_everything, vf, writing_guest  # noqa: E402
 
 import libvirt  # noqa: E402
 
 from tests.rig.acks import Ack  # noqa: E402
-from tests.rig.guest import DiskSpec, create_guest  # noqa: E402
 from virtfreeze import priority, runner  # noqa: E402
 
 from archive import BORG_ENV, guest_with_data  # noqa: E402
@@ -151,8 +150,7 @@ def main() -> int:
     conn = libvirt.open("qemu:///system")
     work, config = scratch("vf-bench-stall-trace-")
     if args.load == "thaw":
-        g = create_guest(conn, work / "vm", [DiskSpec("vda", "qcow2", 4096), DiskSpec("vdb", "raw", 4096)],
-                         name="vf-bench-stall-trace", stride=128)
+        g = writing_guest(conn, work / "vm", "vf-bench-stall-trace")
     else:
         g = guest_with_data(conn, work / "vm", "vf-bench-stall-trace", args.size_mib)
     image = str(g.disks["vdb"])

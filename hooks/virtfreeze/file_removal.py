@@ -87,3 +87,13 @@ def remove_tree(directory: str | os.PathLike, step: int = STEP) -> None:
                 if stat.S_ISREG(st.st_mode) and st.st_size > step:
                     remove(path, step)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def remove_any(path: str | os.PathLike, step: int = STEP) -> None:
+    """Whatever is at `path`, removed as above: a directory as `remove_tree`, anything else (a symlink to a
+    directory too) as `remove`; nothing when nothing is there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        remove_tree(path, step)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            remove(path, step)

@@ -165,12 +165,7 @@ def _undo(rt: Runtime, data: dict) -> None:
             hv.destroy(info.uuid, info.name)
         hv.undefine(info.uuid, info.name)
     for path in reversed(data.get("files", [])):
-        p = Path(path)
-        if p.is_dir() and not p.is_symlink():
-            file_removal.remove_tree(p)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                file_removal.remove(p)  # a restored disk: in steps, the other guests run on
+        file_removal.remove_any(path)  # a restored disk: in steps, the other guests run on
     if data.get("staging"):  # first: it may lie in a directory this restore made
         file_removal.remove_tree(data["staging"])
     for path in reversed(data.get("dirs", [])):
@@ -195,11 +190,7 @@ def _finish_start(hv, data: dict, info) -> None:
 def _drop_replaced(data: dict) -> None:
     """After a successful --replace: the old files set aside are deleted (in steps: the guests run on)."""
     for _original, aside in data.get("replaced_files", []):
-        if os.path.isdir(aside) and not os.path.islink(aside):
-            file_removal.remove_tree(aside)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                file_removal.remove(aside)
+        file_removal.remove_any(aside)
 
 
 def recover(rt: Runtime, name: str) -> str | None:

@@ -104,3 +104,16 @@ def test_a_tree_goes_whole_its_large_files_in_steps(tmp_path, truncations):
     (scratch / "link-out").symlink_to(outside)  # a link is removed, never what it points at
     file_removal.remove_tree(scratch, step=4 * MiB)
     assert truncations == [8 * MiB, 4 * MiB] and not scratch.exists() and outside.stat().st_size == 12 * MiB
+
+
+def test_remove_any_takes_a_tree_a_file_a_link_or_nothing(tmp_path, truncations):
+    tree = tmp_path / "staging"
+    (tree / "disks").mkdir(parents=True)
+    big(tree / "disks" / "vda.raw", mib=8)
+    single = big(tmp_path / "vdb.raw", mib=8)
+    (tmp_path / "to-tree").symlink_to(tmp_path / "kept", target_is_directory=True)
+    (tmp_path / "kept").mkdir()
+    for path in (tree, single, tmp_path / "to-tree", tmp_path / "gone"):
+        file_removal.remove_any(path, step=4 * MiB)
+    assert truncations == [4 * MiB, 4 * MiB]  # each 8 MiB file once, in steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # a link's directory stays
