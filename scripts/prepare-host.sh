@@ -59,6 +59,14 @@ if ! grep -q '^# virtfreeze prepare-host' "$qemu_conf" 2>/dev/null; then
   } >>"$qemu_conf"
 fi
 
+# A host test that changes qemu.conf (tests/host/helpers.py, qemu_conf_setting) puts it back when it
+# ends; one killed before that leaves its line behind: remove it, and restart a daemon that read it.
+if grep -q '^# virtfreeze test setting' "$qemu_conf"; then
+  log "removing a test setting a killed test left in $qemu_conf"
+  sed -i '/^# virtfreeze test setting/,+1d' "$qemu_conf"
+  pkill -x libvirtd || true
+fi
+
 uri=qemu:///system
 answers() { virsh -c "$uri" version >/dev/null 2>&1; }
 

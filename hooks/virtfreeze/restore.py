@@ -39,6 +39,7 @@ from virtfreeze.sparse_copy import copy_file, copy_files_at
 log = logging.getLogger(__name__)
 
 META_FILES = ["manifest.json", "domain.xml"]
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # where programs are installed
 
 
 @dataclass
@@ -464,6 +465,21 @@ def check_memory_xml(xml: str, plan: RestorePlan) -> None:
                              domain=plan.name, hint="restore with --no-memory (cold boot)")
 
 
+def check_decompressor(image: save_image.SaveImage, domain: str, where: str, search: str | None = None) -> None:
+    """A memory image whose stream the saving host compressed resumes only through that program (libvirt
+    runs `PROGRAM -dc`): if it is not installed here, say so before the restore goes on. `where` names the
+    image for the user; `search`: where to look, by default our PATH and the usual system directories."""
+    program = image.decompressor
+    if program is None:
+        return
+    if search is None:
+        search = os.pathsep.join(filter(None, [os.environ.get("PATH"), SYSTEM_PATH]))
+    if shutil.which(program, path=search) is None:
+        raise UsageError(f"the memory image is compressed with {program}, which is not installed here",
+                         domain=domain, path=where,
+                         hint=f"install {program} here, or restore with --no-memory to cold-boot from the disks")
+
+
 def _drop_peek(peek: Path | None) -> None:
     if peek is not None:
         shutil.rmtree(peek, ignore_errors=True)
@@ -537,7 +553,9 @@ def _restore(rt: Runtime, source: Source, *, name: str | None = None, disk_dir: 
     dlog = domain_log(log, plan.name)
     if use_memory and source.directory is not None:  # its XML is checked before anything is written
         memory_complete(archive)
-        check_memory_xml(relocate_xml(save_image.read(archive.root / archive.memory).xml, plan.relocation), plan)
+        image = save_image.read(archive.root / archive.memory)
+        check_decompressor(image, plan.name, str(archive.root / archive.memory))
+        check_memory_xml(relocate_xml(image.xml, plan.relocation), plan)
     links_down = use_memory and plan.new and bool(plan.relocation.macs)
     if links_down:
         plan.warnings.append("resumed from memory under a new name: its network links are down, because its memory "
@@ -605,6 +623,8 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
             memory_file = src
             os.chmod(memory_file, 0o600)
         image = save_image.read(memory_file)
+        check_decompressor(image, plan.name, str(src) if source.directory is not None
+                           else f"{archive.memory} in {source.describe()}")
         memory_xml = relocate_xml(image.xml, plan.relocation)
         check_memory_xml(memory_xml, plan)  # the image's own XML is archive data too
         save_image.rewrite_xml(memory_file, memory_xml)

@@ -51,6 +51,12 @@ class SaveImage:
     byteorder: str = "<"  # "<" or ">": libvirt writes the header in the saving host's order
 
     @property
+    def decompressor(self) -> str | None:
+        """The program libvirt resumes the stream through (`PROGRAM -dc`), None for a raw stream: a
+        saving host whose qemu.conf sets `snapshot_image_format` (or `save_image_format`) compresses it."""
+        return COMPRESSION.get(self.compressed) if self.compressed else None
+
+    @property
     def room(self) -> int:
         """The most bytes of XML (without its NUL) that fit, with the cookie moved behind it."""
         return self.data_len - (len(self.cookie) + 1 if self.cookie_offset else 0) - 1

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pty
+import select
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import libvirt
 
+from tests.conftest import URI
 from tests.rig.guest import Guest
 from tests.rig.integrity import check_image, records_in
 
@@ -157,3 +161,48 @@ def blkio_written(group: Path, disk: str) -> int:
         if dev == disk and op == "Write":
             return int(value[0])
     return 0
+
+
+def restart_libvirtd() -> None:
+    """Restart libvirtd; return once the new one serves and has reconnected to every running guest."""
+    if os.path.isdir("/run/systemd/system"):
+        subprocess.run(["systemctl", "restart", "libvirtd"], check=True)
+    else:
+        # Not a daemon killed earlier and never reaped (without an init, nobody waits for it).
+        [pid] = [p for p in map(int, subprocess.check_output(["pgrep", "-x", "libvirtd"]).split())
+                 if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        pidfd = os.pidfd_open(pid)
+        os.kill(pid, signal.SIGTERM)
+        ready, _, _ = select.select([pidfd], [], [], 60)  # readable when the process has exited
+        os.close(pidfd)
+        assert ready, "libvirtd did not exit on SIGTERM"
+        # The parent returns once the daemon listens (libvirt's remote_daemon.c: "ready to accept
+        # net connections"); a connection made before its drivers are up waits until it serves.
+        subprocess.run(["libvirtd", "-d"], check=True, timeout=60)
+    # The new daemon reconnects to each running guest in a job of its own; a domain destroyed meanwhile
+    # races it ("domain is not running"). A query job waits behind it.
+    conn = libvirt.open(URI)
+    try:
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            with contextlib.suppress(libvirt.libvirtError):  # it stopped meanwhile
+                dom.memoryStats()
+    finally:
+        conn.close()
+
+
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+TEST_SETTING_MARK = "# virtfreeze test setting (scripts/prepare-host.sh removes one a killed test left)"
+
+
+@contextlib.contextmanager
+def qemu_conf_setting(line: str):
+    """libvirtd restarted with `line` added to qemu.conf, then restarted without it, pass or fail.
+    Only for tests marked exclusive: every connection made before dies with the old daemon."""
+    original = QEMU_CONF.read_text()
+    QEMU_CONF.write_text(f"{original.rstrip(chr(10))}\n{TEST_SETTING_MARK}\n{line}\n")
+    try:
+        restart_libvirtd()
+        yield
+    finally:
+        QEMU_CONF.write_text(original)
+        restart_libvirtd()

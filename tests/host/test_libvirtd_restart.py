@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 
@@ -12,24 +11,8 @@ import pytest
 
 from tests.conftest import URI
 from tests.host.conftest import VIRTFREEZE
-from tests.host.helpers import assert_all_acked_present, assert_back_on_base
+from tests.host.helpers import assert_all_acked_present, assert_back_on_base, restart_libvirtd
 from tests.rig.guest import DiskSpec
-
-
-def restart_libvirtd() -> None:
-    if os.path.isdir("/run/systemd/system"):
-        subprocess.run(["systemctl", "restart", "libvirtd"], check=True)
-    else:
-        pid = int(subprocess.check_output(["pgrep", "-x", "libvirtd"]).split()[0])
-        pidfd = os.pidfd_open(pid)
-        os.kill(pid, signal.SIGTERM)
-        ready, _, _ = select.select([pidfd], [], [], 60)  # readable when the process has exited
-        os.close(pidfd)
-        assert ready, "libvirtd did not exit on SIGTERM"
-        # The parent returns once the daemon listens (libvirt's remote_daemon.c: "ready to accept
-        # net connections"); a connection made before its drivers are up waits until it serves.
-        subprocess.run(["libvirtd", "-d"], check=True, timeout=60)
-    libvirt.open(URI).close()
 
 
 @pytest.mark.exclusive

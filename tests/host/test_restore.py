@@ -11,13 +11,17 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
+import pytest
 
-from tests.host.helpers import sha256
+from tests.conftest import URI
+from tests.host.helpers import qemu_conf_setting, sha256
 from tests.host.test_backup import targets_config
 from tests.rig.acks import AckWatcher
 from tests.rig.guest import SOCKET_DIR, DiskSpec, Guest
 from tests.rig.guest_image import cache_dir
 from tests.rig.integrity import check_image
+
+from virtfreeze import save_image
 
 TWO_DISKS = [DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw")]
 # The test guests' serial sockets, and their kernel and initramfs (read by QEMU: allowed places too).
@@ -112,6 +116,35 @@ def test_restore_from_borg_resumes_the_guest_from_memory_in_place(guest_factory,
             subprocess.run(["qemu-img", "check", "-q", str(p)], check=True)
     assert not list((vf.state / "restores").glob("*.json")), "restore record left behind"
     assert not list(g.workdir.glob(".virtfreeze-restore-*")), "staging left behind"
+
+
+@pytest.mark.exclusive
+def test_a_memory_image_the_host_compressed_resumes(guest_factory, vf, tmp_path):
+    """A host whose qemu.conf sets `snapshot_image_format = "lzop"`: libvirt pipes a --memory freeze's
+    memory stream through lzop. The archive restores from it on a host without that setting (the image's
+    header names the program): resumed where it was frozen, not booted."""
+    g = guest_factory([DiskSpec("vda", "qcow2")])
+    env = setup(vf, tmp_path, g)
+    with qemu_conf_setting('snapshot_image_format = "lzop"'):
+        g.conn = libvirt.open(URI)  # the test's own connection died with the old daemon
+        t_before, last = back_up(vf, env, g, "--memory", "--target", "dir")
+    g.conn = libvirt.open(URI)
+    [image] = (tmp_path / "dir-target").glob("*/memory.save")
+    assert save_image.read(str(image)).decompressor == "lzop"
+    g.watcher.close()
+    delete_domain(g)
+
+    watcher = watch(g.sock, tmp_path / "acks-restored.log")
+    try:
+        out = json.loads(vf("--json", "restore", g.name, "--target", "dir", env=env).stdout)["restore"]
+        assert out["from_memory"] and out["state"] == "running", out
+        watcher.wait_for(lambda acks: any(a.disk == "vda" and a.seq > last["vda"] for a in acks), 60,
+                         "writes past the last record acknowledged before the freeze")
+        assert not watcher.booted.is_set(), "the restored guest booted instead of resuming"
+        g.dom.destroy()
+    finally:
+        watcher.close()
+    assert_acked_in(g.disks, g.formats, g.acked(until=t_before))
 
 
 def assert_sparse(image: Path) -> None:

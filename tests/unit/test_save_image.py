@@ -5,7 +5,8 @@ import struct
 import pytest
 
 from virtfreeze import save_image
-from virtfreeze.errors import VirtfreezeError
+from virtfreeze.errors import UsageError, VirtfreezeError
+from virtfreeze.restore import check_decompressor
 
 XML = "<domain type='kvm'><name>web</name><uuid>6f1c4a8e-0d7b-4a43-9d52-2b1f0e4c8a11</uuid></domain>"
 COOKIE = "<cookie><cpu mode='custom'><model>qemu64</model></cpu></cookie>"
@@ -139,3 +140,26 @@ def test_version_1_has_no_compression(image):
 def test_missing_file_is_a_virtfreeze_error(tmp_path):
     with pytest.raises(VirtfreezeError, match="cannot read"):
         save_image.read(str(tmp_path / "absent.save"))
+
+
+def test_names_the_program_a_compressed_stream_resumes_through(image):
+    assert save_image.read(str(image(compressed=4))).decompressor == "lzop"
+    assert save_image.read(str(image(compressed=1))).decompressor == "gzip"
+    assert save_image.read(str(image())).decompressor is None
+
+
+def test_a_restore_stops_on_a_compressed_image_whose_program_is_not_installed(image, tmp_path):
+    lzop = save_image.read(str(image(compressed=4)))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    with pytest.raises(UsageError) as e:
+        check_decompressor(lzop, "web1", "/r/memory.save", search=str(bin_dir))
+    text = str(e.value)
+    assert "domain 'web1'" in text and "'/r/memory.save'" in text and "compressed with lzop" in text
+    assert "install lzop" in text and "--no-memory" in text
+    program = bin_dir / "lzop"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    check_decompressor(lzop, "web1", "/r/memory.save", search=str(bin_dir))  # installed: goes on
+    raw = save_image.read(str(image()))
+    check_decompressor(raw, "web1", "/r/memory.save", search=str(tmp_path / "nowhere"))  # needs none
