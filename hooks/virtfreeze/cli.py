@@ -808,7 +808,9 @@ def status(ctx: Ctx, domains):
             for r in rows:
                 sizes = ", ".join(f"{d['target']} {d['overlay_bytes'] or 0} B" for d in r["disks"])
                 mem = f", memory {r['memory_bytes']} B" if r["memory_bytes"] else ""
-                since = f"since {r['since']} ({r['consistency']})" if r["journal"] else "no journal"
+                since = (f"since {r['since']} ({r['consistency']})" if r["journal"] else
+                         f"in the journal of state_directory {r['journal_elsewhere']}" if r["journal_elsewhere"]
+                         else "no journal")
                 click.echo(f"{r['domain']}: {r['phase']} {since}, state {r['state']}, "
                            f"overlays: {sizes or 'none'}{mem}; thaw: {r['strategy']} ({r['strategy_reason']})")
                 for h in r["holders"]:

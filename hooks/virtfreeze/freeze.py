@@ -20,14 +20,14 @@ from virtfreeze import __version__, downtime, export_view, holders, memory_freez
 from virtfreeze.domain_xml import (
     has_agent_channel, has_swtpm, ineligible_reason, is_overlay, nvram_path, overlay_path, parse_disks, snapshot_xml,
 )
-from virtfreeze.errors import LeftOnOverlay, UsageError, VirtfreezeError
+from virtfreeze.errors import DomainBusy, LeftOnOverlay, UsageError, VirtfreezeError
 from virtfreeze.journal import FrozenDomain, domain_lock, failpoint
 from virtfreeze.libvirt_boundary import PAUSED, RUNNING, SHUTOFF, DomainInfo, is_quiesce_unavailable
 from virtfreeze.model import DiskPlan, DomainRef
 from virtfreeze.plugins import report_done, report_failure
 from virtfreeze.runtime import Runtime
 from virtfreeze.merge_api import read_definitions
-from virtfreeze.thaw import thaw_locked
+from virtfreeze.thaw import held_elsewhere, thaw_locked
 from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,11 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
         return joined
     state, inactive_xml, live_xml = _look(rt, info)
     if previous or any(is_overlay(d.source) for x in (inactive_xml, live_xml) for d in parse_disks(x)):
+        if previous is None and (elsewhere := held_elsewhere(rt, ref, me)):
+            state_dir, live = elsewhere
+            raise DomainBusy(f"frozen by a run of another configuration (state_directory {state_dir}) that still "
+                             f"holds it: {'; '.join(h.describe() for h in live)}", domain=info.name,
+                             hint="let that run thaw it, or run `virtfreeze thaw --force` with that configuration")
         domain_log(log, info.name).warning("leftovers of an earlier run; merging them first")
         thaw_locked(rt, ref, record=previous)
         state, inactive_xml, live_xml = _look(rt, info)

@@ -34,6 +34,9 @@ VERSION = 2
 # Host-wide, not per state directory: two runs with different configs must
 # still never work on the same domain at once.
 LOCK_DIR = Path("/run/virtfreeze/locks")
+# Host-wide too: <uuid> holds the path of the journal file with the domain's record, so that a run of
+# another config (another state_directory) sees who holds a freeze before it merges it (`Journal.elsewhere`).
+INDEX_DIR = Path("/run/virtfreeze/journals")
 
 
 def failpoint(name: str) -> None:
@@ -136,10 +139,12 @@ class FrozenDomain:
 
 
 class Journal:
-    """Per-domain records under `<state_directory>/journal/<uuid>.json`."""
+    """Per-domain records under `<state_directory>/journal/<uuid>.json`, each also named in the host-wide
+    index (`index_dir`, default INDEX_DIR) while it exists."""
 
-    def __init__(self, state_dir: Path):
-        self.dir = Path(state_dir) / "journal"
+    def __init__(self, state_dir: Path, index_dir: Path | None = None):
+        self.dir = Path(os.path.abspath(state_dir)) / "journal"
+        self.index_dir = index_dir
 
     def _ensure(self) -> None:
         try:
@@ -168,6 +173,37 @@ class Journal:
     def write(self, record: FrozenDomain) -> None:
         self._ensure()
         write_atomic(self.path(record.uuid), json.dumps(record.to_json(), indent=2, sort_keys=True).encode())
+        self._index(record.uuid)
+
+    def _index_entry(self, uuid: str) -> Path:
+        return (self.index_dir or INDEX_DIR) / uuid
+
+    def _index(self, uuid: str) -> None:
+        """Name this journal's record in the host-wide index (kept in /run: a reboot ends every run)."""
+        entry, mine = self._index_entry(uuid), str(self.path(uuid))
+        try:
+            if entry.is_file() and entry.read_text() == mine:
+                return
+            entry.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomic(entry, mine.encode())
+        except OSError as e:  # only another config's runs would miss it; the record itself is written
+            log.warning("domain %s: cannot name its journal record in %s: %s", uuid, entry.parent, e.strerror)
+
+    def elsewhere(self, uuid: str) -> tuple[Path, FrozenDomain] | None:
+        """The state directory and record of another config's journal that holds this domain (the index
+        names it, and it exists and reads); None when there is none."""
+        entry = self._index_entry(uuid)
+        try:
+            other = Path(entry.read_text())
+        except OSError:
+            return None
+        if other == self.path(uuid) or other.name != f"{uuid}.json" or other.parent.name != "journal":
+            return None
+        try:
+            return other.parent.parent, FrozenDomain.from_json(json.loads(other.read_text()), other)
+        except (OSError, ValueError, VirtfreezeError) as e:  # gone (thawed) or unreadable: nobody to defer to
+            log.debug("domain %s: the journal record %s the index names: %s", uuid, other, e)
+            return None
 
     def note(self, record: FrozenDomain, **changes) -> None:
         """Change fields of a record and write it durably; nothing is written when nothing changes."""
@@ -185,6 +221,10 @@ class Journal:
         with contextlib.suppress(FileNotFoundError):
             self.path(uuid).unlink()
             _fsync_dir(self.dir)
+        entry = self._index_entry(uuid)
+        with contextlib.suppress(OSError):
+            if entry.read_text() == str(self.path(uuid)):  # another config's record named since: theirs
+                entry.unlink()
 
     def all(self) -> list[FrozenDomain]:
         if not self.dir.is_dir():

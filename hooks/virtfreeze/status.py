@@ -44,6 +44,9 @@ def collect(rt: Runtime, names: list[str] | None = None) -> list[dict]:
         journaled = found.phase != "discovered"
         defs = read_definitions(rt.hv, found.ref)
         record = found if journaled else (discover(rt, found.ref, defs) or found)
+        # Not in this journal: another config's may hold it (its state directory, and its holders).
+        elsewhere = None if journaled else rt.journal.elsewhere(found.uuid)
+        held = record.holders if elsewhere is None else elsewhere[1].holders
         pending = {d.target for d in defs.on_overlay(record.disks)}
         strategy, why = planned_strategy(rt, record.name, defs.state)
         out.append({
@@ -56,12 +59,13 @@ def collect(rt: Runtime, names: list[str] | None = None) -> list[dict]:
             "since": record.frozen_at or record.started,
             "consistency": record.consistency,
             "journal": journaled,
+            "journal_elsewhere": str(elsewhere[0]) if elsewhere else None,
             "on_overlay": bool(pending),
             "disks": [{"target": d.target, "base": d.base, "overlay": d.overlay,
                        "overlay_bytes": _size(d.overlay), "on_overlay": d.target in pending} for d in record.disks],
             "memory_file": record.memory_file,
             "memory_bytes": _size(record.memory_file),
             "export_dir": record.export_dir,
-            "holders": [dict(h.to_json(), alive=holders.alive(h)) for h in record.holders],
+            "holders": [dict(h.to_json(), alive=holders.alive(h)) for h in held],
         })
     return out

@@ -234,6 +234,30 @@ def _release(rt: Runtime, ref: DomainRef, record: FrozenDomain | None, me: holde
     return ThawResult(ref.name, ref.uuid, None, 0, 0.0, held_by=held)
 
 
+def held_elsewhere(rt: Runtime, ref: DomainRef, me: holders.Holder) -> tuple[Path, list[holders.Holder]] | None:
+    """Another config's state directory whose journal holds this domain's freeze for a live run (not
+    `me`), and those runs; None when no other journal does (then its overlays are leftovers)."""
+    found = rt.journal.elsewhere(ref.uuid)
+    if found is None:
+        return None
+    state_dir, record = found
+    live = [h for h in record.holders if not h.same_run(me) and holders.alive(h)]
+    return (state_dir, live) if live else None
+
+
+def _held_by_another_config(rt: Runtime, ref: DomainRef, me: holders.Holder) -> ThawResult | None:
+    """A ThawResult (nothing merged) when a live run of another config holds the freeze: merging it
+    would change the base under that run's archive. None when this thaw should merge."""
+    found = held_elsewhere(rt, ref, me)
+    if found is None:
+        return None
+    state_dir, live = found
+    held = [f"{h.describe()}, with state_directory {state_dir}" for h in live]
+    domain_log(log, ref.name).warning("left frozen: a run of another configuration holds it (%s); that run's "
+                                      "thaw merges it (`thaw --force` merges it anyway)", "; ".join(held))
+    return ThawResult(ref.name, ref.uuid, None, 0, 0.0, held_by=held)
+
+
 def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None, force: bool = False) -> ThawResult:
     """Thaw one domain, unless another live run still holds its freeze (`force`: merge anyway)."""
     try:
@@ -241,7 +265,8 @@ def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None, force:
             record = rt.journal.load(ref.uuid)
             me = holders.current()
             own = record is not None and any(h.same_run(me) for h in record.holders)
-            left = None if force else _release(rt, ref, record, me, own)
+            left = None if force else (_release(rt, ref, record, me, own) if record is not None
+                                       else _held_by_another_config(rt, ref, me))
             result = left or thaw_locked(rt, ref, strategy, record)
             result.own_freeze = own
     except VirtfreezeError as e:

@@ -48,8 +48,10 @@ class VF:
 
 
 @pytest.fixture
-def vf(tmp_path) -> VF:
-    """A virtfreeze runner; its export view's mounts and device views are undone at teardown, pass or fail."""
+def vf(tmp_path, libvirtd_shared) -> VF:
+    """A virtfreeze runner; its export view's mounts and device views are undone at teardown, pass or fail.
+    A test that runs virtfreeze shares the host (`libvirtd_shared`), guests or not: a bare `thaw` in
+    one marked exclusive must never run beside another test's freeze."""
     from virtfreeze.export_view import mounts_under, stop_views, unmount
 
     runner = VF(tmp_path)

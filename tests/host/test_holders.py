@@ -18,7 +18,10 @@ from tests.host.helpers import assert_all_acked_present, assert_archive_holds_di
 from tests.host.test_contrib import (
     BORGMATIC, CONTRIB, ENV, VIRTFREEZE_BIN, borgmatic_config, extract_latest, init_repo,
 )
+from tests.host.conftest import VF
 from tests.rig.guest import DiskSpec
+
+from virtfreeze.export_view import mounts_under
 
 DISKS = [DiskSpec("vda", "qcow2"), DiskSpec("vdb", "raw")]
 
@@ -134,3 +137,39 @@ def test_a_bare_thaw_leaves_a_live_holder_alone_and_merges_a_dead_ones(guest_fac
     for guest in (g, g2):
         assert_back_on_base(guest, vf)
         assert_all_acked_present(guest)
+
+
+def test_a_run_of_another_config_leaves_a_live_runs_freeze_alone(guest_factory, vf, tmp_path):
+    """Two configs (two state directories, so two journals) on one host: neither's thaw nor freeze
+    merges a freeze the other's live run holds (that would change the base under its archive)."""
+    g = guest_factory(DISKS)
+    gate = Gate(tmp_path)
+    holder = subprocess.Popen(
+        ["sh", "-c", f'"$0" --config "$1" freeze "$2" && echo here > {gate.here} && read go < {gate.go}',
+         VIRTFREEZE_BIN, str(vf.config_path), g.name],
+        env=vf.env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "other").mkdir()
+    other = VF(tmp_path / "other")  # its own state and export directories
+    try:
+        gate.wait(120)
+        sources = disk_sources(g.dom)
+        out = other("thaw", g.name)
+        assert f"left frozen {g.name}: still held by run of session {holder.pid}" in out.stdout, out.stdout
+        assert f"with state_directory {vf.state}" in out.stdout, out.stdout
+        line = other("freeze", g.name, expect=4).stderr.strip().splitlines()[-1]
+        assert f"domain '{g.name}'" in line and f"state_directory {vf.state}" in line, line
+        rows = json.loads(other("status", "--json", g.name, expect=3).stdout)["frozen"]
+        assert rows[0]["journal_elsewhere"] == str(vf.state)
+        assert [(h["sid"], h["alive"]) for h in rows[0]["holders"]] == [(holder.pid, True)]
+        assert disk_sources(g.dom) == sources and on_overlay(g), "another config's run merged a live freeze"
+        g.watcher.wait_acks(20)
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # the holding run dies without a thaw of its own
+        holder.wait(timeout=60)
+    out = other("thaw", g.name)  # a dead run holds nothing: any config's thaw merges what it left
+    assert f"thawed {g.name} (live" in out.stdout, out.stdout
+    vf("thaw", g.name)  # the first config's own record of a freeze merged behind its back: cleared, view too
+    assert mounts_under(vf.export) == [] and not (vf.export / g.name).exists()
+    assert_back_on_base(g, vf)
+    assert_all_acked_present(g)
+    assert not (Path("/run/virtfreeze/journals") / g.uuid).exists()

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from tests.host.helpers import assert_back_on_base
 from tests.host.test_restore import RIG_DIRS, assert_acked_in, setup
 from tests.rig.guest import DiskSpec
@@ -286,6 +288,7 @@ def test_restic_driver_mode_reads_what_changed(guest_factory, vf, tmp_path, libv
         libvirt_conn.lookupByName(f"{g.name}-r").undefine()
 
 
+@pytest.mark.exclusive  # a bare `thaw` merges every frozen domain on the host this run may merge
 def test_a_bare_thaw_stops_guest_views_no_freeze_is_recorded_for(vf, tmp_path):
     """A guest view (qemu-storage-daemon) whose run lost its journal record does not outlive the next thaw."""
     from virtfreeze import guest_view

@@ -10,6 +10,7 @@ import pytest
 from virtfreeze import config
 from virtfreeze.errors import ConfigError, DomainBusy, DomainNotFound, UsageError, VirtfreezeError
 from virtfreeze.export_view import domain_dir_name
+from virtfreeze.holders import Holder
 from virtfreeze.journal import FrozenDomain, Journal, domain_lock, write_atomic
 from virtfreeze.model import DiskPlan
 from virtfreeze.libvirt_boundary import DomainInfo
@@ -111,6 +112,29 @@ def test_journal_roundtrip_and_mode(tmp_path):
     j.remove("u1")  # idempotent
     assert j.load("u1") is None and j.all() == []
     assert [p.name for p in j.dir.iterdir()] == []  # no temp files left
+
+
+def test_another_configs_journal_is_found_through_the_host_wide_index(tmp_path):
+    index = tmp_path / "index"
+    a, b = Journal(tmp_path / "a", index_dir=index), Journal(tmp_path / "b", index_dir=index)
+    holder = Holder(4242, 7, "boot", "2026-11-26T01:00:00+00:00", "borgmatic create")
+    a.write(FrozenDomain("u1", "web", "frozen", holders=[holder]))
+    state_dir, rec = b.elsewhere("u1")
+    assert state_dir == tmp_path / "a" and rec.holders == [holder] and rec.name == "web"
+    assert a.elsewhere("u1") is None  # its own record is not "elsewhere"
+    assert stat.S_IMODE(os.stat(index).st_mode) == 0o700
+    a.remove("u1")
+    assert b.elsewhere("u1") is None and not (index / "u1").exists()
+    # The newest writer owns the entry; the older one's removal leaves it alone.
+    a.write(FrozenDomain("u2", "db", "frozen"))
+    b.write(FrozenDomain("u2", "db", "frozen"))
+    a.remove("u2")
+    assert (index / "u2").read_text() == str(b.path("u2")) and a.elsewhere("u2")[0] == tmp_path / "b"
+    # An entry naming a file that is gone, or not a journal record at all, names nobody.
+    b.path("u2").unlink()
+    assert a.elsewhere("u2") is None
+    (index / "u3").write_text("/etc/passwd")
+    assert a.elsewhere("u3") is None
 
 
 def test_journal_note_writes_only_changes(tmp_path):
