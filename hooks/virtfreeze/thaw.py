@@ -249,7 +249,7 @@ def _held_by_another_config(rt: Runtime, ref: DomainRef, me: holders.Holder) -> 
     """A ThawResult (nothing merged) when a live run of another config holds the freeze: merging it
     would change the base under that run's archive. None when this thaw should merge."""
     found = held_elsewhere(rt, ref, me)
-    if found is None:
+    if found is None or discover(rt, ref) is None:  # merged by other means since: nothing to leave
         return None
     state_dir, live = found
     held = [f"{h.describe()}, with state_directory {state_dir}" for h in live]
