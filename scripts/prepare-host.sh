@@ -25,6 +25,7 @@ packages=(
   libvirt-dev pkg-config          # to build libvirt-python (PyPI has no wheels)
   busybox-static cpio xz-utils    # the writing test guest's initramfs
   e2fsprogs                       # the agent test guest's ext4 filesystem (mkfs.ext4, debugfs, e2fsck)
+  lzop                            # memory images a host compresses (qemu.conf snapshot_image_format), tested
   borgbackup restic borgmatic     # the demo's and the tests' backup tools
   systemd                         # systemd-analyze checks contrib/systemd (no systemd needs to run)
   prometheus prometheus-node-exporter   # promtool checks contrib/prometheus; node_exporter scrapes the metrics

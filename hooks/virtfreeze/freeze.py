@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from virtfreeze import __version__, downtime, export_view, holders, memory_freeze, qemu_img, segmented_export
+from virtfreeze import (
+    __version__, downtime, export_view, holders, memory_freeze, qemu_img, save_image, segmented_export,
+)
 from virtfreeze.domain_xml import (
     has_agent_channel, has_swtpm, ineligible_reason, is_overlay, nvram_path, overlay_path, parse_disks, snapshot_xml,
 )
@@ -27,7 +29,7 @@ from virtfreeze.model import DiskPlan, DomainRef
 from virtfreeze.plugins import report_done, report_failure
 from virtfreeze.runtime import Runtime
 from virtfreeze.merge_api import read_definitions
-from virtfreeze.thaw import held_elsewhere, thaw_locked
+from virtfreeze.thaw import adopt, other_config, thaw_locked
 from virtfreeze.logs import domain_log
 
 log = logging.getLogger(__name__)
@@ -155,7 +157,7 @@ def _join(rt: Runtime, record: FrozenDomain, me: holders.Holder, t0: float) -> F
     """Share a complete freeze that another live run holds: no second snapshot, the same export
     view; this run becomes a holder too, and the merge waits for the last one. None when there is
     nothing to join (no other live holder, or the freeze is incomplete: leftovers to merge)."""
-    others = [h for h in record.holders if not h.same_run(me) and holders.alive(h)]
+    others = holders.live_others(record.holders, me)
     complete = record.phase == "frozen" and record.export_dir and (Path(record.export_dir) / "manifest.json").exists()
     if not others or not complete:
         return None
@@ -183,12 +185,15 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
     if joined:
         return joined
     state, inactive_xml, live_xml = _look(rt, info)
-    if previous or any(is_overlay(d.source) for x in (inactive_xml, live_xml) for d in parse_disks(x)):
-        if previous is None and (elsewhere := held_elsewhere(rt, ref, me)):
-            state_dir, live = elsewhere
+    on_overlays = any(is_overlay(d.source) for x in (inactive_xml, live_xml) for d in parse_disks(x))
+    if on_overlays and (other := other_config(rt, ref, me)):  # the newest freeze, in another config's journal
+        state_dir, theirs, live = other
+        if live:
             raise DomainBusy(f"frozen by a run of another configuration (state_directory {state_dir}) that still "
                              f"holds it: {'; '.join(h.describe() for h in live)}", domain=info.name,
                              hint="let that run thaw it, or run `virtfreeze thaw --force` with that configuration")
+        previous = adopt(rt, state_dir, theirs, "no run of it holds it any more")
+    if previous or on_overlays:
         domain_log(log, info.name).warning("leftovers of an earlier run; merging them first")
         thaw_locked(rt, ref, record=previous)
         state, inactive_xml, live_xml = _look(rt, info)
@@ -253,6 +258,9 @@ def freeze_locked(rt: Runtime, info: DomainInfo, *, memory: bool | None = None,
                                  "backing": [{"path": f, "format": fmt, "file": export_view.backing_name(p.target, i, fmt)}
                                              for i, (f, fmt) in enumerate(p.backing, 1)]} for p in plan},
             "skipped_disks": skipped, "memory": bool(memory_file),
+            # the program the host compressed the memory image with (qemu.conf snapshot_image_format), if any:
+            # a restore checks it is installed before it extracts the archive
+            "memory_compression": save_image.read(str(memory_file)).decompressor if memory_file else None,
             "virtfreeze": __version__,
         }
         tpm_dir = SWTPM_DIR / info.uuid if has_swtpm(inactive_xml) else None

@@ -118,3 +118,8 @@ def alive(holder: Holder) -> bool:
     if holder.started:
         return start_time(holder.sid) == holder.started
     return any(_run_of(int(p)) == holder.sid for p in os.listdir("/proc") if p.isdigit())
+
+
+def live_others(held_by: list[Holder], me: Holder) -> list[Holder]:
+    """The runs among `held_by` that still exist, other than `me`: the ones a merge must wait for."""
+    return [h for h in held_by if not h.same_run(me) and alive(h)]

@@ -181,29 +181,37 @@ class Journal:
     def _index(self, uuid: str) -> None:
         """Name this journal's record in the host-wide index (kept in /run: a reboot ends every run)."""
         entry, mine = self._index_entry(uuid), str(self.path(uuid))
+        if self._indexed(uuid) == mine:
+            return
         try:
-            if entry.is_file() and entry.read_text() == mine:
-                return
             entry.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             write_atomic(entry, mine.encode())
         except OSError as e:  # only another config's runs would miss it; the record itself is written
             log.warning("domain %s: cannot name its journal record in %s: %s", uuid, entry.parent, e.strerror)
 
+    def _indexed(self, uuid: str) -> str | None:
+        """The journal file the index names for this domain (None: none, or unreadable)."""
+        try:
+            return self._index_entry(uuid).read_text()
+        except (OSError, ValueError):
+            return None
+
     def elsewhere(self, uuid: str) -> tuple[Path, FrozenDomain] | None:
         """The state directory and record of another config's journal that holds this domain (the index
         names it, and it exists and reads); None when there is none."""
-        entry = self._index_entry(uuid)
-        try:
-            other = Path(entry.read_text())
-        except OSError:
+        named = self._indexed(uuid)
+        if named is None:
             return None
+        other = Path(named)
         if other == self.path(uuid) or other.name != f"{uuid}.json" or other.parent.name != "journal":
             return None
+        state_dir = other.parent.parent
         try:
-            return other.parent.parent, FrozenDomain.from_json(json.loads(other.read_text()), other)
-        except (OSError, ValueError, VirtfreezeError) as e:  # gone (thawed) or unreadable: nobody to defer to
-            log.debug("domain %s: the journal record %s the index names: %s", uuid, other, e)
+            record = Journal(state_dir, self.index_dir).load(uuid)
+        except (OSError, ValueError, VirtfreezeError) as e:  # unreadable: nobody to defer to
+            log.warning("domain %s: cannot read the journal record %s the host-wide index names: %s", uuid, other, e)
             return None
+        return (state_dir, record) if record is not None else None  # None: gone (thawed)
 
     def note(self, record: FrozenDomain, **changes) -> None:
         """Change fields of a record and write it durably; nothing is written when nothing changes."""
@@ -221,10 +229,9 @@ class Journal:
         with contextlib.suppress(FileNotFoundError):
             self.path(uuid).unlink()
             _fsync_dir(self.dir)
-        entry = self._index_entry(uuid)
-        with contextlib.suppress(OSError):
-            if entry.read_text() == str(self.path(uuid)):  # another config's record named since: theirs
-                entry.unlink()
+        if self._indexed(uuid) == str(self.path(uuid)):  # else another config's record is named since: theirs
+            with contextlib.suppress(OSError):
+                self._index_entry(uuid).unlink()
 
     def all(self) -> list[FrozenDomain]:
         if not self.dir.is_dir():

@@ -465,11 +465,11 @@ def check_memory_xml(xml: str, plan: RestorePlan) -> None:
                              domain=plan.name, hint="restore with --no-memory (cold boot)")
 
 
-def check_decompressor(image: save_image.SaveImage, domain: str, where: str, search: str | None = None) -> None:
-    """A memory image whose stream the saving host compressed resumes only through that program (libvirt
-    runs `PROGRAM -dc`): if it is not installed here, say so before the restore goes on. `where` names the
-    image for the user; `search`: where to look, by default our PATH and the usual system directories."""
-    program = image.decompressor
+def check_decompressor(program: str | None, domain: str, where: str, search: str | None = None) -> None:
+    """A memory image whose stream the saving host compressed with `program` (None: not compressed)
+    resumes only through it (libvirt runs `PROGRAM -dc`): if it is not installed here, say so before the
+    restore goes on. `where` names the image for the user; `search`: where to look, by default our PATH
+    and the usual system directories."""
     if program is None:
         return
     if search is None:
@@ -478,6 +478,13 @@ def check_decompressor(image: save_image.SaveImage, domain: str, where: str, sea
         raise UsageError(f"the memory image is compressed with {program}, which is not installed here",
                          domain=domain, path=where,
                          hint=f"install {program} here, or restore with --no-memory to cold-boot from the disks")
+
+
+def recorded_compression(manifest: dict) -> str | None:
+    """The program the manifest says the memory image was compressed with, if it is one libvirt uses
+    (an archive is data: any other value is ignored, and the image's own header decides later)."""
+    program = manifest.get("memory_compression")
+    return program if program in save_image.COMPRESSION.values() and program != "raw" else None
 
 
 def _drop_peek(peek: Path | None) -> None:
@@ -554,8 +561,11 @@ def _restore(rt: Runtime, source: Source, *, name: str | None = None, disk_dir: 
     if use_memory and source.directory is not None:  # its XML is checked before anything is written
         memory_complete(archive)
         image = save_image.read(archive.root / archive.memory)
-        check_decompressor(image, plan.name, str(archive.root / archive.memory))
+        check_decompressor(image.decompressor, plan.name, str(archive.root / archive.memory))
         check_memory_xml(relocate_xml(image.xml, plan.relocation), plan)
+    elif use_memory:  # not extracted yet: what the manifest recorded at the freeze, before hours of extraction
+        check_decompressor(recorded_compression(archive.manifest), plan.name,
+                           f"{archive.memory} in {source.describe()}")
     links_down = use_memory and plan.new and bool(plan.relocation.macs)
     if links_down:
         plan.warnings.append("resumed from memory under a new name: its network links are down, because its memory "
@@ -623,8 +633,8 @@ def _restore_locked(rt, source, archive, plan, record, replaced, use_memory, wan
             memory_file = src
             os.chmod(memory_file, 0o600)
         image = save_image.read(memory_file)
-        check_decompressor(image, plan.name, str(src) if source.directory is not None
-                           else f"{archive.memory} in {source.describe()}")
+        if source.directory is None:  # its header decides (an archive of an older version records nothing)
+            check_decompressor(image.decompressor, plan.name, f"{archive.memory} in {source.describe()}")
         memory_xml = relocate_xml(image.xml, plan.relocation)
         check_memory_xml(memory_xml, plan)  # the image's own XML is archive data too
         save_image.rewrite_xml(memory_file, memory_xml)

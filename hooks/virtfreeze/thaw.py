@@ -21,7 +21,7 @@ from pathlib import Path
 from virtfreeze import downtime, export_view, file_removal, guest_view, holders, memory_freeze, qemu_img
 from virtfreeze.domain_xml import is_overlay, parse_disks
 from virtfreeze.errors import DomainNotFound, LeftOnOverlay, MergeRefused, VirtfreezeError
-from virtfreeze.journal import FrozenDomain, domain_lock, failpoint
+from virtfreeze.journal import FrozenDomain, Journal, domain_lock, failpoint
 from virtfreeze.libvirt_boundary import MISSING, OTHER, PAUSED, SHUTOFF
 from virtfreeze.merge_api import Definitions, DomainMerge, read_definitions, resume_paused
 from virtfreeze.model import DiskPlan, DomainRef, MergeResult
@@ -223,7 +223,7 @@ def _release(rt: Runtime, ref: DomainRef, record: FrozenDomain | None, me: holde
     when this thaw should merge."""
     if record is None or not record.holders:
         return None
-    others = [h for h in record.holders if not h.same_run(me) and holders.alive(h)]
+    others = holders.live_others(record.holders, me)
     if not others:
         return None  # the last holder, or only dead ones: they protect nothing
     if own:
@@ -234,39 +234,60 @@ def _release(rt: Runtime, ref: DomainRef, record: FrozenDomain | None, me: holde
     return ThawResult(ref.name, ref.uuid, None, 0, 0.0, held_by=held)
 
 
-def held_elsewhere(rt: Runtime, ref: DomainRef, me: holders.Holder) -> tuple[Path, list[holders.Holder]] | None:
-    """Another config's state directory whose journal holds this domain's freeze for a live run (not
-    `me`), and those runs; None when no other journal does (then its overlays are leftovers)."""
+def other_config(rt: Runtime, ref: DomainRef, me: holders.Holder
+                 ) -> tuple[Path, FrozenDomain, list[holders.Holder]] | None:
+    """Another config's journal record of this domain (the host-wide index names it: the newest
+    freeze), its state directory, and the live runs other than `me` that hold it; None: no other
+    journal has one."""
     found = rt.journal.elsewhere(ref.uuid)
     if found is None:
         return None
     state_dir, record = found
-    live = [h for h in record.holders if not h.same_run(me) and holders.alive(h)]
-    return (state_dir, live) if live else None
+    return state_dir, record, holders.live_others(record.holders, me)
 
 
-def _held_by_another_config(rt: Runtime, ref: DomainRef, me: holders.Holder) -> ThawResult | None:
-    """A ThawResult (nothing merged) when a live run of another config holds the freeze: merging it
-    would change the base under that run's archive. None when this thaw should merge."""
-    found = held_elsewhere(rt, ref, me)
-    if found is None or discover(rt, ref) is None:  # merged by other means since: nothing to leave
-        return None
-    state_dir, live = found
-    held = [f"{h.describe()}, with state_directory {state_dir}" for h in live]
-    domain_log(log, ref.name).warning("left frozen: a run of another configuration holds it (%s); that run's "
-                                      "thaw merges it (`thaw --force` merges it anyway)", "; ".join(held))
-    return ThawResult(ref.name, ref.uuid, None, 0, 0.0, held_by=held)
+def adopt(rt: Runtime, state_dir: Path, record: FrozenDomain, why: str) -> FrozenDomain:
+    """Make another config's record of a freeze ours (`why`: its runs are gone, or --force): merging it
+    then also removes what that freeze made (its export view, memory image) and finishes what its
+    crash marks say; their journal's copy is retired."""
+    domain_log(log, record.name).warning("taking over the freeze recorded under state_directory %s (%s)",
+                                         state_dir, why)
+    rt.journal.write(record)
+    try:
+        Journal(state_dir, rt.journal.index_dir).remove(record.uuid)
+    except (OSError, VirtfreezeError) as e:
+        domain_log(log, record.name).warning("cannot retire its record under state_directory %s (%s); that "
+                                             "configuration's next thaw finds nothing to merge", state_dir, e)
+    return record
+
+
+def _settle_other_config(rt: Runtime, ref: DomainRef, me: holders.Holder, record: FrozenDomain | None,
+                         force: bool) -> tuple[FrozenDomain | None, ThawResult | None]:
+    """The record this thaw works from, and a ThawResult (nothing merged) when a live run of another
+    config holds the freeze: merging it would change the base under that run's archive."""
+    other = other_config(rt, ref, me)
+    if other is None:
+        return record, None
+    state_dir, theirs, live = other
+    if live and not force:
+        if discover(rt, ref) is None:  # merged by other means since: nothing to leave, nothing to take over
+            return record, None
+        held = [f"{h.describe()}, with state_directory {state_dir}" for h in live]
+        domain_log(log, ref.name).warning("left frozen: a run of another configuration holds it (%s); that run's "
+                                          "thaw merges it (`thaw --force` merges it anyway)", "; ".join(held))
+        return record, ThawResult(ref.name, ref.uuid, None, 0, 0.0, held_by=held)
+    return adopt(rt, state_dir, theirs, "--force" if live else "no run of it holds it any more"), None
 
 
 def thaw_domain(rt: Runtime, ref: DomainRef, strategy: str | None = None, force: bool = False) -> ThawResult:
     """Thaw one domain, unless another live run still holds its freeze (`force`: merge anyway)."""
     try:
         with domain_lock(ref.uuid, ref.name, wait=rt.config.lock_wait), downtime.watched(rt.hv, ref.uuid) as down:
-            record = rt.journal.load(ref.uuid)
             me = holders.current()
+            record, left = _settle_other_config(rt, ref, me, rt.journal.load(ref.uuid), force)
             own = record is not None and any(h.same_run(me) for h in record.holders)
-            left = None if force else (_release(rt, ref, record, me, own) if record is not None
-                                       else _held_by_another_config(rt, ref, me))
+            if left is None and not force:
+                left = _release(rt, ref, record, me, own)
             result = left or thaw_locked(rt, ref, strategy, record)
             result.own_freeze = own
     except VirtfreezeError as e:

@@ -139,38 +139,70 @@ def test_a_bare_thaw_leaves_a_live_holder_alone_and_merges_a_dead_ones(guest_fac
         assert_all_acked_present(guest)
 
 
-def test_a_run_of_another_config_leaves_a_live_runs_freeze_alone(guest_factory, vf, tmp_path):
-    """Two configs (two state directories, so two journals) on one host: neither's thaw nor freeze
-    merges a freeze the other's live run holds (that would change the base under its archive)."""
-    g = guest_factory(DISKS)
-    gate = Gate(tmp_path)
-    holder = subprocess.Popen(
+def hold(vf_run, g, gate: Gate) -> subprocess.Popen:
+    """A run of its own (a new session) that freezes `g` with `vf_run`'s config and waits at `gate`."""
+    proc = subprocess.Popen(
         ["sh", "-c", f'"$0" --config "$1" freeze "$2" && echo here > {gate.here} && read go < {gate.go}',
-         VIRTFREEZE_BIN, str(vf.config_path), g.name],
-        env=vf.env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    (tmp_path / "other").mkdir()
-    other = VF(tmp_path / "other")  # its own state and export directories
+         VIRTFREEZE_BIN, str(vf_run.config_path), g.name],
+        env=vf_run.env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gate.wait(120)
+    return proc
+
+
+def kill(run: subprocess.Popen) -> None:
+    """The run dies without a thaw of its own."""
+    if run.poll() is None:
+        os.killpg(run.pid, signal.SIGKILL)
+    run.wait(timeout=60)
+
+
+def test_two_configs_leave_each_others_live_freezes_alone_and_take_over_dead_ones(guest_factory, vf, tmp_path):
+    """Two configs (two state directories, so two journals) on one host: neither's thaw nor freeze
+    merges a freeze the other's live run holds (that would change the base under its archive); a
+    freeze whose run died is taken over whole: its record, export view and merge."""
+    g = guest_factory(DISKS)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "gate-b").mkdir()
+    b = VF(tmp_path / "b")  # its own state and export directories
+    index_entry = Path("/run/virtfreeze/journals") / g.uuid
+    run_a = hold(vf, g, Gate(tmp_path))
+    run_b = None
     try:
-        gate.wait(120)
-        sources = disk_sources(g.dom)
-        out = other("thaw", g.name)
-        assert f"left frozen {g.name}: still held by run of session {holder.pid}" in out.stdout, out.stdout
+        # A's live run holds it: B leaves it alone.
+        out = b("thaw", g.name)
+        assert f"left frozen {g.name}: still held by run of session {run_a.pid}" in out.stdout, out.stdout
         assert f"with state_directory {vf.state}" in out.stdout, out.stdout
-        line = other("freeze", g.name, expect=4).stderr.strip().splitlines()[-1]
+        line = b("freeze", g.name, expect=4).stderr.strip().splitlines()[-1]
         assert f"domain '{g.name}'" in line and f"state_directory {vf.state}" in line, line
-        rows = json.loads(other("status", "--json", g.name, expect=3).stdout)["frozen"]
+        rows = json.loads(b("status", "--json", g.name, expect=3).stdout)["frozen"]
         assert rows[0]["journal_elsewhere"] == str(vf.state)
-        assert [(h["sid"], h["alive"]) for h in rows[0]["holders"]] == [(holder.pid, True)]
-        assert disk_sources(g.dom) == sources and on_overlay(g), "another config's run merged a live freeze"
+        assert [(h["sid"], h["alive"]) for h in rows[0]["holders"]] == [(run_a.pid, True)]
+        assert on_overlay(g), "another config's run merged a live freeze"
+
+        # A's run dies. B's next run takes the freeze over (merges it, removes A's view and record), then
+        # freezes anew; now A leaves B's live freeze alone, even though A's config froze it first.
+        kill(run_a)
         g.watcher.wait_acks(20)
-        out = other("thaw", "--force", g.name)  # the documented way to merge anyway
+        run_b = hold(b, g, Gate(tmp_path / "gate-b"))
+        assert not vf.journal(g.uuid).exists() and not (vf.export / g.name).exists()
+        assert mounts_under(vf.export) == [] and (b.export / g.name / "manifest.json").exists()
+        assert index_entry.read_text() == str(b.journal(g.uuid))
+        out = vf("thaw", g.name)
+        assert f"left frozen {g.name}: still held by run of session {run_b.pid}" in out.stdout, out.stdout
+        assert f"with state_directory {b.state}" in out.stdout, out.stdout
+        vf("freeze", g.name, expect=4)
+        assert on_overlay(g)
+
+        # --force merges anyway, and takes the whole freeze: B's view and record go too.
+        g.watcher.wait_acks(20)
+        out = vf("thaw", "--force", g.name)
         assert f"thawed {g.name} (live" in out.stdout, out.stdout
-        assert other("thaw", g.name).stdout == f"{g.name}: nothing frozen\n"  # not "left frozen"
+        assert not b.journal(g.uuid).exists() and mounts_under(b.export) == [] and not (b.export / g.name).exists()
+        assert not index_entry.exists()
     finally:
-        os.killpg(holder.pid, signal.SIGKILL)  # the holding run dies without a thaw of its own
-        holder.wait(timeout=60)
-    vf("thaw", g.name)  # the first config's own record of a freeze merged behind its back: cleared, view too
-    assert mounts_under(vf.export) == [] and not (vf.export / g.name).exists()
+        kill(run_a)
+        if run_b is not None:
+            kill(run_b)
+    assert b("thaw", g.name).stdout == f"{g.name}: nothing frozen\n"
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)
-    assert not (Path("/run/virtfreeze/journals") / g.uuid).exists()

@@ -131,6 +131,7 @@ def test_a_memory_image_the_host_compressed_resumes(guest_factory, vf, tmp_path)
     g.conn = libvirt.open(URI)
     [image] = (tmp_path / "dir-target").glob("*/memory.save")
     assert save_image.read(str(image)).decompressor == "lzop"
+    assert json.loads((image.parent / "manifest.json").read_text())["memory_compression"] == "lzop"
     g.watcher.close()
     delete_domain(g)
 

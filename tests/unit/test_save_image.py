@@ -6,7 +6,7 @@ import pytest
 
 from virtfreeze import save_image
 from virtfreeze.errors import UsageError, VirtfreezeError
-from virtfreeze.restore import check_decompressor
+from virtfreeze.restore import check_decompressor, recorded_compression
 
 XML = "<domain type='kvm'><name>web</name><uuid>6f1c4a8e-0d7b-4a43-9d52-2b1f0e4c8a11</uuid></domain>"
 COOKIE = "<cookie><cpu mode='custom'><model>qemu64</model></cpu></cookie>"
@@ -149,7 +149,7 @@ def test_names_the_program_a_compressed_stream_resumes_through(image):
 
 
 def test_a_restore_stops_on_a_compressed_image_whose_program_is_not_installed(image, tmp_path):
-    lzop = save_image.read(str(image(compressed=4)))
+    lzop = save_image.read(str(image(compressed=4))).decompressor
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     with pytest.raises(UsageError) as e:
@@ -161,5 +161,12 @@ def test_a_restore_stops_on_a_compressed_image_whose_program_is_not_installed(im
     program.write_text("#!/bin/sh\n")
     program.chmod(0o755)
     check_decompressor(lzop, "web1", "/r/memory.save", search=str(bin_dir))  # installed: goes on
-    raw = save_image.read(str(image()))
+    raw = save_image.read(str(image())).decompressor
     check_decompressor(raw, "web1", "/r/memory.save", search=str(tmp_path / "nowhere"))  # needs none
+
+
+def test_the_manifests_compression_counts_only_when_it_is_one_libvirt_uses():
+    assert recorded_compression({"memory_compression": "lzop"}) == "lzop"
+    for manifest in ({}, {"memory_compression": None}, {"memory_compression": "raw"},
+                     {"memory_compression": "/bin/sh"}, {"memory_compression": ["xz"]}):
+        assert recorded_compression(manifest) is None, manifest
