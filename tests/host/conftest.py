@@ -46,17 +46,21 @@ class VF:
     def journal(self, uuid: str) -> Path:
         return self.state / "journal" / f"{uuid}.json"
 
+    def undo_views(self) -> None:
+        """Stop this runner's views and unmount its export view, whatever a failed test left."""
+        from virtfreeze.export_view import mounts_under, stop_views, unmount
+
+        stop_views(self.export)
+        stop_views(self.state)  # the guest views (qemu-storage-daemon) of segmented disks
+        for mp in mounts_under(self.export):
+            unmount(mp)
+
 
 @pytest.fixture
 def vf(tmp_path, libvirtd_shared) -> VF:
     """A virtfreeze runner; its export view's mounts and device views are undone at teardown, pass or fail.
     A test that runs virtfreeze shares the host (`libvirtd_shared`), guests or not: a bare `thaw` in
     one marked exclusive must never run beside another test's freeze."""
-    from virtfreeze.export_view import mounts_under, stop_views, unmount
-
     runner = VF(tmp_path)
     yield runner
-    stop_views(runner.export)
-    stop_views(runner.state)  # the guest views (qemu-storage-daemon) of segmented disks
-    for mp in mounts_under(runner.export):
-        unmount(mp)
+    runner.undo_views()

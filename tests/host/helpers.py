@@ -168,9 +168,8 @@ def restart_libvirtd() -> None:
     if os.path.isdir("/run/systemd/system"):
         subprocess.run(["systemctl", "restart", "libvirtd"], check=True)
     else:
-        # Not a daemon killed earlier and never reaped (without an init, nobody waits for it).
-        [pid] = [p for p in map(int, subprocess.check_output(["pgrep", "-x", "libvirtd"]).split())
-                 if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        # Not a daemon killed earlier and never reaped (a zombie: without an init, nobody waits for it).
+        pid = int(subprocess.check_output(["pgrep", "-x", "--runstates", "R,S,D", "libvirtd"]))
         pidfd = os.pidfd_open(pid)
         os.kill(pid, signal.SIGTERM)
         ready, _, _ = select.select([pidfd], [], [], 60)  # readable when the process has exited

@@ -106,46 +106,17 @@ def test_overlapping_borgmatic_and_restic_runs_share_one_freeze(guest_factory, v
     assert_all_acked_present(g)
 
 
-@pytest.mark.exclusive  # a bare `thaw` looks at every frozen domain on the host
-def test_a_bare_thaw_leaves_a_live_holder_alone_and_merges_a_dead_ones(guest_factory, vf, tmp_path):
-    g, g2 = guest_factory(DISKS), guest_factory([DiskSpec("vda")])
-    gate = Gate(tmp_path)
-    holder = subprocess.Popen(
-        ["sh", "-c", f'"$0" --config "$1" freeze "$2" "$3" && echo here > {gate.here} && read go < {gate.go}',
-         VIRTFREEZE_BIN, str(vf.config_path), g.name, g2.name],
-        env=vf.env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def hold(vf_run, gate: Gate, *names: str) -> subprocess.Popen:
+    """A run of its own (a new session) that freezes `names` with `vf_run`'s config and waits at `gate`."""
+    proc = subprocess.Popen(
+        ["sh", "-c", f'c=$1; shift; "$0" --config "$c" freeze "$@" && echo here > {gate.here} && read go < {gate.go}',
+         VIRTFREEZE_BIN, str(vf_run.config_path), *names],
+        env=vf_run.env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         gate.wait(120)
-        out = vf("thaw")  # another run's bare thaw, as an after-hook would run it
-        assert f"left frozen {g.name}: still held by run of session {holder.pid}" in out.stdout, out.stdout
-        assert on_overlay(g) and on_overlay(g2) and vf.journal(g.uuid).exists()
-        rows = {r["domain"]: r for r in json.loads(vf("status", "--json", expect=3).stdout)["frozen"]}
-        assert [(h["sid"], h["alive"]) for h in rows[g.name]["holders"]] == [(holder.pid, True)]
-        vf("thaw", "--force", g2.name)  # the documented way to merge anyway
-        assert_back_on_base(g2, vf)
-        os.killpg(holder.pid, signal.SIGKILL)  # the holding run dies (no thaw of its own)
-        holder.wait(timeout=60)
-        rows = {r["domain"]: r for r in json.loads(vf("status", "--json", expect=3).stdout)["frozen"]}
-        assert [(h["sid"], h["alive"]) for h in rows[g.name]["holders"]] == [(holder.pid, False)]
-        g.watcher.wait_acks(20)
-        out = vf("thaw")
-        assert f"thawed {g.name} (live" in out.stdout, out.stdout
-    finally:
-        if holder.poll() is None:
-            os.killpg(holder.pid, signal.SIGKILL)
-            holder.wait()
-    for guest in (g, g2):
-        assert_back_on_base(guest, vf)
-        assert_all_acked_present(guest)
-
-
-def hold(vf_run, g, gate: Gate) -> subprocess.Popen:
-    """A run of its own (a new session) that freezes `g` with `vf_run`'s config and waits at `gate`."""
-    proc = subprocess.Popen(
-        ["sh", "-c", f'"$0" --config "$1" freeze "$2" && echo here > {gate.here} && read go < {gate.go}',
-         VIRTFREEZE_BIN, str(vf_run.config_path), g.name],
-        env=vf_run.env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    gate.wait(120)
+    except BaseException:
+        kill(proc)
+        raise
     return proc
 
 
@@ -154,6 +125,31 @@ def kill(run: subprocess.Popen) -> None:
     if run.poll() is None:
         os.killpg(run.pid, signal.SIGKILL)
     run.wait(timeout=60)
+
+
+@pytest.mark.exclusive  # a bare `thaw` looks at every frozen domain on the host
+def test_a_bare_thaw_leaves_a_live_holder_alone_and_merges_a_dead_ones(guest_factory, vf, tmp_path):
+    g, g2 = guest_factory(DISKS), guest_factory([DiskSpec("vda")])
+    holder = hold(vf, Gate(tmp_path), g.name, g2.name)
+    try:
+        out = vf("thaw")  # another run's bare thaw, as an after-hook would run it
+        assert f"left frozen {g.name}: still held by run of session {holder.pid}" in out.stdout, out.stdout
+        assert on_overlay(g) and on_overlay(g2) and vf.journal(g.uuid).exists()
+        rows = {r["domain"]: r for r in json.loads(vf("status", "--json", expect=3).stdout)["frozen"]}
+        assert [(h["sid"], h["alive"]) for h in rows[g.name]["holders"]] == [(holder.pid, True)]
+        vf("thaw", "--force", g2.name)  # the documented way to merge anyway
+        assert_back_on_base(g2, vf)
+        kill(holder)  # the holding run dies (no thaw of its own)
+        rows = {r["domain"]: r for r in json.loads(vf("status", "--json", expect=3).stdout)["frozen"]}
+        assert [(h["sid"], h["alive"]) for h in rows[g.name]["holders"]] == [(holder.pid, False)]
+        g.watcher.wait_acks(20)
+        out = vf("thaw")
+        assert f"thawed {g.name} (live" in out.stdout, out.stdout
+    finally:
+        kill(holder)
+    for guest in (g, g2):
+        assert_back_on_base(guest, vf)
+        assert_all_acked_present(guest)
 
 
 def test_two_configs_leave_each_others_live_freezes_alone_and_take_over_dead_ones(guest_factory, vf, tmp_path):
@@ -165,7 +161,7 @@ def test_two_configs_leave_each_others_live_freezes_alone_and_take_over_dead_one
     (tmp_path / "gate-b").mkdir()
     b = VF(tmp_path / "b")  # its own state and export directories
     index_entry = Path("/run/virtfreeze/journals") / g.uuid
-    run_a = hold(vf, g, Gate(tmp_path))
+    run_a = hold(vf, Gate(tmp_path), g.name)
     run_b = None
     try:
         # A's live run holds it: B leaves it alone.
@@ -183,7 +179,7 @@ def test_two_configs_leave_each_others_live_freezes_alone_and_take_over_dead_one
         # freezes anew; now A leaves B's live freeze alone, even though A's config froze it first.
         kill(run_a)
         g.watcher.wait_acks(20)
-        run_b = hold(b, g, Gate(tmp_path / "gate-b"))
+        run_b = hold(b, Gate(tmp_path / "gate-b"), g.name)
         assert not vf.journal(g.uuid).exists() and not (vf.export / g.name).exists()
         assert mounts_under(vf.export) == [] and (b.export / g.name / "manifest.json").exists()
         assert index_entry.read_text() == str(b.journal(g.uuid))
@@ -203,6 +199,7 @@ def test_two_configs_leave_each_others_live_freezes_alone_and_take_over_dead_one
         kill(run_a)
         if run_b is not None:
             kill(run_b)
+        b.undo_views()  # the vf fixture undoes A's
     assert b("thaw", g.name).stdout == f"{g.name}: nothing frozen\n"
     assert_back_on_base(g, vf)
     assert_all_acked_present(g)
